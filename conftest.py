@@ -1,0 +1,1 @@
+"""Pytest root marker: tests import `models`, `utils`, `distill`, `engine` from this folder."""
