@@ -1,0 +1,303 @@
+"""Building a training run from its flags: folders, data, student, teacher, optimizer, resume.
+
+`prepare_run(opt, info, device) -> Run` does all the one-off work so that the loop in
+`engine.trainer` reads as the algorithm. Each step is a small named function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+
+from distill.cli import config_from_args
+from distill.distiller import Distiller
+from distill.teacher import check_compatibility, load_teacher
+from engine.checkpointing import find_last_checkpoint, namespace_to_dict
+from engine.criterion import TrainingCriterion
+from engine.evaluate import evaluate
+from engine.logger import ResultsLog, save_yaml
+from engine.optim import WarmUp, build_optimizer, lr_lambda
+from models.checkpoint import CheckpointError, load_checkpoint, transfer_weights
+from models.yolo import DetectionModel
+from utils.dataset import create_dataloader, load_data_config
+from utils.files import increment_path
+from utils.loss import DetectionLoss, scale_hyp
+from utils.plots import plot_labels, plot_results
+from utils.torch_utils import DistInfo, ModelEMA, dist_info, seed_everything, select_device
+
+
+@dataclass
+class Run:
+    """Everything one training run holds. Built once by `prepare_run`, mutated only by the loop."""
+
+    opt: argparse.Namespace
+    info: DistInfo
+    device: torch.device
+    save_dir: Path
+    hyp: dict
+    names: list[str]
+    model: nn.Module  # the student (DDP-wrapped under torchrun)
+    ema: ModelEMA
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    warmup: WarmUp
+    criterion: TrainingCriterion
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader | None
+    distiller: nn.Module | None = None
+    teacher_metrics: dict | None = None
+    start_epoch: int = 0
+    best_fitness: float = 0.0
+    best_epoch: int = -1
+    last_step: int = -1
+    nonfinite_streak: int = 0
+    resume_rng: dict | None = None
+    results: ResultsLog | None = None
+    trainable_parameters: list = field(default_factory=list)
+
+    @property
+    def amp(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.save_dir / "weights"
+
+    def loader_epoch(self, epoch: int) -> None:
+        """Make the data order and augmentation of `epoch` a function of (seed, epoch) alone, so a
+        resumed run sees exactly the batches the uninterrupted run would have seen."""
+        sampler = self.train_loader.sampler
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        if self.train_loader.generator is not None:
+            self.train_loader.generator.manual_seed(self.opt.seed + epoch)
+
+    def epoch_row(self, epoch: int, losses: dict, metrics: dict | None, seconds: float) -> dict:
+        row: dict = {"epoch": epoch + 1}
+        row.update({f"train/{k}": v for k, v in losses.items()})
+        if metrics is not None:
+            row.update({"metrics/precision": metrics["precision"], "metrics/recall": metrics["recall"],
+                        "metrics/mAP50": metrics["map50"], "metrics/mAP50-95": metrics["map"],
+                        "metrics/fitness": metrics["fitness"]})
+            for name, value in zip(("box", "obj", "cls"), metrics.get("loss") or ()):
+                row[f"val/det/{name}"] = float(value)
+        row.update({f"lr/pg{j}": g["lr"] for j, g in enumerate(self.optimizer.param_groups)})
+        row["time/epoch_s"] = seconds
+        return row
+
+    def log_epoch(self, row: dict) -> None:
+        self.results.append(row)
+        if not self.opt.noplots:
+            plot_results(self.results.path, self.save_dir / "results.png")
+        shown = {k: v for k, v in row.items() if k.startswith("metrics/") or k == "time/epoch_s"}
+        print(f"epoch {row['epoch']}/{self.opt.epochs}: " + "  ".join(f"{k.split('/')[-1]} {v:.4g}"
+                                                                   for k, v in shown.items()))
+
+    def write_summary(self, summary: dict) -> None:
+        with open(self.save_dir / "summary.json", "w") as f:
+            json.dump(summary, f, indent=2)
+        student, teacher = summary.get("student"), summary.get("teacher")
+        if student:
+            print(f"Student (best.pt): mAP50 {student['map50']:.4f}  mAP50-95 {student['map']:.4f}")
+        if teacher:
+            print(f"Teacher          : mAP50 {teacher['map50']:.4f}  mAP50-95 {teacher['map']:.4f}")
+        print(f"Results saved to {self.save_dir} (weights/best.pt, weights/last.pt, results.csv, summary.json)")
+
+
+def setup_distributed(opt: argparse.Namespace) -> tuple[DistInfo, torch.device]:
+    """Join the torchrun process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+    info = dist_info()
+    device = select_device(opt.device, opt.batch_size, info.local_rank)
+    if info.distributed:
+        if opt.batch_size % info.world_size:
+            raise ValueError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {info.world_size}")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return info, device
+
+
+def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device) -> Run:
+    ckpt = None
+    if opt.resume:
+        opt, ckpt = _resume_options(opt)
+    seed_everything(opt.seed + max(info.rank, 0))
+    hyp = _load_hyp(opt)
+    data = load_data_config(opt.data)
+    names = ["item"] if opt.single_cls else list(data["names"])
+    save_dir = _save_dir(opt, info, resumed=ckpt is not None)
+
+    model = _build_student(opt, len(names), device, info, ckpt)
+    model.names = names
+    gs = max(int(model.stride.max()), 32)
+    imgsz = _check_imgsz(opt.imgsz, gs)
+    loss_hyp = scale_hyp(hyp, model.detect.nl, len(names), imgsz)
+    train_loader, train_set = create_dataloader(
+        data["train"], imgsz, opt.batch_size // info.world_size, gs, hyp=hyp, augment=True, rect=opt.rect,
+        workers=opt.workers, shuffle=not opt.rect, rank=info.rank, world_size=info.world_size, seed=opt.seed,
+        cache=opt.cache, single_cls=opt.single_cls)
+    val_loader = None
+    if info.is_main:
+        val_loader, _ = create_dataloader(
+            data["val"], imgsz, max(opt.batch_size // info.world_size, 1) * 2, gs, hyp=hyp, augment=False,
+            rect=True, workers=opt.workers, shuffle=False, seed=opt.seed, cache=opt.cache,
+            single_cls=opt.single_cls, pad=0.5)
+
+    teacher, distiller = _build_distiller(opt, model, loss_hyp, device)
+    accumulate = max(round(64 / opt.batch_size), 1)
+    weight_decay = hyp["weight_decay"] * opt.batch_size * accumulate / 64
+    trainable = [model] + ([distiller] if distiller is not None else [])
+    optimizer = build_optimizer(trainable, opt.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
+    lf = lr_lambda(opt.epochs, hyp["lrf"], opt.cos_lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
+    ema = ModelEMA(model)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+
+    run = Run(opt=opt, info=info, device=device, save_dir=save_dir, hyp=hyp, names=names, model=model, ema=ema,
+              optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+              warmup=WarmUp(hyp, len(train_loader), opt.batch_size, lf),
+              criterion=TrainingCriterion(DetectionLoss(model, loss_hyp), distiller),
+              train_loader=train_loader, val_loader=val_loader, distiller=distiller,
+              results=ResultsLog(save_dir),
+              trainable_parameters=[p for m in trainable for p in m.parameters() if p.requires_grad])
+    if ckpt is not None:
+        _restore(run, ckpt)
+    if info.is_main:
+        _record_run(run, train_set)
+        if teacher is not None and opt.t_val:
+            run.teacher_metrics = _validate_teacher(run, teacher)
+    if info.distributed:
+        run.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return run
+
+
+def _load_hyp(opt: argparse.Namespace) -> dict:
+    path = Path(opt.hyp)
+    if not path.is_file():
+        raise FileNotFoundError(f"--hyp {path}: file not found (try data/hyps/hyp.scratch-low.yaml)")
+    with open(path) as f:
+        hyp = yaml.safe_load(f)
+    if not isinstance(hyp, dict) or "lr0" not in hyp:
+        raise ValueError(f"--hyp {path}: not a YOLOv5 hyper-parameter yaml (no lr0 key)")
+    hyp["label_smoothing"] = opt.label_smoothing
+    return hyp
+
+
+def _save_dir(opt: argparse.Namespace, info: DistInfo, resumed: bool) -> Path:
+    if resumed:
+        return Path(opt.save_dir)
+    save_dir = Path(opt.save_dir) if getattr(opt, "save_dir", None) else None
+    if save_dir is None:
+        save_dir = increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok)
+        if info.distributed:  # every rank must agree on the folder chosen by rank 0
+            holder = [str(save_dir)]
+            dist.broadcast_object_list(holder, src=0)
+            save_dir = Path(holder[0])
+    opt.save_dir = str(save_dir)
+    if info.is_main:
+        (save_dir / "weights").mkdir(parents=True, exist_ok=True)
+    return save_dir
+
+
+def _check_imgsz(imgsz: int, gs: int) -> int:
+    fixed = max(int(-(-imgsz // gs) * gs), gs)
+    if fixed != imgsz:
+        print(f"WARNING: --imgsz {imgsz} is not a multiple of the max stride {gs}; using {fixed}")
+    return fixed
+
+
+def _build_student(opt: argparse.Namespace, nc: int, device: torch.device, info: DistInfo,
+                   resume_ckpt: dict | None) -> DetectionModel:
+    """Student from --cfg and/or --weights; official YOLOv5 weights with another nc transfer what fits."""
+    if resume_ckpt is not None:
+        model = DetectionModel(resume_ckpt["yaml"], nc=nc)
+        model.load_state_dict(resume_ckpt["model"])
+    elif opt.weights:
+        ckpt = load_checkpoint(opt.weights)
+        model = DetectionModel(opt.cfg or ckpt["yaml"], nc=nc)
+        exclude = ("anchors",) if opt.cfg else ()
+        loaded, total = transfer_weights(model, ckpt["state_dict"], exclude=exclude)
+        if info.is_main:
+            print(f"Transferred {loaded}/{total} tensors from {opt.weights}")
+    elif opt.cfg:
+        model = DetectionModel(opt.cfg, nc=nc)
+    else:
+        raise ValueError("give --cfg (a model yaml such as models/yolov5s.yaml) and/or --weights (a .pt)")
+    _freeze(model, opt.freeze)
+    model = model.to(device)
+    if opt.sync_bn and info.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def _freeze(model: DetectionModel, freeze: list[int]) -> None:
+    """`--freeze 10` freezes layers 0-9; `--freeze 0 1 2` freezes exactly those layers."""
+    layers = list(range(freeze[0])) if len(freeze) == 1 else list(freeze)
+    prefixes = tuple(f"model.{i}." for i in layers)
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith(prefixes))
+
+
+def _build_distiller(opt: argparse.Namespace, student: DetectionModel, loss_hyp: dict,
+                     device: torch.device) -> tuple[DetectionModel | None, nn.Module | None]:
+    if not opt.t_weights:
+        return None, None
+    teacher = load_teacher(opt.t_weights, device, cfg=opt.t_cfg or None)
+    cfg = config_from_args(opt, loss_hyp)
+    decision = check_compatibility(student, teacher, cfg)
+    distiller = Distiller(student, teacher, decision.config if hasattr(decision, "config") else cfg).to(device)
+    return teacher, distiller
+
+
+def _validate_teacher(run: Run, teacher: DetectionModel) -> dict:
+    metrics = evaluate(teacher, run.val_loader, run.names, run.device, half=run.amp)
+    print(f"Teacher {run.opt.t_weights}: mAP50 {metrics['map50']:.4f}  mAP50-95 {metrics['map']:.4f} on the val split")
+    return metrics
+
+
+def _record_run(run: Run, train_set) -> None:
+    save_yaml(run.save_dir / "opt.yaml", namespace_to_dict(run.opt))
+    save_yaml(run.save_dir / "hyp.yaml", {k: v for k, v in run.hyp.items()})
+    if not run.opt.noplots and run.start_epoch == 0:
+        plot_labels(train_set.labels, run.names, run.save_dir / "labels.jpg")
+
+
+def _resume_options(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
+    """The saved flags of the run being resumed (only --device/--workers may change), and its state."""
+    path = find_last_checkpoint(opt.project) if opt.resume is True else Path(opt.resume)
+    ckpt = load_checkpoint(path)["raw"]
+    if ckpt.get("optimizer") is None or ckpt.get("opt") is None:
+        raise CheckpointError(f"--resume {path}: not a resumable training checkpoint (no optimizer state); "
+                              "use --weights to start a new run from it")
+    saved = argparse.Namespace(**ckpt["opt"])
+    saved.resume, saved.device, saved.workers = str(path), opt.device, opt.workers
+    saved.save_dir = str(Path(path).parent.parent)
+    if ckpt["epoch"] + 1 >= saved.epochs:
+        raise ValueError(f"--resume {path}: the run already finished all {saved.epochs} epochs")
+    return saved, ckpt
+
+
+def _restore(run: Run, ckpt: dict) -> None:
+    run.ema.ema.load_state_dict(ckpt["ema"])
+    run.ema.updates = ckpt["updates"]
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    if run.distiller is not None and ckpt.get("adapters") is not None:
+        run.distiller.load_state_dict(ckpt["adapters"])
+    run.start_epoch = ckpt["epoch"] + 1
+    run.best_fitness = ckpt["best_fitness"]
+    run.scheduler.last_epoch = ckpt["epoch"] + 1  # the optimizer state already holds that epoch's LR
+    run.last_step = run.start_epoch * len(run.train_loader) - 1
+    run.resume_rng = ckpt.get("rng")
+    if run.info.is_main:
+        print(f"Resuming {run.save_dir} from epoch {run.start_epoch + 1}/{run.opt.epochs}")
+

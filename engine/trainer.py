@@ -1,0 +1,194 @@
+"""The training loop: `fit(opt)` runs a whole experiment, `train_one_epoch` one pass over the data.
+
+Everything a run holds lives in a `Run` record built by `engine.setup.prepare_run`; this file only
+orders the steps. A training step, as data: batch → student forward → `TrainingCriterion`
+(YOLOv5 loss + distillation terms, weighted in one place) → backward (AMP-scaled on CUDA) →
+optimizer step every `accumulate` batches → EMA update. Validation reads the EMA model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from distill.schedule import kd_scale
+from engine.checkpointing import deployable, training_checkpoint
+from engine.evaluate import evaluate
+from engine.logger import progress_line
+from engine.setup import Run, prepare_run, setup_distributed
+from models.checkpoint import save_checkpoint
+from utils.torch_utils import all_reduce_grads, broadcast_flag, set_rng_state, state_digest
+
+EpochHook = Callable[[int, dict], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss stays NaN/inf for too many consecutive steps."""
+
+
+def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
+    """One pass over the training loader; returns the mean of every named loss term."""
+    model, opt = run.model, run.opt
+    model.train()
+    run.loader_epoch(epoch)
+    scale = kd_scale(epoch, opt.epochs, opt.d_schedule, opt.d_stop_epochs) if run.distiller is not None else 0.0
+    sums: dict[str, float] = {}
+    n_batches = len(run.train_loader)
+    bar = tqdm(run.train_loader, total=n_batches, disable=not run.info.is_main, bar_format="{l_bar}{bar:10}{r_bar}")
+    for i, (imgs, targets, _paths, _shapes) in enumerate(bar):
+        ni = i + n_batches * epoch
+        accumulate = run.warmup.apply(run.optimizer, ni, epoch)
+        imgs = imgs.to(run.device, non_blocking=True).float() / 255
+        targets = targets.to(run.device)
+        with torch.autocast(run.device.type, enabled=run.amp):
+            preds = model(imgs)
+        loss, terms = run.criterion(imgs, preds, targets, scale)
+        if not _all_finite(loss, run):
+            _skip_step(run, epoch, i)
+            continue
+        run.nonfinite_streak = 0
+        run.scaler.scale(loss).backward()
+        if ni - run.last_step >= accumulate:
+            _optimizer_step(run)
+            run.last_step = ni
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        if run.info.is_main:
+            means = {k: v / (i + 1) for k, v in sums.items()}
+            bar.set_description(progress_line(epoch, opt.epochs, _mem_gb(), means, targets.shape[0], imgs.shape[-1]))
+    return {k: v / max(n_batches, 1) for k, v in sums.items()}
+
+
+def _optimizer_step(run: Run) -> None:
+    run.scaler.unscale_(run.optimizer)
+    if run.info.distributed and run.distiller is not None:
+        all_reduce_grads(run.distiller, run.info.world_size)
+    torch.nn.utils.clip_grad_norm_(run.trainable_parameters, max_norm=10.0)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.ema.update(run.model)
+
+
+def _skip_step(run: Run, epoch: int, batch: int) -> None:
+    """Drop this batch's gradients; give up with a clear message if the loss keeps blowing up."""
+    run.optimizer.zero_grad(set_to_none=True)
+    run.nonfinite_streak += 1
+    if run.info.is_main:
+        print(f"WARNING: non-finite loss at epoch {epoch + 1} batch {batch}; step skipped "
+              f"({run.nonfinite_streak} in a row)")
+    if run.nonfinite_streak >= run.opt.max_nonfinite:
+        raise NonFiniteLossError(
+            f"training diverged: {run.nonfinite_streak} consecutive non-finite losses at epoch {epoch + 1}; "
+            f"nothing was saved from this epoch (last good weights: {run.weights_dir / 'last.pt'}); "
+            "lower --hyp lr0 or the distillation weights and --resume"
+        )
+
+
+def _all_finite(loss: torch.Tensor, run: Run) -> bool:
+    """Whether the loss is finite on every rank (all ranks must skip together or DDP would hang)."""
+    ok = torch.isfinite(loss).all().float()
+    if run.info.distributed:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def _mem_gb() -> float:
+    return torch.cuda.memory_reserved() / 1e9 if torch.cuda.is_available() else 0.0
+
+
+def validate(run: Run, model: torch.nn.Module, plots: bool = False) -> dict:
+    """mAP of `model` on the val split (rank 0 only), with the detection loss on val batches."""
+    return evaluate(
+        model,
+        run.val_loader,
+        run.names,
+        run.device,
+        half=run.amp,
+        save_dir=run.save_dir,
+        plots=plots,
+        compute_loss=run.criterion.detection_loss,
+    )
+
+
+def fit(opt: argparse.Namespace, on_epoch_end: EpochHook | None = None) -> dict:
+    """Train (and distil, when `opt.t_weights` is set) for `opt.epochs`; returns the final summary.
+
+    `on_epoch_end(epoch, row)` is called on rank 0 after each epoch's checkpoint is on disk.
+    """
+    info, device = setup_distributed(opt)
+    try:
+        run = prepare_run(opt, info, device)
+        return _train_loop(run, on_epoch_end)
+    finally:
+        if info.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train_loop(run: Run, on_epoch_end: EpochHook | None) -> dict:
+    opt = run.opt
+    if run.resume_rng is not None:
+        set_rng_state(run.resume_rng)
+    epoch = run.start_epoch - 1
+    for epoch in range(run.start_epoch, opt.epochs):
+        t0 = time.time()
+        losses = train_one_epoch(run, epoch)
+        run.scheduler.step()
+        stop = False
+        if run.info.is_main:
+            final = epoch + 1 == opt.epochs
+            metrics = validate(run, run.ema.ema) if (not opt.noval or final) else None
+            row = run.epoch_row(epoch, losses, metrics, time.time() - t0)
+            improved = metrics is not None and metrics["fitness"] > run.best_fitness
+            if improved:
+                run.best_fitness, run.best_epoch = metrics["fitness"], epoch
+            _save(run, epoch, improved, final)
+            run.log_epoch(row)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, row)
+            stop = metrics is not None and epoch - run.best_epoch >= opt.patience
+            if stop:
+                print(f"Early stop: no improvement in {opt.patience} epochs (best at epoch {run.best_epoch + 1})")
+        if broadcast_flag(stop, run.info, run.device):
+            break
+    return _finish(run, epoch)
+
+
+def _save(run: Run, epoch: int, improved: bool, final: bool) -> None:
+    if run.opt.nosave and not final:
+        return
+    ckpt = training_checkpoint(run.model, run.ema, run.optimizer, run.scaler, run.distiller, run.opt, run.hyp,
+                               epoch, run.best_fitness)
+    save_checkpoint(ckpt, run.weights_dir / "last.pt")
+    if improved or not (run.weights_dir / "best.pt").exists():
+        save_checkpoint(deployable(ckpt), run.weights_dir / "best.pt")
+    if run.opt.save_period > 0 and (epoch + 1) % run.opt.save_period == 0:
+        save_checkpoint(deployable(ckpt), run.weights_dir / f"epoch{epoch + 1}.pt")
+
+
+def _finish(run: Run, last_epoch: int) -> dict:
+    """Check DDP ranks agree, validate best.pt with plots, print and return the summary."""
+    digest = state_digest(run.model)
+    digests = [digest]
+    if run.info.distributed:
+        digests = [None] * run.info.world_size
+        dist.all_gather_object(digests, digest)
+    summary: dict = {"save_dir": str(run.save_dir), "epochs_run": last_epoch + 1, "rank_digests": digests}
+    if not run.info.is_main:
+        return summary
+    best = run.weights_dir / "best.pt"
+    if best.exists():
+        from models import load_model  # deferred: only the main rank re-loads the saved student
+
+        student = load_model(best, device=run.device)
+        metrics = validate(run, student, plots=not run.opt.noplots)
+        summary["student"] = {k: metrics[k] for k in ("map50", "map", "precision", "recall", "fitness")}
+    if run.teacher_metrics is not None:
+        summary["teacher"] = {k: run.teacher_metrics[k] for k in ("map50", "map", "precision", "recall", "fitness")}
+    run.write_summary(summary)
+    return summary
