@@ -1,0 +1,101 @@
+"""Command-line flags of distillation and their translation into a :class:`DistillConfig`."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from typing import Any
+
+from distill.distiller import DEFAULT_F_WEIGHTS, FEATURE_METHODS, OUTPUT_MODES, DistillConfig
+from distill.schedule import SCHEDULES
+
+
+def add_distill_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Add the "distillation" argument group to ``parser`` and return it."""
+    g = parser.add_argument_group("distillation")
+    g.add_argument("--t_weights", default="",
+                   help="teacher checkpoint (official YOLOv5 .pt or ours); empty = plain training, no distillation")
+    g.add_argument("--t_cfg", default="",
+                   help="teacher model yaml: build it, then load --t_weights into it (default: the checkpoint's own)")
+    g.add_argument("--d_output", default=None, choices=OUTPUT_MODES,
+                   help="output distillation: objmse = teacher-objectness-weighted MSE on head logits (Adlik); "
+                        "soft = T²·BCE soft labels on objectness/classes + objmse box term; chen = Chen et al. "
+                        "2017 weighted soft labels + teacher-bounded regression; none. Default objmse when a "
+                        "teacher is given (silently disabled, with a warning, if the heads' anchors/strides "
+                        "differ; an error when you ask for it explicitly)")
+    g.add_argument("--d_weight", type=float, default=10.0,
+                   help="weight of the output terms; each is also multiplied by its detection gain (box/obj/cls)")
+    g.add_argument("--d_temperature", type=float, default=1.0,
+                   help="temperature T of the soft-label terms (soft, chen); Chen et al. found T=1 best for detection")
+    g.add_argument("--d_feature", default="", metavar="METHOD[,METHOD]",
+                   help=f"feature distillation on the tensors entering Detect, any of {','.join(FEATURE_METHODS)} "
+                        f"(mse=FitNets/Chen hint, pkd=Pearson, overhaul=Heo et al., mimic=Li et al. in GT boxes, "
+                        f"cwd=channel-wise, mgd=masked generative)")
+    defaults = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_F_WEIGHTS.items())
+    g.add_argument("--f_weight", default="",
+                   help=f"feature term weight: one float for all --d_feature methods or a comma list in the same "
+                        f"order; default per method ({defaults})")
+    g.add_argument("--d_schedule", default="const", choices=SCHEDULES,
+                   help="KD strength over epochs: const, or linear/cosine decay towards 0 at the end")
+    g.add_argument("--d_stop_epochs", type=int, default=0,
+                   help="switch distillation off for the last N epochs (the student settles on the labels)")
+    g.add_argument("--d_warmup_epochs", type=int, default=0,
+                   help="ramp distillation up over the first N epochs")
+    g.add_argument("--d_margin", type=float, default=0.0,
+                   help="chen: margin m of the teacher-bounded regression (grid units squared)")
+    g.add_argument("--d_mimic_conf", type=float, default=0.0,
+                   help="mimic: also imitate cells whose teacher objectness exceeds this (0 = ground-truth boxes only)")
+    g.add_argument("--t_val", action=argparse.BooleanOptionalAction, default=True,
+                   help="validate the teacher once before training and log its mAP (--no-t_val to skip)")
+    return g
+
+
+def _float_list(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected a float or a comma-separated list of floats") from None
+
+
+def config_from_args(args: argparse.Namespace, hyp: Mapping[str, Any]) -> DistillConfig:
+    """Translate parsed flags (see :func:`add_distill_args`) into a :class:`DistillConfig`.
+
+    ``hyp``: the training hyp as given to ``DetectionLoss`` (gains already scaled by
+    ``scale_hyp``); its ``box``/``obj``/``cls``/``anchor_t`` are used. Without ``--t_weights`` the
+    returned config is inactive (``output`` 'none', no features); asking for a distillation
+    method without a teacher is an error.
+    """
+    features = tuple(m.strip().lower() for m in (args.d_feature or "").split(",") if m.strip())
+    has_teacher = bool(getattr(args, "t_weights", ""))
+    if not has_teacher:
+        if features or args.d_output not in (None, "none"):
+            asked = f"--d_feature {args.d_feature}" if features else f"--d_output {args.d_output}"
+            raise ValueError(f"{asked} needs a teacher: pass --t_weights")
+        return DistillConfig(output="none", t_val=False, hyp=dict(hyp))
+
+    weights = _float_list(args.f_weight or "", "--f_weight")
+    if weights and not features:
+        raise ValueError("--f_weight given without --d_feature")
+    if len(weights) == 1:
+        weights = weights * len(features)
+    if weights and len(weights) != len(features):
+        raise ValueError(f"--f_weight: {len(weights)} values for {len(features)} --d_feature methods; give one value "
+                         f"or one per method")
+    return DistillConfig(
+        output=args.d_output or "objmse",
+        output_explicit=args.d_output is not None,
+        d_weight=float(args.d_weight),
+        temperature=float(args.d_temperature),
+        features=features,
+        f_weights=dict(zip(features, weights)),
+        schedule=args.d_schedule,
+        stop_epochs=int(args.d_stop_epochs),
+        warmup_epochs=int(getattr(args, "d_warmup_epochs", 0)),
+        hyp=dict(hyp),
+        chen_margin=float(getattr(args, "d_margin", 0.0)),
+        mimic_conf=float(getattr(args, "d_mimic_conf", 0.0)),
+        t_val=bool(args.t_val),
+    )
+
+
+__all__ = ["add_distill_args", "config_from_args"]

@@ -1,0 +1,248 @@
+"""The teacher: loading, freezing (for good) and checking that it can teach this student.
+
+A teacher is an ordinary DetectionModel that must never learn: parameters frozen, BatchNorm in
+eval mode for the whole run. Known YOLOv5 distillation forks left the teacher in train mode, so
+its BN running statistics drifted with the student's batches; here ``.train()`` on a frozen
+teacher is a no-op and every forward re-asserts eval mode on all submodules.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from distill.taps import detect_input_channels, detect_layer, unwrap
+
+if TYPE_CHECKING:  # only for annotations: distill/ does not need models/ at import time
+    from models.yolo import DetectionModel
+
+
+# ---------------------------------------------------------------------------------------- freezing
+def _eval_only_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    """Replacement ``train()`` of a frozen teacher: whatever is asked, stay in eval mode."""
+    return nn.Module.train(self, False)
+
+
+def _reassert_eval(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook: undo any ``.train()`` called on a submodule since the last forward."""
+    if any(m.training for m in module.modules()):
+        nn.Module.train(module, False)
+
+
+def freeze_teacher(model: nn.Module) -> nn.Module:
+    """Freeze ``model`` in place: no gradients, eval mode now and on every later forward.
+
+    * ``requires_grad`` False on every parameter;
+    * ``model.train(...)`` becomes a no-op that keeps eval mode (an instance attribute shadowing
+      the method, so nothing else about the class changes);
+    * a forward pre-hook switches every submodule back to eval if someone called ``.train()`` on
+      a submodule directly — BatchNorm running statistics can never update.
+
+    Idempotent. Returns ``model``.
+    """
+    model.requires_grad_(False)
+    nn.Module.train(model, False)
+    if not getattr(model, "_kd_frozen", False):
+        model.train = types.MethodType(_eval_only_train, model)
+        model.register_forward_pre_hook(_reassert_eval)
+        model._kd_frozen = True
+    return model
+
+
+def load_teacher(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    cfg: str | Path | dict | None = None,
+    half: bool | None = None,
+) -> DetectionModel:
+    """Load a frozen teacher from a YOLOv5 release/train checkpoint or one of ours.
+
+    Args:
+        path: checkpoint file (``--t_weights``).
+        device: where the teacher runs.
+        cfg: optional model yaml (``--t_cfg``): build that architecture, then load the
+            checkpoint's weights into it (strict; a mismatch names both files).
+        half: fp16 weights; default True on CUDA, False elsewhere. On CUDA the teacher is also
+            put in channels_last memory format (faster convolutions; the distiller feeds it
+            matching inputs).
+
+    Returns the model frozen by :func:`freeze_teacher`. BN layers are kept (not fused): the
+    pre-activation taps of the Overhaul method read them.
+    """
+    p = Path(path)
+    if not str(path) or not p.is_file():
+        raise FileNotFoundError(f"--t_weights {path!s}: teacher checkpoint not found")
+    if p.suffix in (".yaml", ".yml"):
+        raise ValueError(f"--t_weights {path}: a teacher needs trained weights (.pt), not a model yaml")
+    device = torch.device(device)
+    if cfg:
+        from models.checkpoint import load_checkpoint
+        from models.yolo import DetectionModel
+
+        ckpt = load_checkpoint(p)
+        nc = ckpt.get("yaml", {}).get("nc") or len(ckpt.get("names") or [])
+        model = DetectionModel(cfg, nc=nc or None)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0:2]
+            raise ValueError(f"--t_cfg {cfg} does not match the weights in --t_weights {path}: "
+                             f"{' '.join(first)}") from None
+        if ckpt.get("names"):
+            model.names = list(ckpt["names"])
+        model = model.to(device)
+    else:
+        from models import load_model
+
+        model = load_model(p, device=device)
+    model = model.float()
+    if half is None:
+        half = device.type == "cuda"
+    if half:
+        model = model.half()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return freeze_teacher(model)
+
+
+# ----------------------------------------------------------------------------------- compatibility
+@dataclass
+class Compatibility:
+    """What :func:`check_compatibility` decided.
+
+    ``output``: the output-distillation mode to use ('none' when it had to be disabled);
+    ``output_reason``: why it was disabled ('' otherwise); ``s_channels`` / ``t_channels``: channels
+    of the tensors entering Detect (features may differ in width: connectors handle it);
+    ``strides`` (student's, pixels); ``notes``: human-readable lines for the log.
+    """
+
+    output: str
+    output_reason: str = ""
+    s_channels: list[int] = field(default_factory=list)
+    t_channels: list[int] = field(default_factory=list)
+    strides: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def same_channels(self) -> bool:
+        return self.s_channels == self.t_channels
+
+
+def _names(model: nn.Module) -> list[str] | None:
+    names = getattr(model, "names", None)
+    if isinstance(names, dict):
+        return [str(names[k]) for k in sorted(names)]
+    return [str(n) for n in names] if names is not None else None
+
+
+def _anchors_px(det: nn.Module) -> torch.Tensor:
+    return det.anchors.detach().float().cpu() * det.stride.detach().float().cpu().view(-1, 1, 1)
+
+
+def check_compatibility(
+    student: nn.Module,
+    teacher: nn.Module,
+    output_kd: str = "objmse",
+    explicit: bool = False,
+    features: Iterable[str] = (),
+) -> Compatibility:
+    """Decide whether ``teacher`` can distil into ``student``; raise a clear error when it cannot.
+
+    * classes: ``nc`` and ``names`` must be equal (ValueError naming both), for any kind of KD —
+      the teacher's knowledge is about its own classes.
+    * output KD (``output_kd`` != 'none') compares head tensors cell by cell, so it needs the same
+      number of levels, strides and anchors (compared in pixels: anchors·stride) and anchors per
+      cell. On a mismatch: ``explicit`` True (the user asked for it) → ValueError; otherwise
+      (it was the default) → a warning and output KD is disabled (``output`` = 'none').
+    * feature KD (``features`` non-empty) works across widths and depths but needs the same number
+      of Detect levels (ValueError otherwise); spatial sizes follow from the strides and are
+      resized if they differ.
+    """
+    s_det, t_det = detect_layer(student), detect_layer(teacher)
+    s_nc, t_nc = int(s_det.nc), int(t_det.nc)
+    if s_nc != t_nc:
+        raise ValueError(f"teacher has nc={t_nc} classes but the student has nc={s_nc}: distillation needs "
+                         f"the same classes (use a teacher trained on this dataset, --t_weights)")
+    s_names, t_names = _names(unwrap(student)), _names(unwrap(teacher))
+    if s_names is not None and t_names is not None and s_names != t_names:
+        i = next(k for k, (a, b) in enumerate(zip(s_names, t_names)) if a != b)
+        raise ValueError(f"teacher and student class names differ (class {i}: teacher {t_names[i]!r}, student "
+                         f"{s_names[i]!r}): distillation needs the same classes in the same order")
+
+    s_stride = [float(x) for x in s_det.stride]
+    t_stride = [float(x) for x in t_det.stride]
+    rec = Compatibility(output=output_kd, s_channels=detect_input_channels(student),
+                        t_channels=detect_input_channels(teacher), strides=s_stride)
+
+    if output_kd != "none":
+        reason = ""
+        if int(s_det.nl) != int(t_det.nl) or int(s_det.na) != int(t_det.na):
+            reason = (f"teacher head has {int(t_det.nl)} levels × {int(t_det.na)} anchors, student "
+                      f"{int(s_det.nl)} × {int(s_det.na)}")
+        elif s_stride != t_stride:
+            reason = f"strides differ (teacher {t_stride}, student {s_stride})"
+        elif not torch.allclose(_anchors_px(s_det), _anchors_px(t_det), rtol=1e-3, atol=1e-2):
+            reason = (f"anchors differ (teacher {_anchors_px(t_det).view(-1).tolist()} px, student "
+                      f"{_anchors_px(s_det).view(-1).tolist()} px)")
+        if reason:
+            if explicit:
+                raise ValueError(f"--d_output {output_kd}: output distillation needs identical heads but {reason}; "
+                                 f"use --d_output none and/or feature distillation (--d_feature)")
+            warnings.warn(f"output distillation disabled: {reason} (it compares head outputs cell by cell); "
+                          f"feature distillation (--d_feature) still works", stacklevel=2)
+            rec.output, rec.output_reason = "none", reason
+            rec.notes.append(f"output KD disabled: {reason}")
+
+    features = list(features)
+    if features:
+        if len(rec.s_channels) != len(rec.t_channels):
+            raise ValueError(f"--d_feature {','.join(features)}: teacher has {len(rec.t_channels)} Detect levels, "
+                             f"student {len(rec.s_channels)}; feature distillation pairs them level by level")
+        if not rec.same_channels:
+            rec.notes.append(f"feature widths differ (student {rec.s_channels}, teacher {rec.t_channels}): "
+                             f"1×1 connectors adapt them")
+        if s_stride != t_stride:
+            rec.notes.append(f"strides differ (student {s_stride}, teacher {t_stride}): student maps are resized")
+    return rec
+
+
+def teacher_input(imgs: torch.Tensor, teacher: nn.Module) -> torch.Tensor:
+    """``imgs`` (B, 3, H, W) cast to the teacher's device, dtype and memory format.
+
+    uint8 images are scaled to 0-1 first; the teacher's first parameter decides dtype/device, and
+    channels_last is used when its first conv weight is stored that way.
+    """
+    p = next(teacher.parameters())
+    x = imgs if imgs.is_floating_point() else imgs.float() / 255.0
+    x = x.to(device=p.device, dtype=p.dtype)
+    w = next((m.weight for m in teacher.modules() if isinstance(m, nn.Conv2d)), None)
+    if w is not None and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def teacher_raw_outputs(out: Any) -> Sequence[torch.Tensor]:
+    """The raw per-level list from a DetectionModel output in either mode."""
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], list):
+        return out[1]
+    if isinstance(out, list):
+        return out
+    raise TypeError(f"teacher forward returned {type(out).__name__}; expected a raw list or (decoded, raw)")
+
+
+__all__ = [
+    "Compatibility",
+    "check_compatibility",
+    "freeze_teacher",
+    "load_teacher",
+    "teacher_input",
+    "teacher_raw_outputs",
+]
