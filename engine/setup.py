@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distill.cli import config_from_args
 from distill.distiller import Distiller
-from distill.teacher import check_compatibility, load_teacher
+from distill.teacher import load_teacher
 from engine.checkpointing import find_last_checkpoint, namespace_to_dict
 from engine.criterion import TrainingCriterion
 from engine.evaluate import evaluate
@@ -250,11 +250,12 @@ def _freeze(model: DetectionModel, freeze: list[int]) -> None:
 def _build_distiller(opt: argparse.Namespace, student: DetectionModel, loss_hyp: dict,
                      device: torch.device) -> tuple[DetectionModel | None, nn.Module | None]:
     if not opt.t_weights:
+        config_from_args(opt, loss_hyp)  # rejects KD flags given without a teacher
         return None, None
     teacher = load_teacher(opt.t_weights, device, cfg=opt.t_cfg or None)
-    cfg = config_from_args(opt, loss_hyp)
-    decision = check_compatibility(student, teacher, cfg)
-    distiller = Distiller(student, teacher, decision.config if hasattr(decision, "config") else cfg).to(device)
+    distiller = Distiller(student, teacher, config_from_args(opt, loss_hyp)).to(device)
+    for line in distiller.summary():
+        print(line)
     return teacher, distiller
 
 

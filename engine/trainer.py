@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from distill.schedule import kd_scale
 from engine.checkpointing import deployable, training_checkpoint
 from engine.evaluate import evaluate
 from engine.logger import progress_line
@@ -35,8 +34,10 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     """One pass over the training loader; returns the mean of every named loss term."""
     model, opt = run.model, run.opt
     model.train()
+    if run.distiller is not None:
+        run.distiller.train()
     run.loader_epoch(epoch)
-    scale = kd_scale(epoch, opt.epochs, opt.d_schedule, opt.d_stop_epochs) if run.distiller is not None else 0.0
+    scale = run.distiller.cfg.scale(epoch, opt.epochs) if run.distiller is not None else 0.0
     sums: dict[str, float] = {}
     n_batches = len(run.train_loader)
     bar = tqdm(run.train_loader, total=n_batches, disable=not run.info.is_main, bar_format="{l_bar}{bar:10}{r_bar}")

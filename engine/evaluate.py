@@ -1,0 +1,325 @@
+"""Validation loop: mAP50, mAP50-95, P, R (and optionally loss, COCO json, plots) of a detector.
+
+Used by training (every epoch, on the EMA model) and wrapped by ``val.py``. Predictions and labels
+are compared in ORIGINAL image pixels: both are mapped back from the letterboxed batch image with
+``scale_boxes``, so the numbers do not depend on the inference resolution's padding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from utils.boxes import non_max_suppression, scale_boxes, xywh2xyxy, xyxy2xywh
+from utils.coco_eval import ImageIdLookup, category_ids, coco_evaluate, labels_to_coco_json, predictions_to_coco
+from utils.metrics import IOU_THRESHOLDS, ConfusionMatrix, ap_per_class, fitness, match_predictions
+from utils.torch_utils import de_parallel
+
+LOGGER = logging.getLogger(__name__)
+
+PLOT_BATCHES = 3  # image grids are drawn for the first few batches only
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels are asynchronous: time them only after they finish
+        torch.cuda.synchronize(device)
+
+
+def _unpack_output(out) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """Eval-mode model output -> (decoded (bs, N, no), raw list or None)."""
+    if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], torch.Tensor):
+        return out[0], out[1]
+    if isinstance(out, torch.Tensor):
+        return out, None
+    raise TypeError(f"unexpected model output {type(out).__name__}; expected (decoded, raw) from an eval-mode model")
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    names: Sequence[str],
+    device: torch.device | str,
+    conf_thres: float = 0.001,
+    iou_thres: float = 0.6,
+    max_det: int = 300,
+    half: bool = False,
+    save_dir: str | Path | None = None,
+    plots: bool = False,
+    save_json: bool = False,
+    anno_json: str | Path | None = None,
+    verbose: bool = False,
+    multi_label: bool = True,
+    compute_loss: Callable | None = None,
+    save_txt: bool = False,
+    save_conf: bool = False,
+    json_name: str = "predictions.json",
+) -> dict:
+    """Evaluate ``model`` on every batch of ``loader``.
+
+    loader batches: ``(imgs uint8 (B, 3, H, W), targets (N, 6) [batch_idx, cls, xc, yc, w, h]
+    normalised to the batch image, paths, shapes)`` with shapes[i] = ``((h0, w0), ((rh, rw), (padw, padh)))``.
+    ``half`` on CUDA runs an fp16 model as is, and an fp32 model under autocast (the weights are never
+    converted, so a training model is left exactly as it was). The model's train/eval flags are
+    restored on exit. ``compute_loss(raw_preds, targets) -> (total, items (3,))`` adds the mean
+    validation loss. With ``save_json`` the predictions go to ``save_dir/json_name`` in COCO format and
+    pycocotools evaluates them against ``anno_json`` (generated from the labels when None).
+
+    Returns a dict: ``map50``, ``map`` (mAP50-95), ``precision``, ``recall``, ``fitness``,
+    ``per_class`` (list of dicts: class, name, images, instances, precision, recall, map50, map),
+    ``maps`` (nc,) mAP50-95 per class (the overall mAP for classes without labels), ``loss``
+    (list of 3 floats or None), ``speed_ms`` {pre, inf, nms} per image, ``coco`` (pycocotools result
+    or None), ``n_images``, ``n_instances``, ``conf_best``, ``pred_json`` (path or None).
+    """
+    device = torch.device(device)
+    model = de_parallel(model)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        return _evaluate(
+            model, loader, list(names), device, conf_thres, iou_thres, max_det, half, save_dir, plots,
+            save_json, anno_json, verbose, multi_label, compute_loss, save_txt, save_conf, json_name,
+        )  # fmt: skip
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _evaluate(
+    model, loader, names, device, conf_thres, iou_thres, max_det, half, save_dir, plots, save_json,
+    anno_json, verbose, multi_label, compute_loss, save_txt, save_conf, json_name,
+) -> dict:  # fmt: skip
+    nc = len(names)
+    save_dir = Path(save_dir) if save_dir is not None else None
+    if save_dir is None and (plots or save_json or save_txt):
+        raise ValueError("evaluate: plots/save_json/save_txt need a save_dir")
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)
+    cuda_half = half and device.type == "cuda"
+    param = next(model.parameters(), None)
+    model_fp16 = param is not None and param.dtype == torch.float16
+    in_dtype = torch.float16 if model_fp16 else torch.float32
+    # An fp32 model is run under autocast rather than converted: .half() then .float() would round
+    # the caller's weights (e.g. the training EMA) to fp16.
+    amp = torch.autocast("cuda", dtype=torch.float16) if cuda_half and not model_fp16 else nullcontext()
+
+    confusion = ConfusionMatrix(nc)
+    stats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    images_per_class = np.zeros(nc, dtype=np.int64)
+    loss_sum = None
+    n_batches = 0
+    seen = 0
+    t_pre = t_inf = t_nms = 0.0
+    records: list[tuple[str, tuple[int, int], torch.Tensor, torch.Tensor]] = []  # for COCO json
+
+    for bi, (imgs, targets, paths, shapes) in enumerate(loader):
+        _sync(device)
+        t0 = time.perf_counter()
+        imgs = imgs.to(device, non_blocking=True).to(in_dtype) / 255
+        targets = targets.to(device)
+        _sync(device)
+        t1 = time.perf_counter()
+        with amp:
+            decoded, raw = _unpack_output(model(imgs))
+        _sync(device)
+        t2 = time.perf_counter()
+        if compute_loss is not None and raw is not None:
+            items = compute_loss([r.float() for r in raw], targets)[1].detach().float().view(-1)
+            loss_sum = items if loss_sum is None else loss_sum + items
+        n_batches += 1
+
+        _sync(device)
+        t3 = time.perf_counter()
+        preds = non_max_suppression(decoded.float(), conf_thres, iou_thres, multi_label=multi_label, max_det=max_det)
+        _sync(device)
+        t4 = time.perf_counter()
+        t_pre, t_inf, t_nms = t_pre + t1 - t0, t_inf + t2 - t1, t_nms + t4 - t3
+
+        H, W = imgs.shape[2:]
+        scale = torch.tensor((W, H, W, H), device=device, dtype=torch.float32)
+        for si, pred in enumerate(preds):
+            seen += 1
+            shape0, ratio_pad = shapes[si]
+            shape0 = (int(shape0[0]), int(shape0[1]))
+            lab = targets[targets[:, 0] == si, 1:].float()  # (m, 5) cls xywh normalised
+            labelsn = torch.cat((lab[:, :1], scale_boxes((H, W), xywh2xyxy(lab[:, 1:5]) * scale, shape0, ratio_pad)), 1)
+            tcls = lab[:, 0].long()
+            if len(tcls):
+                images_per_class[np.unique(tcls.clamp(0, nc - 1).cpu().numpy())] += 1
+            predn = pred.clone().float()
+            predn[:, :4] = scale_boxes((H, W), predn[:, :4], shape0, ratio_pad)
+            correct = match_predictions(predn, labelsn, IOU_THRESHOLDS)
+            stats.append((correct.cpu(), predn[:, 4].cpu(), predn[:, 5].cpu(), tcls.cpu()))
+            confusion.process_batch(predn, labelsn)
+            if save_json:
+                records.append((str(paths[si]), shape0, predn.cpu(), labelsn.cpu()))
+            if save_txt:
+                _save_txt(predn, shape0, save_conf, save_dir / "labels" / f"{Path(paths[si]).stem}.txt")
+
+        if plots and bi < PLOT_BATCHES:
+            _plot_batch(imgs, targets, preds, paths, names, save_dir, bi)
+
+    # ------------------------------------------------------------------ metrics over all images
+    if stats:
+        correct, conf, pcls, tcls = (torch.cat(x, 0) for x in zip(*stats))
+    else:  # an empty loader
+        correct, conf, pcls, tcls = torch.zeros(0, len(IOU_THRESHOLDS), dtype=torch.bool), *(torch.zeros(0),) * 3
+    res = ap_per_class(correct, conf, pcls, tcls)
+    map50, map5095 = res.map50, res.map
+    maps = np.full(nc, map5095)
+    per_class = []
+    for i, c in enumerate(res.classes):
+        if 0 <= c < nc:
+            maps[c] = res.ap5095[i]
+        per_class.append(
+            {
+                "class": int(c),
+                "name": names[c] if 0 <= c < nc else str(c),
+                "images": int(images_per_class[c]) if 0 <= c < nc else 0,
+                "instances": int(res.n_labels[i]),
+                "precision": float(res.p[i]),
+                "recall": float(res.r[i]),
+                "map50": float(res.ap50[i]),
+                "map": float(res.ap5095[i]),
+            }
+        )
+    out = {
+        "map50": map50,
+        "map": map5095,
+        "precision": res.mp,
+        "recall": res.mr,
+        "fitness": fitness(map50, map5095),
+        "per_class": per_class,
+        "maps": maps.tolist(),
+        "loss": (loss_sum / max(n_batches, 1)).cpu().tolist() if loss_sum is not None else None,
+        "speed_ms": {k: 1e3 * t / max(seen, 1) for k, t in (("pre", t_pre), ("inf", t_inf), ("nms", t_nms))},
+        "coco": None,
+        "n_images": seen,
+        "n_instances": int(len(tcls)),
+        "conf_best": res.conf_best,
+        "pred_json": None,
+    }
+
+    if plots:
+        _plot_curves(res, names, confusion, save_dir)
+    if save_json:
+        out["pred_json"], out["coco"] = _coco(records, names, anno_json, save_dir, json_name)
+    if verbose:
+        LOGGER.info("\n%s", results_table(out, verbose=True))
+    return out
+
+
+def _save_txt(predn: torch.Tensor, shape0: tuple[int, int], save_conf: bool, path: Path) -> None:
+    """One line per detection: cls xc yc w h [conf], normalised to the original image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    gain = torch.tensor((shape0[1], shape0[0]) * 2, dtype=torch.float32)
+    p = predn.cpu()
+    xywh = (xyxy2xywh(p[:, :4]) / gain).tolist()
+    with path.open("w") as f:
+        for (xc, yc, w, h), conf, cls in zip(xywh, p[:, 4].tolist(), p[:, 5].tolist()):
+            f.write(f"{int(cls)} {xc:.6f} {yc:.6f} {w:.6f} {h:.6f}" + (f" {conf:.5f}" if save_conf else "") + "\n")
+
+
+def _plot_batch(imgs, targets, preds, paths, names, save_dir: Path, bi: int) -> None:
+    """val_batch{bi}_labels.jpg and val_batch{bi}_pred.jpg, boxes in the letterboxed batch image."""
+    from utils.plots import plot_images
+
+    H, W = imgs.shape[2:]
+    scale = torch.tensor((W, H, W, H), device=targets.device, dtype=torch.float32)
+    t = targets.float()
+    labels = [
+        torch.cat((t[t[:, 0] == i, 1:2], xywh2xyxy(t[t[:, 0] == i, 2:6]) * scale), 1).cpu() for i in range(len(imgs))
+    ]
+    dets = [torch.cat((p[:, 5:6], p[:, :4], p[:, 4:5]), 1).float().cpu() for p in preds]
+    img_u8 = (imgs.float() * 255).round().byte().cpu()
+    plot_images(img_u8, labels, names, save_dir / f"val_batch{bi}_labels.jpg", paths=paths)
+    plot_images(img_u8, dets, names, save_dir / f"val_batch{bi}_pred.jpg", paths=paths)
+
+
+def _plot_curves(res, names: list[str], confusion: ConfusionMatrix, save_dir: Path) -> None:
+    from utils.metrics import CONF_POINTS, RECALL_POINTS
+    from utils.plots import plot_mc_curve, plot_pr_curve
+
+    cls_names = [names[c] if 0 <= c < len(names) else str(c) for c in res.classes]
+    plot_pr_curve(RECALL_POINTS, res.pr_curve, res.ap50, cls_names, save_dir / "PR_curve.png")
+    for curve, label, file in (
+        (res.f1_curve, "F1", "F1_curve.png"),
+        (res.p_curve, "Precision", "P_curve.png"),
+        (res.r_curve, "Recall", "R_curve.png"),
+    ):
+        plot_mc_curve(CONF_POINTS, curve, cls_names, save_dir / file, ylabel=label)
+    confusion.plot(save_dir / "confusion_matrix.png", names, normalize=True)
+
+
+def _coco(records, names, anno_json, save_dir: Path, json_name: str) -> tuple[str, dict | None]:
+    """Write the COCO predictions json and evaluate it with pycocotools.
+
+    Without an annotation json one is generated from the labels the loop saw (in original pixels),
+    so the ground truth is exactly the one our own mAP used.
+    """
+    if anno_json is None:
+        labels, files, shapes = [], [], []
+        for path, (h0, w0), _, labelsn in records:
+            xywh = xyxy2xywh(labelsn[:, 1:5]) / torch.tensor((w0, h0, w0, h0), dtype=torch.float32)
+            labels.append(torch.cat((labelsn[:, :1], xywh), 1).numpy())
+            files.append(path)
+            shapes.append((h0, w0))
+        anno = labels_to_coco_json(labels, files, shapes, names)
+        anno_json = save_dir / "annotations.json"
+        anno_json.write_text(json.dumps(anno))
+    else:
+        anno_json = Path(anno_json)
+        if not anno_json.is_file():
+            raise FileNotFoundError(f"annotation json {anno_json} not found; omit it to generate one from the labels")
+        anno = json.loads(anno_json.read_text())
+    lookup = ImageIdLookup(anno)
+    cats = category_ids(len(names), anno)
+    dets, img_ids = [], []
+    for path, _, predn, _ in records:
+        image_id = lookup(path)
+        img_ids.append(image_id)
+        dets.extend(predictions_to_coco(predn, image_id, cats))
+    pred_json = save_dir / json_name
+    pred_json.write_text(json.dumps(dets))
+    try:
+        coco = coco_evaluate(anno_json, pred_json, img_ids=img_ids)
+    except Exception as e:  # a broken/foreign annotation file must not lose the rest of the results
+        LOGGER.warning("pycocotools evaluation failed: %s", e)
+        coco = None
+    if coco is not None:
+        (save_dir / "coco_summary.txt").write_text(coco["summary"] + "\n")
+    return str(pred_json), coco
+
+
+def results_table(results: dict, verbose: bool = False) -> str:
+    """YOLOv5-like text table: Class Images Instances P R mAP50 mAP50-95 (per class with ``verbose``)."""
+    head = f"{'Class':>22}{'Images':>11}{'Instances':>11}{'P':>11}{'R':>11}{'mAP50':>11}{'mAP50-95':>11}"
+    row = "{:>22}{:>11}{:>11}{:>11.3g}{:>11.3g}{:>11.3g}{:>11.3g}"
+    lines = [
+        head,
+        row.format(
+            "all",
+            results["n_images"],
+            results["n_instances"],
+            results["precision"],
+            results["recall"],
+            results["map50"],
+            results["map"],
+        ),
+    ]
+    if verbose:
+        for c in results["per_class"]:
+            lines.append(
+                row.format(
+                    c["name"][:22], c["images"], c["instances"], c["precision"], c["recall"], c["map50"], c["map"]
+                )
+            )
+    return "\n".join(lines)
