@@ -1,0 +1,304 @@
+"""Export a trained detector to ONNX and check the file against PyTorch.
+
+Usage:
+    python export.py --weights runs/train/exp/weights/best.pt --include onnx --imgsz 640
+    python export.py --weights best.pt --dynamic --simplify          # dynamic batch, height, width
+    python export.py --weights best.pt --half --device 0             # fp16 file (CUDA only)
+
+The exported graph is the model in eval mode with Conv+BN fused, input ``images`` (bs, 3, H, W)
+RGB 0-1 and a single output ``output0`` (bs, N, 5 + nc): N = Σ_levels na·(H/s)·(W/s) rows of
+``xc, yc, w, h`` (pixels of the input), objectness and per-class scores, all after sigmoid, i.e. the
+decoded tensor YOLOv5's ONNX files carry (NMS is left to the caller). ``stride`` and ``names``
+are stored as JSON strings in the file's ``metadata_props`` (also readable with
+``ast.literal_eval``), with ``imgsz``, ``nc``, ``dynamic`` and ``format``.
+
+After writing, the file is run in onnxruntime on one letterboxed image (``--check-image``, or a
+generated test picture) and compared with the PyTorch model; see :func:`parity`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from models import load_model
+from utils.augment import letterbox
+from utils.torch_utils import select_device
+
+# Default largest difference allowed between onnxruntime and PyTorch (see `parity`). fp16 files
+# keep ~3 significant digits, so they are held to a looser bound.
+TOL_FP32 = 1e-3
+TOL_FP16 = 1e-2
+DEFAULT_OPSET = 17
+
+_INSTALL_HINT = "ONNX export needs the onnx and onnxruntime packages: pip install onnx onnxruntime"
+
+
+def _require_onnx():
+    """Import onnx and onnxruntime, or fail with a one-line install hint."""
+    try:
+        onnx = importlib.import_module("onnx")
+        ort = importlib.import_module("onnxruntime")
+    except ImportError as e:
+        raise ImportError(f"{_INSTALL_HINT} ({e.name} is missing)") from e
+    return onnx, ort
+
+
+class _DecodedOnly(nn.Module):
+    """Wraps a DetectionModel so the traced graph returns only the decoded (bs, N, 5 + nc) tensor."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[0]
+
+
+def check_imgsz(imgsz: int | list[int] | tuple[int, ...], stride: int) -> tuple[int, int]:
+    """(h, w) from one or two sizes, each rounded UP to a multiple of ``stride`` (the model needs it)."""
+    sizes = [imgsz] if isinstance(imgsz, int) else list(imgsz)
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) <= 0:
+        raise ValueError(f"--imgsz {imgsz}: give one size or two (height width), positive")
+    out = tuple(int(math.ceil(s / stride) * stride) for s in sizes)
+    if list(out) != sizes:
+        print(f"--imgsz {sizes} is not a multiple of the stride {stride}; using {list(out)}")
+    return out[0], out[1]
+
+
+def synthetic_image(shape: tuple[int, int] = (480, 640), seed: int = 0) -> np.ndarray:
+    """A deterministic BGR uint8 picture with gradients and filled shapes (not flat, so every
+    part of the network sees varied input). ``shape`` = (h, w)."""
+    h, w = shape
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    im = np.stack((xx / w * 255, yy / h * 255, (xx + yy) / (h + w) * 255), 2).astype(np.uint8)
+    for _ in range(8):
+        x1, y1 = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
+        x2, y2 = x1 + int(rng.integers(10, w // 3)), y1 + int(rng.integers(10, h // 3))
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+        if rng.random() < 0.5:
+            cv2.rectangle(im, (x1, y1), (x2, y2), color, -1)
+        else:
+            cv2.circle(im, ((x1 + x2) // 2, (y1 + y2) // 2), max((x2 - x1) // 2, 5), color, -1)
+    return im
+
+
+def preprocess(im_bgr: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Letterbox a BGR image to ``shape`` (h, w) → float32 (1, 3, h, w) RGB in 0-1."""
+    im, _, _ = letterbox(im_bgr, shape, auto=False)
+    im = im[..., ::-1].transpose(2, 0, 1)  # BGR HWC -> RGB CHW
+    return np.ascontiguousarray(im, dtype=np.float32)[None] / 255.0
+
+
+def parity(ref: np.ndarray, out: np.ndarray, imgsz: tuple[int, int]) -> dict[str, float]:
+    """Disagreement between two decoded outputs (bs, N, 5 + nc).
+
+    Coordinates are compared relative to the input size: Δx/W, Δy/H, Δw/W, Δh/H (a 640 px image
+    makes 1e-3 ≈ 0.6 px); scores (objectness, classes, in 0-1) absolutely. ``max`` is the larger of
+    the two, the single parity figure that is checked; ``xywh_px`` is the raw pixel difference.
+    """
+    if ref.shape != out.shape:
+        raise ValueError(f"output shapes differ: PyTorch {ref.shape} vs ONNX {out.shape}")
+    ref, out = ref.astype(np.float64), out.astype(np.float64)
+    h, w = imgsz
+    norm = np.array([w, h, w, h], dtype=np.float64)
+    d = np.abs(ref - out)
+    xywh = float((d[..., :4] / norm).max())
+    scores = float(d[..., 4:].max())
+    return {"max": max(xywh, scores), "xywh_rel": xywh, "scores": scores, "xywh_px": float(d[..., :4].max())}
+
+
+def _simplify(model_proto):
+    """Run onnxslim (preferred) or onnx-simplifier when installed; otherwise say so and keep the graph."""
+    if importlib.util.find_spec("onnxslim"):
+        onnxslim = importlib.import_module("onnxslim")
+        print("simplifying with onnxslim")
+        return onnxslim.slim(model_proto)
+    if importlib.util.find_spec("onnxsim"):
+        onnxsim = importlib.import_module("onnxsim")
+        print("simplifying with onnxsim")
+        simplified, ok = onnxsim.simplify(model_proto)
+        if not ok:
+            print("onnxsim could not verify the simplified graph; keeping the original")
+            return model_proto
+        return simplified
+    print("--simplify skipped: neither onnxslim nor onnxsim is installed (pip install onnxslim)")
+    return model_proto
+
+
+def _ort_providers(ort, device: torch.device) -> list[str]:
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def run(
+    weights: str | Path,
+    imgsz: int | list[int] | tuple[int, ...] = 640,
+    batch_size: int = 1,
+    include: tuple[str, ...] | list[str] = ("onnx",),
+    dynamic: bool = False,
+    half: bool = False,
+    opset: int = DEFAULT_OPSET,
+    simplify: bool = False,
+    device: str = "cpu",
+    output: str | Path | None = None,
+    check_image: str | Path | None = None,
+    tol: float | None = None,
+) -> tuple[Path, float]:
+    """Export ``weights`` to ONNX, verify it in onnxruntime, and return ``(onnx_path, parity)``.
+
+    ``parity`` is the ``max`` figure of :func:`parity` (scores absolute, xywh relative to the input
+    size) on one image; it must not exceed ``tol`` (default 1e-3 for fp32, 1e-2 for ``half``), or
+    a RuntimeError is raised after the file is written. The file goes to ``output`` or next to
+    the weights with the suffix ``.onnx``.
+    """
+    formats = [f.lower().lstrip(".") for f in include]
+    unknown = [f for f in formats if f != "onnx"]
+    if unknown:
+        raise ValueError(f"--include {unknown}: only 'onnx' is supported")
+    onnx, ort = _require_onnx()
+    weights = Path(weights)
+    if not weights.is_file():
+        raise FileNotFoundError(f"--weights {weights}: file not found")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size} must be >= 1")
+    dev = select_device(device)
+    if half and dev.type != "cuda":
+        raise ValueError("--half needs a CUDA device (fp16 convolutions): add --device 0, or drop --half")
+    tol = (TOL_FP16 if half else TOL_FP32) if tol is None else tol
+
+    model = load_model(str(weights), device=str(dev))
+    model.eval().fuse()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    stride = int(model.stride.max())
+    shape = check_imgsz(imgsz, stride)
+    names = list(model.names) if not isinstance(model.names, dict) else [model.names[k] for k in sorted(model.names)]
+    if half:
+        model.half()
+    # The wrapper must be in eval mode too: the exporter restores the top module's train flag onto
+    # all children when it finishes.
+    wrapped = _DecodedOnly(model).eval()
+    dtype = torch.float16 if half else torch.float32
+    dummy = torch.zeros(batch_size, 3, *shape, device=dev, dtype=dtype)
+    with torch.no_grad():
+        wrapped(dummy)  # one dry run: fails here, with a clear trace, if the model cannot run this size
+
+    out_path = Path(output) if output else weights.with_suffix(".onnx")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    dynamic_axes = None
+    if dynamic:
+        dynamic_axes = {"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 1: "anchors"}}
+    print(f"exporting {weights} -> {out_path} (opset {opset}, {'fp16' if half else 'fp32'}, "
+          f"input {batch_size}x3x{shape[0]}x{shape[1]}{', dynamic' if dynamic else ''})")
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter is used on purpose (the torch.export one needs onnxscript);
+        # its deprecation and tracer warnings are noise here.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapped,
+            (dummy,),
+            str(out_path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["images"],
+            output_names=["output0"],
+            dynamic_axes=dynamic_axes,
+            do_constant_folding=True,
+        )
+
+    proto = onnx.load(str(out_path))
+    onnx.checker.check_model(proto)
+    if simplify:
+        proto = _simplify(proto)
+    meta = {
+        "stride": json.dumps(stride),
+        "names": json.dumps(names),
+        "nc": json.dumps(len(names)),
+        "imgsz": json.dumps(list(shape)),
+        "dynamic": json.dumps(bool(dynamic)),
+        "format": "yolo-kd/onnx-1",
+    }
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.save(proto, str(out_path))
+    print(f"saved {out_path} ({out_path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
+
+    # Parity on one real (letterboxed) image, repeated to fill a fixed batch.
+    im0 = cv2.imread(str(check_image)) if check_image else synthetic_image()
+    if im0 is None:
+        raise FileNotFoundError(f"--check-image {check_image}: cannot read the image")
+    x = np.repeat(preprocess(im0, shape), batch_size, axis=0)
+    session = ort.InferenceSession(str(out_path), providers=_ort_providers(ort, dev))
+    y_onnx = session.run(["output0"], {"images": x.astype(np.float16 if half else np.float32)})[0]
+    with torch.no_grad():
+        y_torch = wrapped(torch.from_numpy(x).to(dev, dtype)).float().cpu().numpy()
+    stats = parity(y_torch, y_onnx.astype(np.float32), shape)
+    print(f"onnxruntime vs PyTorch: max diff {stats['max']:.3g} (scores {stats['scores']:.3g}, "
+          f"xywh {stats['xywh_px']:.3g} px = {stats['xywh_rel']:.3g} of the input size); tolerance {tol:g}")
+    if not stats["max"] <= tol:  # also catches NaN
+        raise RuntimeError(f"{out_path}: ONNX output differs from PyTorch by {stats['max']:.3g} > {tol:g}")
+    return out_path, stats["max"]
+
+
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags (YOLOv5 spelling)."""
+    p = argparse.ArgumentParser(description="Export a YOLOv5 detector to ONNX and check it in onnxruntime")
+    p.add_argument("--weights", type=str, required=True, help="checkpoint (.pt, ours or official YOLOv5)")
+    p.add_argument("--include", nargs="+", default=["onnx"], help="formats to export (onnx)")
+    p.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640], help="h w, or one size")
+    p.add_argument("--batch-size", type=int, default=1, help="batch size of the exported input")
+    p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width axes")
+    p.add_argument("--half", action="store_true", help="fp16 export (needs a CUDA device)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version")
+    p.add_argument("--simplify", action="store_true", help="simplify with onnxslim / onnxsim when installed")
+    p.add_argument("--device", default="cpu", help="cpu, or a CUDA index such as 0")
+    p.add_argument("--output", type=str, default=None, help="output file (default: weights with .onnx)")
+    p.add_argument("--check-image", type=str, default=None, help="image for the parity check (default: generated)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: returns the exit status (0 ok, 1 on an error, with a one-line message)."""
+    opt = parse_opt(argv)
+    try:
+        run(
+            opt.weights,
+            imgsz=opt.imgsz,
+            batch_size=opt.batch_size,
+            include=opt.include,
+            dynamic=opt.dynamic,
+            half=opt.half,
+            opset=opt.opset,
+            simplify=opt.simplify,
+            device=opt.device,
+            output=opt.output,
+            check_image=opt.check_image,
+        )
+    except (ImportError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"export.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

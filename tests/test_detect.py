@@ -1,0 +1,162 @@
+"""detect.py: annotated output, YOLO txt rows matching PyTorch predictions, .pt vs .onnx, videos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import detect
+import export
+from models import load_model
+from tests.test_export import NAMES, make_tiny_checkpoint
+from utils.augment import letterbox
+from utils.boxes import non_max_suppression, scale_boxes, xyxy2xywhn
+
+CONF = 0.25  # the tiny test model gives some dozens of boxes above this
+IMGSZ = 160
+
+
+@pytest.fixture(scope="module")
+def tiny_pt(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("weights") / "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """Two generated pictures of different aspect ratios (PNG: lossless, so reads are exact)."""
+    d = tmp_path_factory.mktemp("images")
+    cv2.imwrite(str(d / "wide.png"), export.synthetic_image((200, 300), seed=1))
+    cv2.imwrite(str(d / "tall.png"), export.synthetic_image((250, 140), seed=2))
+    return d
+
+
+def _reference(weights: Path, image: Path) -> np.ndarray:
+    """PyTorch predictions for one image, following the documented pipeline step by step."""
+    im0 = cv2.imread(str(image))
+    im, (rw, rh), pad = letterbox(im0, IMGSZ, auto=True, stride=32)
+    x = torch.from_numpy(np.ascontiguousarray(im[..., ::-1].transpose(2, 0, 1))).float()[None] / 255
+    model = load_model(str(weights)).fuse()  # as detect.py runs it
+    with torch.no_grad():
+        det = non_max_suppression(model(x), CONF, 0.45, max_det=1000)[0]
+    det[:, :4] = scale_boxes(im.shape[:2], det[:, :4], im0.shape[:2], ratio_pad=((rh, rw), pad))
+    return det.numpy()
+
+
+def _read_rows(path: Path) -> np.ndarray:
+    return np.array([[float(v) for v in line.split()] for line in path.read_text().splitlines()])
+
+
+def _assert_same_rows(got: np.ndarray, want: np.ndarray, atol: float) -> None:
+    """Same multiset of rows (class first, exact) up to ``atol``; order-free, since detections with
+    near-equal scores may come out of NMS in either order."""
+    assert got.shape == want.shape
+    for row in want:
+        close = (got[:, 0] == row[0]) & (np.abs(got[:, 1:] - row[1:]).max(1) <= atol)
+        assert close.any(), f"no detection matches {row}"
+
+
+def test_image_folder_writes_annotations_and_labels(tiny_pt: Path, images: Path, tmp_path: Path) -> None:
+    res = detect.run(tiny_pt, images, imgsz=IMGSZ, conf_thres=CONF, device="cpu", save_txt=True,
+                     save_conf=True, project=tmp_path / "runs", name="exp", verbose=False)
+    assert res.save_dir == tmp_path / "runs" / "exp"
+    assert len(res.results) == 2
+    for src in ("wide.png", "tall.png"):
+        original = cv2.imread(str(images / src))
+        annotated = cv2.imread(str(res.save_dir / src))
+        assert annotated is not None and annotated.shape == original.shape
+        ref = _reference(tiny_pt, images / src)
+        assert len(ref) > 0, "the test model should produce detections"
+        assert not np.array_equal(annotated, original)  # boxes were drawn
+
+        rows = _read_rows(res.save_dir / "labels" / f"{Path(src).stem}.txt")
+        h, w = original.shape[:2]
+        want = np.concatenate((ref[:, 5:6], xyxy2xywhn(ref[:, :4].astype(np.float64), w, h), ref[:, 4:5]), 1)
+        _assert_same_rows(rows, want, atol=1e-6)  # 6 printed decimals
+        assert ((rows[:, 1:5] >= 0) & (rows[:, 1:5] <= 1)).all()
+
+
+def test_pt_and_onnx_give_the_same_boxes(tiny_pt: Path, images: Path, tmp_path: Path) -> None:
+    onnx_path, _ = export.run(tiny_pt, imgsz=IMGSZ, dynamic=True, output=tmp_path / "tiny.onnx")
+    kw = dict(imgsz=IMGSZ, conf_thres=CONF, device="cpu", project=tmp_path / "runs", nosave=True, verbose=False)
+    a = detect.run(tiny_pt, images, name="pt", **kw)
+    b = detect.run(onnx_path, images, name="onnx", **kw)
+    assert len(a.results) == len(b.results) == 2
+    for (pa, _, da), (pb, _, db) in zip(a.results, b.results):
+        assert pa == pb and len(da) > 0
+        # pixels: onnxruntime and PyTorch differ by ~1e-4 px; scores by ~1e-6
+        _assert_same_rows(np.c_[da[:, 5], da[:, :5]], np.c_[db[:, 5], db[:, :5]], atol=1e-2)
+
+def test_static_onnx_uses_its_fixed_input(tiny_pt: Path, images: Path, tmp_path: Path) -> None:
+    onnx_path, _ = export.run(tiny_pt, imgsz=[128, 160], output=tmp_path / "static.onnx")
+    backend = detect.load_backend(onnx_path, torch.device("cpu"))
+    assert backend.fixed_shape == (128, 160) and backend.names == NAMES and backend.stride == 32
+    res = detect.run(onnx_path, str(images / "*.png"), conf_thres=CONF, device="cpu", save_txt=True,
+                     project=tmp_path / "runs", verbose=False)
+    assert len(res.results) == 2 and (res.save_dir / "wide.png").is_file()
+    txts = sorted((res.save_dir / "labels").glob("*.txt"))
+    assert len(txts) == sum(len(d) > 0 for _, _, d in res.results) > 0
+    for txt in txts:
+        for line in txt.read_text().splitlines():
+            assert len(line.split()) == 5  # no --save-conf
+
+
+def test_onnx_backend_with_a_larger_static_batch(tiny_pt: Path, tmp_path: Path) -> None:
+    onnx_path, _ = export.run(tiny_pt, imgsz=64, batch_size=2, output=tmp_path / "b2.onnx")
+    backend = detect.load_backend(onnx_path, torch.device("cpu"))
+    x = torch.from_numpy(export.preprocess(export.synthetic_image((64, 64), seed=3), (64, 64)))
+    y = backend(x)  # one image into a batch-2 graph
+    assert y.shape == (1, 3 * (8 * 8 + 4 * 4 + 2 * 2), 5 + len(NAMES))
+    ref = detect.TorchBackend(tiny_pt, torch.device("cpu"))(x)
+    assert export.parity(ref.numpy(), y.numpy(), (64, 64))["max"] < 1e-3
+
+
+def test_video_source(tiny_pt: Path, tmp_path: Path) -> None:
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10, (128, 96))
+    if not writer.isOpened():
+        pytest.skip("OpenCV cannot write mp4v videos here")
+    for i in range(4):
+        writer.write(export.synthetic_image((96, 128), seed=i))
+    writer.release()
+    res = detect.run(tiny_pt, video, imgsz=128, conf_thres=CONF, device="cpu", save_txt=True,
+                     project=tmp_path / "runs", verbose=False)
+    assert [f for _, f, _ in res.results] == [0, 1, 2, 3]
+    cap = cv2.VideoCapture(str(res.save_dir / "clip.mp4"))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 4
+    cap.release()
+    labelled = {p.name for p in (res.save_dir / "labels").glob("*.txt")}
+    with_boxes = {f"clip_{f}.txt" for _, f, d in res.results if len(d)}
+    assert labelled == with_boxes
+
+
+def test_runs_increment_and_exist_ok(tiny_pt: Path, images: Path, tmp_path: Path) -> None:
+    kw = dict(imgsz=64, device="cpu", project=tmp_path / "runs", verbose=False)
+    first = detect.run(tiny_pt, images / "wide.png", **kw).save_dir
+    second = detect.run(tiny_pt, images / "wide.png", **kw).save_dir
+    again = detect.run(tiny_pt, images / "wide.png", exist_ok=True, **kw).save_dir
+    assert first.name == "exp" and second.name == "exp2" and again == first
+
+
+def test_label_lines_format() -> None:
+    det = np.array([[10.0, 20.0, 50.0, 60.0, 0.9, 2.0]])
+    assert detect.label_lines(det, (100, 200)) == ["2 0.150000 0.400000 0.200000 0.400000"]
+    assert detect.label_lines(det, (100, 200), save_conf=True)[0].endswith(" 0.900000")
+
+
+def test_bad_sources_and_weights(tiny_pt: Path, tmp_path: Path, capsys) -> None:
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        detect.list_sources(tmp_path / "nothing_here")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match="no images"):
+        detect.list_sources(tmp_path / "empty")
+    bad = tmp_path / "model.tflite"
+    bad.write_bytes(b"")
+    with pytest.raises(ValueError, match="unsupported format"):
+        detect.load_backend(bad, torch.device("cpu"))
+    assert detect.main(["--weights", str(tiny_pt), "--source", str(tmp_path / "nope.jpg")]) == 1
+    assert "--source" in capsys.readouterr().err

@@ -1,0 +1,274 @@
+"""DetectionLoss: parity with the YOLOv5 reference numbers and hand-worked limiting cases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.loss import DetectionLoss, _assign_last, scale_hyp, smooth_bce_targets
+
+FIXTURES = Path(__file__).parent / "fixtures"
+NPZ = FIXTURES / "yolov5n_nc80.npz"
+
+HYP = {"box": 0.05, "obj": 1.0, "cls": 0.5, "cls_pw": 1.0, "obj_pw": 1.0, "anchor_t": 4.0, "fl_gamma": 0.0}
+
+
+@pytest.fixture(scope="module")
+def ref() -> dict:
+    with np.load(NPZ) as d:
+        return {k: d[k] for k in d.files}
+
+
+@pytest.fixture(scope="module")
+def yolov5n():
+    from models import load_model
+
+    return load_model(str(FIXTURES / "yolov5n_nc80.pt"))
+
+
+class _Detect(nn.Module):
+    """Stand-in Detect layer for the hand-worked cases: only what the loss reads."""
+
+    def __init__(self, anchors: list[list[list[float]]], nc: int) -> None:
+        super().__init__()
+        self.register_buffer("anchors", torch.tensor(anchors, dtype=torch.float32))
+        self.nl, self.na = len(anchors), len(anchors[0])
+        self.nc, self.no = nc, nc + 5
+        self.stride = torch.tensor([8.0 * 2**i for i in range(self.nl)])
+
+
+class _Model(nn.Module):
+    def __init__(self, anchors: list[list[list[float]]], nc: int = 3) -> None:
+        super().__init__()
+        self.det = _Detect(anchors, nc)
+
+    @property
+    def detect(self) -> _Detect:
+        return self.det
+
+
+class _Wrapper(nn.Module):
+    """Looks like DistributedDataParallel to the loss: the real model sits in ``.module``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.module = model
+
+
+# One level, anchors 1, 5 and 25 grid cells: a target of side ~1.2 matches only anchor 0.
+ONE_LEVEL = [[[1.0, 1.0], [5.0, 5.0], [25.0, 25.0]]]
+GRID = 8
+
+
+def _preds(bs: int = 2, nc: int = 3, grid: int = GRID, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(bs, 3, grid, grid, nc + 5, generator=g)]
+
+
+def _target(img: int, cls: int, gx: float, gy: float, gw: float, gh: float, grid: int = GRID) -> list[float]:
+    """A target row from grid-unit coordinates."""
+    return [img, cls, gx / grid, gy / grid, gw / grid, gh / grid]
+
+
+# ---------------------------------------------------------------- parity with the reference
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_parity_with_yolov5(ref: dict, yolov5n, scaled: bool) -> None:
+    hyps = json.loads(str(ref["hyp_json"]))
+    hyp = scale_hyp(hyps["raw"], 3, 80, 320) if scaled else hyps["raw"]
+    preds = [torch.from_numpy(ref[f"train_out_320_{i}"]) for i in range(3)]
+    total, items = DetectionLoss(yolov5n, hyp)(preds, torch.from_numpy(ref["targets_320"]))
+    tag = "scaled_320" if scaled else "320"
+    assert total.shape == (1,) and items.shape == (3,)
+    expected = [float(ref[f"{k}_{tag}"]) for k in ("lbox", "lobj", "lcls")]
+    np.testing.assert_allclose(items.numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(total.item(), float(ref[f"loss_{tag}"]), rtol=1e-5)
+
+
+def test_scale_hyp_matches_training(ref: dict) -> None:
+    hyps = json.loads(str(ref["hyp_json"]))
+    raw = dict(hyps["raw"])
+    out = scale_hyp(raw, 3, 80, 320)
+    assert raw == hyps["raw"], "scale_hyp must not modify its input"
+    assert out.keys() == hyps["scaled"].keys()
+    for k, v in hyps["scaled"].items():
+        assert out[k] == pytest.approx(v), k
+    # other depths / class counts / sizes
+    o = scale_hyp({"box": 0.05, "obj": 1.0, "cls": 0.5}, nl=4, nc=10, imgsz=1280)
+    assert o["box"] == pytest.approx(0.05 * 3 / 4)
+    assert o["cls"] == pytest.approx(0.5 * 10 / 80 * 3 / 4)
+    assert o["obj"] == pytest.approx(1.0 * 4 * 3 / 4)
+
+
+def test_model_anchors_match_reference(ref: dict, yolov5n) -> None:
+    np.testing.assert_allclose(yolov5n.detect.anchors.numpy(), ref["anchors"])
+
+
+# ---------------------------------------------------------------- hand-worked limiting cases
+
+
+def test_perfect_box_gives_zero_box_loss() -> None:
+    model = _Model(ONE_LEVEL)
+    # Centre at fractional 0.5 in cell (3, 2): no neighbour cells, so one positive (anchor 0).
+    gx, gy, gw, gh = 3.5, 2.5, 1.2, 0.9
+    preds = _preds()
+    p = preds[0]
+    # Invert the decoding: 2σ − 0.5 = 0.5 → σ = 0.5; (2σ)²·1 = gw → σ = √gw / 2.
+    p[1, 0, 2, 3, 0:2] = 0.0
+    p[1, 0, 2, 3, 2] = torch.logit(torch.tensor(gw**0.5 / 2))
+    p[1, 0, 2, 3, 3] = torch.logit(torch.tensor(gh**0.5 / 2))
+    loss = DetectionLoss(model, HYP)
+    targets = torch.tensor([_target(1, 2, gx, gy, gw, gh)])
+    _, items = loss(preds, targets)
+    assert items[0].item() == pytest.approx(0.0, abs=1e-6)
+    # Objectness target is CIoU = 1 at that one cell, 0 elsewhere.
+    tobj = torch.zeros(p.shape[:4])
+    tobj[1, 0, 2, 3] = 1.0
+    want = F.binary_cross_entropy_with_logits(p[..., 4], tobj) * 4.0 * HYP["obj"]  # balance[0] = 4 (nl=1)
+    assert items[1].item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_no_targets_is_background_only() -> None:
+    anchors = [[[1.0, 1.3], [2.0, 3.7], [4.1, 2.9]]] * 3
+    model = _Model(anchors, nc=3)
+    g = torch.Generator().manual_seed(1)
+    preds = [torch.randn(2, 3, s, s, 8, generator=g, requires_grad=True) for s in (8, 4, 2)]
+    total, items = DetectionLoss(model, HYP)(preds, torch.zeros(0, 6))
+    assert items[0].item() == 0.0 and items[2].item() == 0.0
+    want = sum(
+        bal * F.binary_cross_entropy_with_logits(p[..., 4], torch.zeros_like(p[..., 4]))
+        for bal, p in zip([4.0, 1.0, 0.4], preds)
+    )
+    assert items[1].item() == pytest.approx(want.item() * HYP["obj"], rel=1e-6)
+    assert total.item() == pytest.approx(items.sum().item() * 2, rel=1e-6)
+
+
+def test_label_smoothing_targets() -> None:
+    assert smooth_bce_targets(0.0) == (1.0, 0.0)
+    cp, cn = smooth_bce_targets(0.1)
+    assert cp == pytest.approx(0.95) and cn == pytest.approx(0.05)
+    # The class loss of one positive uses exactly those targets.
+    model = _Model(ONE_LEVEL, nc=4)
+    preds = _preds(nc=4)
+    hyp = {**HYP, "label_smoothing": 0.1}
+    _, items = DetectionLoss(model, hyp)(preds, torch.tensor([_target(0, 2, 3.5, 2.5, 1.2, 0.9)]))
+    logits = preds[0][0, 0, 2, 3, 5:]
+    want = F.binary_cross_entropy_with_logits(logits, torch.tensor([0.05, 0.05, 0.95, 0.05]))
+    assert items[2].item() == pytest.approx(want.item() * HYP["cls"], rel=1e-6)
+
+
+def test_single_class_has_no_class_loss() -> None:
+    model = _Model(ONE_LEVEL, nc=1)
+    _, items = DetectionLoss(model, HYP)(_preds(nc=1), torch.tensor([_target(0, 0, 3.5, 2.5, 1.2, 0.9)]))
+    assert items[2].item() == 0.0 and items[0].item() > 0
+
+
+def test_anchor_ratio_rule_rejects_mismatched_shapes() -> None:
+    model = _Model(ONE_LEVEL)
+    loss = DetectionLoss(model, HYP)
+    preds = _preds()
+    # 7.0 × 0.2 cells: worst ratios 7 (anchor 1×1), 25 (5×5), 125 (25×25), all beyond anchor_t = 4.
+    tcls, tbox, indices, _ = loss.build_targets(
+        preds, torch.tensor([_target(0, 1, 3.5, 2.5, 7.0, 0.2)]), model.detect.anchors
+    )
+    assert indices[0][0].numel() == 0
+    _, items = loss(preds, torch.tensor([_target(0, 1, 3.5, 2.5, 7.0, 0.2)]))
+    assert items[0].item() == 0.0 and items[2].item() == 0.0
+    # A looser anchor_t = 30 admits the 1×1 and 5×5 anchors (7, 25 < 30), not the 25×25 one.
+    loose = DetectionLoss(model, {**HYP, "anchor_t": 30.0})
+    _, _, indices, _ = loose.build_targets(
+        preds, torch.tensor([_target(0, 1, 3.5, 2.5, 7.0, 0.2)]), model.detect.anchors
+    )
+    assert sorted(indices[0][1].tolist()) == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("gxy", "cells"),
+    [
+        ((5.3, 5.3), {(5, 5), (5, 4), (4, 5)}),  # leans left and up
+        ((5.7, 5.7), {(5, 5), (5, 6), (6, 5)}),  # leans right and down
+        ((5.3, 5.7), {(5, 5), (5, 4), (6, 5)}),  # (gj, gi) pairs: left in x, down in y
+        ((0.3, 0.3), {(0, 0)}),  # x, y ≤ 1: no neighbour outside the grid
+        ((GRID - 0.3, GRID - 0.3), {(GRID - 1, GRID - 1)}),  # far edge likewise
+    ],
+)
+def test_neighbour_cells(gxy: tuple[float, float], cells: set) -> None:
+    model = _Model(ONE_LEVEL)
+    loss = DetectionLoss(model, HYP)
+    t = torch.tensor([_target(0, 0, gxy[0], gxy[1], 1.2, 0.9)])
+    _, tbox, indices, _ = loss.build_targets(_preds(), t, model.detect.anchors)
+    b, a, gj, gi = indices[0]
+    assert len(b) == len(cells)  # one anchor matches, so the count equals the cells
+    assert set(zip(gj.tolist(), gi.tolist())) == cells
+    assert (a == 0).all()
+    # The box target's xy is the centre relative to each assigned cell's corner, within (−0.5, 1.5).
+    assert torch.allclose(tbox[0][:, 0] + gi, torch.full_like(tbox[0][:, 0], gxy[0]))
+    assert ((tbox[0][:, :2] > -0.5) & (tbox[0][:, :2] < 1.5)).all()
+
+
+def test_indices_are_clamped_on_the_border() -> None:
+    model = _Model(ONE_LEVEL)
+    loss = DetectionLoss(model, HYP)
+    t = torch.tensor([_target(0, 0, float(GRID), float(GRID), 1.2, 0.9)])  # centre exactly on the edge
+    _, _, indices, _ = loss.build_targets(_preds(), t, model.detect.anchors)
+    gj, gi = indices[0][2], indices[0][3]
+    assert gi.max().item() == GRID - 1 and gj.max().item() == GRID - 1
+
+
+def test_gradient_flows_and_ddp_unwrap() -> None:
+    model = _Wrapper(_Model(ONE_LEVEL))
+    preds = [p.requires_grad_() for p in _preds()]
+    targets = torch.tensor([_target(0, 1, 5.3, 5.3, 1.2, 0.9), _target(1, 2, 2.6, 3.1, 0.8, 1.7)])
+    total, items = DetectionLoss(model, HYP)(preds, targets)
+    assert not items.requires_grad
+    total.backward()
+    grad = preds[0].grad
+    assert torch.isfinite(grad).all()
+    # box and class channels get gradient at the positive cell, objectness everywhere
+    assert grad[0, 0, 5, 5, :4].abs().sum() > 0 and grad[0, 0, 5, 5, 5:].abs().sum() > 0
+    assert (grad[..., 4] != 0).all()
+
+
+def test_half_inputs_are_computed_in_fp32() -> None:
+    model = _Model(ONE_LEVEL)
+    preds = _preds()
+    targets = torch.tensor([_target(0, 1, 5.3, 5.3, 1.2, 0.9)])
+    loss = DetectionLoss(model, HYP)
+    total16, _ = loss([p.half() for p in preds], targets)
+    total32, _ = loss([p.half().float() for p in preds], targets)
+    assert total16.dtype == torch.float32
+    assert total16.item() == pytest.approx(total32.item(), rel=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's autocast region must not leak in
+        total_ac, _ = loss(preds, targets)
+    assert total_ac.dtype == torch.float32
+    assert total_ac.item() == pytest.approx(loss(preds, targets)[0].item(), rel=1e-6)
+
+
+def test_focal_loss_reduces_easy_negatives() -> None:
+    model = _Model(ONE_LEVEL)
+    preds = _preds()
+    preds[0][..., 4] = -6.0  # confidently background: focal weighting makes these nearly free
+    t = torch.tensor([_target(0, 1, 5.3, 5.3, 1.2, 0.9)])
+    _, plain = DetectionLoss(model, HYP)(preds, t)
+    _, focal = DetectionLoss(model, {**HYP, "fl_gamma": 1.5})(preds, t)
+    assert 0 < focal[1] < plain[1]
+    assert focal[0] == plain[0]  # focal applies to BCE terms only
+
+
+def test_duplicate_positions_last_value_wins() -> None:
+    dst = torch.zeros(1, 1, 2, 2)
+    idx = tuple(torch.tensor(v) for v in ([0, 0, 0], [0, 0, 0], [1, 1, 0], [0, 0, 1]))
+    _assign_last(dst, idx, torch.tensor([0.2, 0.7, 0.4]))
+    assert dst[0, 0, 1, 0].item() == pytest.approx(0.7) and dst[0, 0, 0, 1].item() == pytest.approx(0.4)
+
+
+def test_missing_hyp_key_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="anchor_t"):
+        DetectionLoss(_Model(ONE_LEVEL), {"box": 0.05, "obj": 1.0, "cls": 0.5})
