@@ -143,24 +143,26 @@ def _evaluate(
         t4 = time.perf_counter()
         t_pre, t_inf, t_nms = t_pre + t1 - t0, t_inf + t2 - t1, t_nms + t4 - t3
 
+        # Per-image bookkeeping on the CPU: one transfer per batch instead of many tiny GPU kernels.
         H, W = imgs.shape[2:]
-        scale = torch.tensor((W, H, W, H), device=device, dtype=torch.float32)
-        for si, pred in enumerate(preds):
+        scale = torch.tensor((W, H, W, H), dtype=torch.float32)
+        targets_cpu = targets.float().cpu()
+        for si, pred in enumerate(p.float().cpu() for p in preds):
             seen += 1
             shape0, ratio_pad = shapes[si]
             shape0 = (int(shape0[0]), int(shape0[1]))
-            lab = targets[targets[:, 0] == si, 1:].float()  # (m, 5) cls xywh normalised
+            lab = targets_cpu[targets_cpu[:, 0] == si, 1:]  # (m, 5) cls xywh normalised
             labelsn = torch.cat((lab[:, :1], scale_boxes((H, W), xywh2xyxy(lab[:, 1:5]) * scale, shape0, ratio_pad)), 1)
             tcls = lab[:, 0].long()
             if len(tcls):
-                images_per_class[np.unique(tcls.clamp(0, nc - 1).cpu().numpy())] += 1
-            predn = pred.clone().float()
+                images_per_class[np.unique(tcls.clamp(0, nc - 1).numpy())] += 1
+            predn = pred.clone()
             predn[:, :4] = scale_boxes((H, W), predn[:, :4], shape0, ratio_pad)
             correct = match_predictions(predn, labelsn, IOU_THRESHOLDS)
-            stats.append((correct.cpu(), predn[:, 4].cpu(), predn[:, 5].cpu(), tcls.cpu()))
+            stats.append((correct, predn[:, 4], predn[:, 5], tcls))
             confusion.process_batch(predn, labelsn)
             if save_json:
-                records.append((str(paths[si]), shape0, predn.cpu(), labelsn.cpu()))
+                records.append((str(paths[si]), shape0, predn, labelsn))
             if save_txt:
                 _save_txt(predn, shape0, save_conf, save_dir / "labels" / f"{Path(paths[si]).stem}.txt")
 

@@ -1,0 +1,245 @@
+"""evaluate() on an oracle model, val.py end to end on the demo set, CLI errors, and the plots."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+import val
+from engine.evaluate import evaluate, results_table
+from models import DetectionModel
+from models.checkpoint import save_checkpoint
+from utils.demo_data import NAMES, generate_demo
+from utils.files import increment_path
+from utils.plots import plot_images, plot_labels, plot_results
+
+REPO = Path(__file__).resolve().parents[1]
+N_VAL = 8
+IMGSZ = 96
+
+
+# ------------------------------------------------------------------------------------ fixtures
+def make_checkpoint(folder: Path, nc: int) -> Path:
+    """A checkpoint in our format for the end-to-end test.
+
+    A tiny untrained yolov5n (width 0.125). To test on a briefly trained model instead, make this
+    return the path of that checkpoint (its classes must be the demo set's four).
+    """
+    cfg = yaml.safe_load((REPO / "models" / "yolov5n.yaml").read_text())
+    cfg.update(width_multiple=0.125, depth_multiple=0.33, nc=nc)
+    torch.manual_seed(0)
+    model = DetectionModel(cfg)
+    ckpt = {
+        "format": "yolo-kd/1",
+        "yaml": model.yaml,
+        "model": {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()},
+        "ema": None,
+        "names": list(NAMES),
+        "stride": model.stride.tolist(),
+        "epoch": 0,
+        "best_fitness": 0.0,
+        "updates": 0,
+        "optimizer": None,
+        "scaler": None,
+        "adapters": None,
+        "opt": {},
+        "hyp": {},
+        "rng": None,
+        "date": "2024-01-01T00:00:00",
+    }
+    return save_checkpoint(ckpt, folder / "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("weights"), nc=len(NAMES))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict[str, Path]:
+    """A tiny demo set and two yamls: with the shipped COCO json and without (json generated)."""
+    root = tmp_path_factory.mktemp("demo")
+    generate_demo(root / "data", seed=0, n_train=1, n_val=N_VAL, imgsz=IMGSZ)
+    base = {"path": str(root / "data"), "train": "images/train", "val": "images/val", "names": list(NAMES)}
+    with_json = root / "with_json.yaml"
+    with_json.write_text(yaml.safe_dump({**base, "val_json": "annotations/instances_val.json"}))
+    without = root / "without_json.yaml"
+    without.write_text(yaml.safe_dump(base))
+    return {"with_json": with_json, "without_json": without}
+
+
+# ---------------------------------------------------------------------- evaluate on an oracle
+class Oracle(nn.Module):
+    """Returns queued 'decoded' outputs (bs, N, 5 + nc), one per forward, like an eval-mode Detect."""
+
+    def __init__(self, outputs: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.outputs = list(outputs)
+
+    def forward(self, x: torch.Tensor):
+        out = self.outputs.pop(0)
+        assert x.dtype == torch.float32 and float(x.max()) <= 1.0  # normalised input
+        return out, [out.view(out.shape[0], 1, 1, -1, out.shape[2])]
+
+
+def letterboxed_batch(nc: int = 3):
+    """Two 100×200 (h×w) originals scaled by 0.5 and padded (6 px left/right, 7 px top/bottom) to 64×112.
+
+    Returns loader batches, oracle outputs (perfect boxes) and labels in original pixels.
+    """
+    h0, w0, r, padw, padh = 100, 200, 0.5, 6.0, 7.0
+    H, W = 64, 112  # 0.5·(100, 200) = (50, 100) + padding 2·7, 2·6
+    gt = [  # per image: cls, x1, y1, x2, y2 in ORIGINAL pixels
+        np.array([[0, 10, 10, 60, 50], [2, 100, 20, 180, 90]], dtype=np.float32),
+        np.array([[1, 30, 40, 90, 95]], dtype=np.float32),
+    ]
+    targets, decoded = [], torch.zeros(2, 10, 5 + nc)
+    for i, g in enumerate(gt):
+        lb = g[:, 1:] * r + [padw, padh, padw, padh]  # letterboxed pixels
+        xywh = np.c_[(lb[:, :2] + lb[:, 2:]) / 2, lb[:, 2:] - lb[:, :2]]
+        targets.append(np.c_[np.full(len(g), i), g[:, :1], xywh / [W, H, W, H]])
+        decoded[i, : len(g), :4] = torch.from_numpy(xywh)
+        decoded[i, : len(g), 4] = 0.9
+        decoded[i, torch.arange(len(g)), 5 + torch.from_numpy(g[:, 0]).long()] = 1.0
+    shapes = [((h0, w0), ((r, r), (padw, padh)))] * 2
+    batch = (
+        torch.zeros(2, 3, H, W, dtype=torch.uint8),
+        torch.from_numpy(np.concatenate(targets)).float(),
+        ["/imgs/a.jpg", "/imgs/b.jpg"],
+        shapes,
+    )
+    return [batch], [decoded], gt
+
+
+def test_evaluate_oracle_is_perfect_in_original_space(tmp_path):
+    loader, outputs, gt = letterboxed_batch()
+    oracle = Oracle(outputs)
+    oracle.train()
+    model = nn.DataParallel(oracle)  # evaluate unwraps (Distributed)DataParallel itself
+    calls = []
+
+    def fake_loss(raw, targets):
+        calls.append(len(raw))
+        return torch.ones(1), torch.tensor([0.1, 0.2, 0.3])
+
+    res = evaluate(
+        model, loader, ["a", "b", "c"], "cpu", save_dir=tmp_path, save_json=True, plots=True, compute_loss=fake_loss
+    )
+    assert oracle.training  # mode restored
+    assert res["map50"] == pytest.approx(1.0) and res["map"] == pytest.approx(1.0)
+    assert res["fitness"] == pytest.approx(1.0)
+    assert res["loss"] == pytest.approx([0.1, 0.2, 0.3]) and calls == [1]
+    assert set(res["speed_ms"]) == {"pre", "inf", "nms"}
+    assert res["n_images"] == 2 and res["n_instances"] == 3
+    assert [c["instances"] for c in res["per_class"]] == [1, 1, 1]
+    # COCO json: boxes in ORIGINAL pixels, generated annotation json, pycocotools agrees
+    preds = json.loads(Path(res["pred_json"]).read_text())
+    boxes = sorted(p["bbox"] for p in preds)
+    want = sorted([float(x1), float(y1), float(x2 - x1), float(y2 - y1)] for g in gt for _, x1, y1, x2, y2 in g)
+    assert np.allclose(boxes, want, atol=1e-3)
+    assert res["coco"]["map"] == pytest.approx(1.0)
+    for f in ("annotations.json", "PR_curve.png", "F1_curve.png", "confusion_matrix.png", "val_batch0_pred.jpg"):
+        assert (tmp_path / f).is_file(), f
+    assert "all" in results_table(res, verbose=True)
+
+
+# ------------------------------------------------------------------------------ val.py end to end
+def test_val_run_end_to_end(checkpoint, demo, tmp_path, capsys):
+    kw = dict(imgsz=IMGSZ, batch_size=4, device="cpu", workers=0, project=tmp_path / "runs", verbose=True)
+    # An untrained model scores below the default 0.001; a lower threshold still yields detections.
+    res = val.run(checkpoint, demo["with_json"], conf_thres=1e-4, save_json=True, plots=True, **kw)
+    out = capsys.readouterr().out
+    save_dir = Path(res["save_dir"])
+    assert save_dir.name == "exp"
+    m = json.loads((save_dir / "metrics.json").read_text())
+    for key in ("mAP50", "mAP50-95", "P", "R", "fitness"):
+        assert 0.0 <= m[key] <= 1.0, key
+    assert m["images"] == N_VAL and len(m["per_class"]) >= 1 and set(m["speed_ms"]) == {"pre", "inf", "nms"}
+    assert m["pycocotools"] is not None and 0.0 <= m["pycocotools"]["map"] <= 1.0
+    assert len(m["pycocotools"]["stats"]) == 12
+    assert (save_dir / "coco_summary.txt").read_text().count("Average Precision") == 6
+    assert (save_dir / "tiny_predictions.json").is_file()
+    for f in ("PR_curve.png", "F1_curve.png", "P_curve.png", "R_curve.png", "confusion_matrix.png"):
+        assert (save_dir / f).stat().st_size > 1000, f
+    assert (save_dir / "val_batch0_labels.jpg").is_file() and (save_dir / "val_batch0_pred.jpg").is_file()
+    assert "mAP50-95" in out and "pycocotools" in out and "Speed:" in out
+    print(f"\nours mAP50-95 {m['mAP50-95']:.4f} | pycocotools {m['pycocotools']['map']:.4f}")
+
+    # Same predictions against a json generated from the YOLO labels: same figures, next run folder.
+    res2 = val.run(checkpoint, demo["without_json"], conf_thres=1e-4, save_json=True, plots=False, **kw)
+    assert Path(res2["save_dir"]).name == "exp2"
+    assert (Path(res2["save_dir"]) / "annotations.json").is_file()
+    assert res2["map"] == pytest.approx(res["map"], abs=1e-6)
+    assert res2["coco"]["map"] == pytest.approx(res["coco"]["map"], abs=2e-3)
+
+
+def test_val_official_yolov5_checkpoint(demo, tmp_path):
+    """The official-format fixture (nc=80) loads through models.load_model and evaluates."""
+    cfg = yaml.safe_load(demo["without_json"].read_text())
+    cfg["names"] = [*NAMES, *(f"unused{i}" for i in range(76))]
+    data = tmp_path / "coco_like.yaml"
+    data.write_text(yaml.safe_dump(cfg))
+    weights = REPO / "tests" / "fixtures" / "yolov5n_nc80.pt"
+    res = val.run(weights, data, imgsz=IMGSZ, batch_size=8, device="cpu", workers=0, project=tmp_path, plots=False)
+    assert res["n_images"] == N_VAL and 0.0 <= res["map"] <= 1.0
+    assert (Path(res["save_dir"]) / "metrics.json").is_file()
+
+
+def test_val_cli_errors(checkpoint, demo, tmp_path):
+    cfg = yaml.safe_load(demo["without_json"].read_text())
+    cfg["names"] = [*NAMES, "extra"]
+    five = tmp_path / "five.yaml"
+    five.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit, match="predicts 4 classes but --data .*five.yaml has 5"):
+        val.main(["--weights", str(checkpoint), "--data", str(five), "--device", "cpu", "--project", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--weights .*missing.pt not found"):
+        val.main(["--weights", str(tmp_path / "missing.pt"), "--data", str(demo["with_json"])])
+    with pytest.raises(SystemExit, match="--data .*nope.yaml not found"):
+        val.main(["--weights", str(checkpoint), "--data", str(tmp_path / "nope.yaml")])
+    with pytest.raises(FileNotFoundError):
+        val.run(tmp_path / "missing.pt", demo["with_json"])
+    # standalone script: one line on stderr, no traceback
+    p = subprocess.run(
+        [sys.executable, "val.py", "--weights", str(tmp_path / "missing.pt"), "--data", str(demo["with_json"])],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode != 0
+    assert "not found" in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_increment_path(tmp_path):
+    assert increment_path(tmp_path / "exp") == tmp_path / "exp"
+    (tmp_path / "exp").mkdir()
+    assert increment_path(tmp_path / "exp") == tmp_path / "exp2"
+    assert increment_path(tmp_path / "exp", exist_ok=True) == tmp_path / "exp"
+    made = increment_path(tmp_path / "exp", mkdir=True)
+    assert made == tmp_path / "exp2" and made.is_dir()
+    assert increment_path(tmp_path / "exp") == tmp_path / "exp3"
+
+
+# ----------------------------------------------------------------------------------------- plots
+def test_training_plots(tmp_path):
+    csv = tmp_path / "results.csv"
+    csv.write_text(
+        "epoch,train/box,train/obj,metrics/mAP50,metrics/mAP50-95,note\n0,0.1,0.2,0.3,0.1,x\n1,0.08,0.15,0.4,0.2,y\n"
+    )
+    png = plot_results(csv, tmp_path / "results.png")
+    assert png.is_file() and png.stat().st_size > 1000
+    labels = [np.array([[0, 0.5, 0.5, 0.2, 0.3], [2, 0.1, 0.2, 0.05, 0.05]]), np.zeros((0, 5))]
+    assert plot_labels(labels, ["a", "b", "c"], tmp_path / "labels.jpg").stat().st_size > 1000
+    imgs = torch.randint(0, 255, (3, 3, 64, 96), dtype=torch.uint8)
+    boxes = [np.array([[1, 5, 5, 40, 30, 0.9]]), np.zeros((0, 6)), np.array([[0, 1, 1, 10, 10, 0.1]])]
+    assert plot_images(imgs, boxes, ["a", "b"], tmp_path / "grid.jpg").is_file()

@@ -1,0 +1,195 @@
+"""Validate a YOLOv5 detector (official checkpoint or ours) on a dataset.
+
+    python val.py --weights runs/train/exp/weights/best.pt --data data/demo.yaml --imgsz 160
+    python val.py --weights yolov5s.pt --data data/coco.yaml --save-json --iou-thres 0.65
+
+Prints a YOLOv5-style table (per class with --verbose) and per-image speeds, and writes
+``metrics.json`` (plus plots, and with --save-json the COCO predictions and pycocotools figures)
+into ``runs/val/exp*``. ``run(...)`` does the same from Python and returns the metrics dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from engine.evaluate import evaluate, results_table
+from models import CheckpointError, load_model
+from utils.dataset import create_dataloader, load_data_config
+from utils.files import increment_path
+from utils.torch_utils import select_device
+
+TASKS = ("val", "test", "speed")
+
+
+def run(
+    weights: str | Path,
+    data: str | Path,
+    imgsz: int = 640,
+    batch_size: int = 32,
+    conf_thres: float = 0.001,
+    iou_thres: float = 0.6,
+    max_det: int = 300,
+    task: str = "val",
+    device: str = "",
+    half: bool = False,
+    save_json: bool = False,
+    save_txt: bool = False,
+    save_conf: bool = False,
+    verbose: bool = False,
+    project: str | Path = "runs/val",
+    name: str = "exp",
+    exist_ok: bool = False,
+    workers: int = 8,
+    plots: bool = True,
+    anno_json: str | Path | None = None,
+) -> dict:
+    """Evaluate ``weights`` on the ``task`` split of ``data``; returns :func:`engine.evaluate.evaluate`'s
+    dict plus ``save_dir``.
+
+    ``task='speed'`` times inference on square batches with deployment thresholds (conf 0.25,
+    IoU 0.45) and skips plots and COCO json. ``anno_json`` defaults to the dataset's ``val_json``
+    for the val split; otherwise one is generated from the labels. Raises FileNotFoundError /
+    ValueError (one line) for missing files or mismatched classes.
+    """
+    if task not in TASKS:
+        raise ValueError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
+    weights = Path(weights)
+    if not weights.is_file():
+        raise FileNotFoundError(f"--weights {weights} not found")
+    if not Path(data).is_file():
+        raise FileNotFoundError(f"--data {data} not found")
+    split = "val" if task == "speed" else task
+    cfg = load_data_config(data, require=(split,))
+    if not cfg.get(split):
+        raise ValueError(f"--data {data} has no '{split}' split")
+    names, nc = cfg["names"], cfg["nc"]
+
+    dev = select_device(device, batch_size)
+    model = load_model(weights, device=dev)
+    if model.nc != nc:
+        raise ValueError(f"--weights {weights} predicts {model.nc} classes but --data {data} has {nc}")
+    stride = int(model.stride.max())
+    gs = max(stride, 32)
+    if imgsz % gs:
+        new = math.ceil(imgsz / gs) * gs
+        print(f"--imgsz {imgsz} is not a multiple of the max stride {gs}; using {new}")
+        imgsz = new
+    half = half and dev.type == "cuda"  # fp16 convolutions are a CUDA feature
+    if half:
+        model.half()  # our own copy, so converting it is fine (evaluate never converts a caller's model)
+
+    speed = task == "speed"
+    if speed:
+        conf_thres, iou_thres, save_json, plots = 0.25, 0.45, False, False
+    loader, _ = create_dataloader(
+        cfg[split], imgsz, batch_size, gs, rect=not speed, pad=0.0 if speed else 0.5, workers=workers, nc=nc
+    )
+    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
+    if anno_json is None and split == "val":
+        anno_json = cfg.get("val_json")
+
+    if dev.type == "cuda":  # one warm-up pass so cuDNN autotuning does not land in the timings
+        with torch.inference_mode():
+            p = next(model.parameters())
+            model(torch.zeros(1, 3, imgsz, imgsz, device=dev, dtype=p.dtype))
+
+    results = evaluate(
+        model,
+        loader,
+        names,
+        dev,
+        conf_thres=conf_thres,
+        iou_thres=iou_thres,
+        max_det=max_det,
+        half=half,
+        save_dir=save_dir,
+        plots=plots,
+        save_json=save_json,
+        anno_json=anno_json,
+        save_txt=save_txt,
+        save_conf=save_conf,
+        json_name=f"{weights.stem}_predictions.json",
+    )
+    results["save_dir"] = save_dir
+
+    print(results_table(results, verbose=verbose))
+    sp = results["speed_ms"]
+    print(
+        f"Speed: {sp['pre']:.1f}ms pre-process, {sp['inf']:.1f}ms inference, {sp['nms']:.1f}ms NMS per image "
+        f"at --imgsz {imgsz}, batch {batch_size} on {dev}{' fp16' if half else ''}"
+    )
+    coco = results["coco"]
+    if coco is not None:
+        print(coco["summary"])
+        print(
+            f"mAP50-95 ours {results['map']:.4f} | pycocotools {coco['map']:.4f};  "
+            f"mAP50 ours {results['map50']:.4f} | pycocotools {coco['map50']:.4f}"
+        )
+    metrics = {
+        "weights": str(weights),
+        "data": str(data),
+        "task": task,
+        "imgsz": imgsz,
+        "conf_thres": conf_thres,
+        "iou_thres": iou_thres,
+        "images": results["n_images"],
+        "instances": results["n_instances"],
+        "mAP50": results["map50"],
+        "mAP50-95": results["map"],
+        "P": results["precision"],
+        "R": results["recall"],
+        "fitness": results["fitness"],
+        "per_class": results["per_class"],
+        "pycocotools": None if coco is None else {k: coco[k] for k in ("map", "map50", "stats")},
+        "speed_ms": sp,
+        "device": str(dev),
+        "half": half,
+    }
+    (save_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"Results saved to {save_dir}")
+    return results
+
+
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Evaluate a YOLOv5 detector (mAP50, mAP50-95, P, R).")
+    p.add_argument("--weights", type=str, required=True, help="official YOLOv5 .pt or one of our checkpoints")
+    p.add_argument("--data", type=str, required=True, help="dataset yaml")
+    p.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="inference size (pixels)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--conf-thres", type=float, default=0.001)
+    p.add_argument("--iou-thres", type=float, default=0.6, help="NMS IoU threshold")
+    p.add_argument("--max-det", type=int, default=300, help="maximum detections per image")
+    p.add_argument("--task", default="val", choices=TASKS)
+    p.add_argument("--device", default="", help="cuda device (0 or 0,1) or cpu; default: first GPU if any")
+    p.add_argument("--half", action="store_true", help="fp16 inference (CUDA only)")
+    p.add_argument("--save-json", action="store_true", help="write COCO predictions json and run pycocotools")
+    p.add_argument("--save-txt", action="store_true", help="write detections as YOLO txt labels")
+    p.add_argument("--save-conf", action="store_true", help="append confidences to --save-txt labels")
+    p.add_argument("--verbose", action="store_true", help="per-class table")
+    p.add_argument("--project", default="runs/val")
+    p.add_argument("--name", default="exp")
+    p.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of incrementing")
+    p.add_argument("--workers", type=int, default=8, help="dataloader workers")
+    p.add_argument("--noplots", action="store_true", help="skip plots")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    opt = parse_opt(argv)
+    kwargs = vars(opt)
+    kwargs["plots"] = not kwargs.pop("noplots")
+    try:
+        return run(**kwargs)
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        # Bad input is the user's to fix: one line, no traceback.
+        raise SystemExit(f"val.py: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
