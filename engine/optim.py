@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-NOMINAL_BATCH = 64  # gradients are accumulated to about this many images per optimizer step
+NOMINAL_BATCH = 64  # YOLOv5's default: gradients are accumulated to about this many images per step
 
 
 def split_parameters(modules: Iterable[nn.Module]) -> tuple[list, list, list]:
@@ -68,10 +68,12 @@ class WarmUp:
     of batches to accumulate for this iteration.
     """
 
-    def __init__(self, hyp: dict, n_batches: int, batch_size: int, lf: Callable[[int], float]) -> None:
+    def __init__(self, hyp: dict, n_batches: int, batch_size: int, lf: Callable[[int], float],
+                 nominal_batch: int = NOMINAL_BATCH) -> None:
         self.n_iters = max(round(hyp["warmup_epochs"] * n_batches), 100) if hyp["warmup_epochs"] > 0 else 0
         self.hyp, self.lf = hyp, lf
-        self.accumulate = max(round(NOMINAL_BATCH / batch_size), 1)
+        self.nominal_batch = nominal_batch
+        self.accumulate = accumulation_steps(batch_size, nominal_batch)
         self.batch_size = batch_size
 
     def active(self, ni: int) -> bool:
@@ -86,4 +88,9 @@ class WarmUp:
             group["lr"] = float(np.interp(ni, xp, [start, group["initial_lr"] * self.lf(epoch)]))
             if "momentum" in group:
                 group["momentum"] = float(np.interp(ni, xp, [self.hyp["warmup_momentum"], self.hyp["momentum"]]))
-        return max(1, round(float(np.interp(ni, xp, [1, NOMINAL_BATCH / self.batch_size]))))
+        return max(1, round(float(np.interp(ni, xp, [1, self.nominal_batch / self.batch_size]))))
+
+
+def accumulation_steps(batch_size: int, nominal_batch: int = NOMINAL_BATCH) -> int:
+    """Batches per optimizer step so that each step sees about `nominal_batch` images."""
+    return max(round(nominal_batch / batch_size), 1)

@@ -15,8 +15,8 @@ DEMO_PRESET = [
     "--t_weights", "weights/demo_teacher.pt",
     "--imgsz", "160",
     "--epochs", "30",
-    "--batch-size", "32",
-    "--hyp", "data/hyps/hyp.demo.yaml",
+    "--batch-size", "16",
+    "--nominal-batch", "16",
     "--name", "demo",
 ]  # fmt: skip
 
@@ -37,6 +37,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=100, help="total training epochs")
     g.add_argument("--batch-size", type=int, default=16, help="total batch size across all processes")
+    g.add_argument("--nominal-batch", type=int, default=64,
+                   help="accumulate gradients to about this many images per optimizer step (YOLOv5: 64); "
+                        "smaller values give more steps on small datasets")
     g.add_argument("--optimizer", default="SGD", choices=["SGD", "Adam", "AdamW"], help="optimizer")
     g.add_argument("--cos-lr", action="store_true", help="cosine LR schedule instead of linear")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="class label smoothing epsilon")

@@ -24,7 +24,7 @@ from engine.checkpointing import find_last_checkpoint, namespace_to_dict
 from engine.criterion import TrainingCriterion
 from engine.evaluate import evaluate
 from engine.logger import ResultsLog, save_yaml
-from engine.optim import WarmUp, build_optimizer, lr_lambda
+from engine.optim import WarmUp, accumulation_steps, build_optimizer, lr_lambda
 from models.checkpoint import CheckpointError, load_checkpoint, transfer_weights
 from models.yolo import DetectionModel
 from utils.dataset import create_dataloader, load_data_config
@@ -153,8 +153,8 @@ def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device) -
             single_cls=opt.single_cls, pad=0.5)
 
     teacher, distiller = _build_distiller(opt, model, loss_hyp, device)
-    accumulate = max(round(64 / opt.batch_size), 1)
-    weight_decay = hyp["weight_decay"] * opt.batch_size * accumulate / 64
+    nbs = opt.nominal_batch
+    weight_decay = hyp["weight_decay"] * opt.batch_size * accumulation_steps(opt.batch_size, nbs) / nbs
     trainable = [model] + ([distiller] if distiller is not None else [])
     optimizer = build_optimizer(trainable, opt.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
     lf = lr_lambda(opt.epochs, hyp["lrf"], opt.cos_lr)
@@ -164,7 +164,7 @@ def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device) -
 
     run = Run(opt=opt, info=info, device=device, save_dir=save_dir, hyp=hyp, names=names, model=model, ema=ema,
               optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-              warmup=WarmUp(hyp, len(train_loader), opt.batch_size, lf),
+              warmup=WarmUp(hyp, len(train_loader), opt.batch_size, lf, nbs),
               criterion=TrainingCriterion(DetectionLoss(model, loss_hyp), distiller),
               train_loader=train_loader, val_loader=val_loader, distiller=distiller,
               results=ResultsLog(save_dir),
@@ -279,7 +279,7 @@ def _resume_options(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
     if ckpt.get("optimizer") is None or ckpt.get("opt") is None:
         raise CheckpointError(f"--resume {path}: not a resumable training checkpoint (no optimizer state); "
                               "use --weights to start a new run from it")
-    saved = argparse.Namespace(**ckpt["opt"])
+    saved = argparse.Namespace(**{**vars(opt), **ckpt["opt"]})  # flags newer than the checkpoint keep defaults
     saved.resume, saved.device, saved.workers = str(path), opt.device, opt.workers
     saved.save_dir = str(Path(path).parent.parent)
     if ckpt["epoch"] + 1 >= saved.epochs:

@@ -1,0 +1,146 @@
+"""End-to-end training engine tests on CPU: learning, resume, crash safety, divergence, transfer, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from engine.trainer import NonFiniteLossError, fit
+from models import load_model
+from models.checkpoint import load_checkpoint
+from tests.conftest import TINY_IMGSZ, train_args, write_data_yaml
+from train_distill import parse_options
+from utils.demo_data import generate_demo
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _hyp_without_mosaic(tmp_path: Path) -> Path:
+    hyp = yaml.safe_load((REPO / "data/hyps/hyp.scratch-low.yaml").read_text())
+    hyp.update(mosaic=0.0, translate=0.05, scale=0.2, warmup_epochs=1.0)
+    path = tmp_path / "hyp.yaml"
+    path.write_text(yaml.safe_dump(hyp))
+    return path
+
+
+@pytest.mark.slow
+def test_training_drives_loss_down_and_learns_the_training_images(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    generate_demo(root, seed=3, n_train=16, n_val=1, imgsz=TINY_IMGSZ)
+    data = write_data_yaml(root, val="images/train")  # evaluate on the images it trained on
+    opt = parse_options(train_args(data, tmp_path, "learn", 60, "--hyp", str(_hyp_without_mosaic(tmp_path)),
+                                   "--noval", "--cfg", "models/yolov5n.yaml"))
+    summary = fit(opt)
+    rows = list(csv_rows(Path(summary["save_dir"]) / "results.csv"))
+    first, last = float(rows[0]["train/det/obj"]), float(rows[-1]["train/det/obj"])
+    assert last < 0.5 * first, f"objectness loss did not fall: {first} -> {last}"
+    box_first, box_last = float(rows[0]["train/det/box"]), float(rows[-1]["train/det/box"])
+    assert box_last < box_first
+    assert summary["student"]["map50"] > 0.3, summary["student"]
+
+
+def csv_rows(path: Path):
+    import csv
+
+    with open(path, newline="") as f:
+        yield from csv.DictReader(f)
+
+
+class _Interrupt(Exception):  # noqa: N818 - a control-flow signal in this test, not an error
+    pass
+
+
+def test_resume_continues_exactly(tiny_data: Path, tmp_path: Path) -> None:
+    full = fit(parse_options(train_args(tiny_data, tmp_path, "full", 3)))
+
+    def stop_after_second_epoch(epoch: int, row: dict) -> None:
+        if epoch == 1:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        fit(parse_options(train_args(tiny_data, tmp_path, "cut", 3)), on_epoch_end=stop_after_second_epoch)
+    last = tmp_path / "cut" / "weights" / "last.pt"
+    assert load_checkpoint(last)["raw"]["epoch"] == 1
+    resumed = fit(parse_options(["--resume", str(last)]))
+    assert resumed["save_dir"] == str(tmp_path / "cut")
+
+    a = load_checkpoint(Path(full["save_dir"]) / "weights" / "last.pt")["raw"]
+    b = load_checkpoint(last)["raw"]
+    assert a["epoch"] == b["epoch"] == 2
+    for key in ("model", "ema"):
+        for name, value in a[key].items():
+            torch.testing.assert_close(b[key][name], value, rtol=0, atol=1e-6, msg=f"{key}.{name}")
+    rows = list(csv_rows(tmp_path / "cut" / "results.csv"))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+
+
+def test_killed_mid_epoch_leaves_a_loadable_last_pt(tiny_data: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, "train_distill.py", *train_args(tiny_data, tmp_path, "killed", 100), "--noval"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "killed" / "weights" / "last.pt"
+    try:
+        deadline = time.time() + 120
+        while not last.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert last.exists(), "no last.pt was written in time"
+        time.sleep(1.0)  # now inside a later epoch (or inside a later save)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    ckpt = load_checkpoint(last)
+    assert ckpt["raw"]["epoch"] >= 0
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    model = load_model(last)
+    out, _ = model(torch.zeros(1, 3, TINY_IMGSZ, TINY_IMGSZ))
+    assert torch.isfinite(out).all()
+
+
+def test_persistent_nonfinite_loss_stops_with_a_clear_error(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
+    from utils.loss import DetectionLoss
+
+    real_call = DetectionLoss.__call__
+
+    def nan_loss(self, preds, targets):
+        total, items = real_call(self, preds, targets)
+        return total * float("nan"), items
+
+    monkeypatch.setattr(DetectionLoss, "__call__", nan_loss)
+    with pytest.raises(NonFiniteLossError, match="non-finite"):
+        fit(parse_options(train_args(tiny_data, tmp_path, "nan", 2, "--max-nonfinite", "3")))
+    assert not (tmp_path / "nan" / "weights" / "last.pt").exists()
+
+
+def test_official_weights_with_another_nc_transfer_matching_tensors(tiny_data: Path, tmp_path: Path,
+                                                                     capsys) -> None:
+    args = train_args(tiny_data, tmp_path, "transfer", 1, "--weights", "tests/fixtures/yolov5n_nc80.pt", "--noval")
+    args[args.index("--cfg") + 1] = ""
+    summary = fit(parse_options(args))
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("Transferred"))
+    loaded, total = (int(x) for x in line.split()[1].split("/"))
+    assert 0 < loaded < total  # everything but the class-dependent Detect convs
+    model = load_model(Path(summary["save_dir"]) / "weights" / "best.pt")
+    assert model.nc == 4 and model.yaml["width_multiple"] == 0.25
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_hold_identical_weights(tiny_data: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29500 + os.getpid() % 1000), "train_distill.py", *train_args(tiny_data, tmp_path, "ddp", 2)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    digests = summary["rank_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    model = load_model(tmp_path / "ddp" / "weights" / "best.pt")
+    assert model.nc == 4
