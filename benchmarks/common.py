@@ -1,0 +1,111 @@
+"""Small helpers shared by the benchmarks: machine description, timing statistics, peak memory, output.
+
+Nothing here runs at import time. The timing helpers synchronise CUDA around every measured block
+so that asynchronous kernel launches are not mistaken for finished work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What the figures were measured on: device name, CPU count, threads, library versions."""
+    info: dict[str, Any] = {
+        "device": str(device),
+        "device_name": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["device_name"] = props.name
+        info["device_memory_gb"] = round(props.total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+    with contextlib.suppress(OSError):  # not on every platform; contention makes CPU figures noisy
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    return info
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued work on ``device`` (no-op off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_block(fn: Callable[[], Any], n: int, device: torch.device) -> float:
+    """Seconds per call of ``fn`` averaged over ``n`` back-to-back calls (device synchronised)."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - t0) / n
+
+
+def summarize(samples: list[float]) -> dict[str, float]:
+    """Median, min, max and inter-quartile range (same unit as ``samples``) of repeated timings."""
+    s = sorted(samples)
+    if len(s) >= 4:
+        q = statistics.quantiles(s, n=4)
+        iqr = q[2] - q[0]
+    else:
+        iqr = s[-1] - s[0]
+    return {"median": statistics.median(s), "min": s[0], "max": s[-1], "iqr": iqr}
+
+
+def peak_rss_mb() -> float:
+    """High-water mark of this process's resident set size, MiB.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``, which belongs to this program image. ``getrusage``'s
+    ``ru_maxrss`` is not used there because Linux carries it across fork + exec, so a child started
+    by a large parent would report the parent's peak. Elsewhere ``ru_maxrss`` (macOS: bytes).
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def write_results(result: dict[str, Any], md_lines: list[str], stem: str | Path) -> tuple[Path, Path]:
+    """Write ``<stem>.json`` and ``<stem>.md``; returns both paths."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    md_path.write_text("\n".join(md_lines).rstrip("\n") + "\n")
+    return json_path, md_path
+
+
+__all__ = [
+    "RESULTS_DIR",
+    "ROOT",
+    "machine_info",
+    "peak_rss_mb",
+    "summarize",
+    "synchronize",
+    "time_block",
+    "write_results",
+]
