@@ -80,6 +80,7 @@ class Run:
             sampler.set_epoch(epoch)
         if self.train_loader.generator is not None:
             self.train_loader.generator.manual_seed(self.opt.seed + epoch)
+        self.train_loader.dataset.set_epoch(epoch)
 
     def epoch_row(self, epoch: int, losses: dict, metrics: dict | None, seconds: float) -> dict:
         row: dict = {"epoch": epoch + 1}
@@ -144,13 +145,13 @@ def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device) -
     train_loader, train_set = create_dataloader(
         data["train"], imgsz, opt.batch_size // info.world_size, gs, hyp=hyp, augment=True, rect=opt.rect,
         workers=opt.workers, shuffle=not opt.rect, rank=info.rank, world_size=info.world_size, seed=opt.seed,
-        cache=opt.cache, single_cls=opt.single_cls)
+        cache=opt.cache, single_cls=opt.single_cls, nc=data["nc"])
     val_loader = None
     if info.is_main:
         val_loader, _ = create_dataloader(
             data["val"], imgsz, max(opt.batch_size // info.world_size, 1) * 2, gs, hyp=hyp, augment=False,
             rect=True, workers=opt.workers, shuffle=False, seed=opt.seed, cache=opt.cache,
-            single_cls=opt.single_cls, pad=0.5)
+            single_cls=opt.single_cls, pad=0.5, nc=data["nc"])
 
     teacher, distiller = _build_distiller(opt, model, loss_hyp, device)
     nbs = opt.nominal_batch

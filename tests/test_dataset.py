@@ -1,0 +1,283 @@
+"""Dataset yaml parsing, label validation, scan cache, YoloDataset items and the loader."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch.utils.data import DistributedSampler
+
+from utils.dataset import YoloDataset, collate_fn, create_dataloader, img2label_paths, load_data_config
+
+
+def write_image(path: Path, h: int = 48, w: int = 64, colour: tuple[int, int, int] = (90, 90, 90)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = np.full((h, w, 3), colour, dtype=np.uint8)
+    cv2.rectangle(img, (w // 4, h // 4), (w // 2, h // 2), (0, 200, 0), -1)
+    assert cv2.imwrite(str(path), img)
+    return path
+
+
+def write_label(image: Path, text: str) -> Path:
+    (lb,) = img2label_paths([str(image)])
+    Path(lb).parent.mkdir(parents=True, exist_ok=True)
+    Path(lb).write_text(text)
+    return Path(lb)
+
+
+def make_split(root: Path, split: str, n: int, h: int = 48, w: int = 64) -> list[Path]:
+    ims = []
+    for i in range(n):
+        im = write_image(root / "images" / split / f"{i:03d}.png", h, w)
+        write_label(im, f"{i % 2} 0.375 0.375 0.25 0.25\n")
+        ims.append(im)
+    return ims
+
+
+def write_yaml(path: Path, cfg: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# yaml
+# ---------------------------------------------------------------------------------------------
+def test_yaml_folder_and_names_list(tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    make_split(root, "train", 2)
+    make_split(root, "val", 2)
+    cfg = load_data_config(write_yaml(tmp_path / "d.yaml", {
+        "path": str(root), "train": "images/train", "val": "images/val", "names": ["a", "b"]}))
+    assert cfg["path"] == root and cfg["nc"] == 2 and cfg["names"] == ["a", "b"]
+    assert cfg["train"] == [str(root / "images" / "train")] and cfg["test"] is None
+    assert cfg["val_json"] is None and cfg["yaml_file"] == (tmp_path / "d.yaml").resolve()
+
+
+def test_yaml_txt_list_and_mixed_list(tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    ims = make_split(root, "train", 3)
+    extra = make_split(root, "extra", 1)
+    # relative lines resolve against the list's folder (the dataset root), absolute ones as they are
+    (root / "train.txt").write_text(f"./images/train/{ims[0].name}\nimages/train/{ims[1].name}\n{ims[2]}\n")
+    cfg = load_data_config(write_yaml(tmp_path / "d.yaml", {
+        "path": str(root), "train": ["train.txt", "images/extra"], "val": "train.txt",
+        "names": {0: "a", 1: "b"}, "nc": 2}))
+    assert cfg["names"] == ["a", "b"]
+    assert cfg["train"] == [str(root / "train.txt"), str(root / "images" / "extra")]
+    ds = YoloDataset(cfg["train"], imgsz=64, nc=cfg["nc"])
+    assert ds.im_files == [str(p) for p in ims] + [str(extra[0])]
+    assert all(len(lb) == 1 for lb in ds.labels)
+
+
+def test_yaml_errors(tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    make_split(root, "train", 1)
+    base = {"path": str(root), "train": "images/train", "val": "images/train"}
+    with pytest.raises(ValueError, match="'nc' is 3 but 'names' lists 2"):
+        load_data_config(write_yaml(tmp_path / "a.yaml", {**base, "names": ["a", "b"], "nc": 3}))
+    with pytest.raises(ValueError, match="ids must be 0..1"):
+        load_data_config(write_yaml(tmp_path / "b.yaml", {**base, "names": {0: "a", 2: "b"}}))
+    with pytest.raises(FileNotFoundError, match=r"'val' path .*images.val not found.*get it from the moon"):
+        load_data_config(write_yaml(tmp_path / "c.yaml", {
+            **base, "val": "images/val", "names": ["a"], "download": "get it from the moon\nsecond line"}))
+    with pytest.raises(ValueError, match="missing 'train'"):
+        load_data_config(write_yaml(tmp_path / "d.yaml", {"path": str(root), "val": "images/train", "names": ["a"]}))
+    with pytest.raises(FileNotFoundError, match="dataset yaml"):
+        load_data_config(tmp_path / "nope.yaml")
+    # a split that is not required may be missing (e.g. evaluating without the train images)
+    cfg = load_data_config(write_yaml(tmp_path / "e.yaml", {**base, "train": "gone", "names": ["a"]}),
+                           require=("val",))
+    assert cfg["train"] == [str(root / "gone")]
+
+
+def test_yaml_relative_path_cwd_then_yaml_parent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = tmp_path / "repo"
+    make_split(repo / "datasets" / "x", "train", 1)
+    y = write_yaml(repo / "data" / "x.yaml", {"path": "datasets/x", "train": "images/train",
+                                              "val": "images/train", "names": ["a"]})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # not found under cwd → the yaml folder's parent
+    assert load_data_config(y)["path"] == repo / "datasets" / "x"
+    make_split(elsewhere / "datasets" / "x", "train", 1)  # found under cwd → cwd wins
+    assert load_data_config(y)["path"] == elsewhere / "datasets" / "x"
+
+
+def test_yaml_generate_demo_and_val_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import utils.demo_data
+
+    small = functools.partial(utils.demo_data.generate_demo, n_train=4, n_val=2)
+    monkeypatch.setattr(utils.demo_data, "generate_demo", small)
+    y = write_yaml(tmp_path / "data" / "demo.yaml", {
+        "path": "datasets/demo", "train": "images/train", "val": "images/val", "generate": "demo",
+        "val_json": "annotations/instances_val.json", "names": ["r", "g", "b", "y"]})
+    monkeypatch.chdir(tmp_path / "data")
+    cfg = load_data_config(y)
+    assert cfg["path"] == tmp_path / "datasets" / "demo"
+    assert len(os.listdir(cfg["train"][0])) == 4 and len(os.listdir(cfg["val"][0])) == 2
+    assert cfg["val_json"] == cfg["path"] / "annotations" / "instances_val.json" and cfg["val_json"].is_file()
+    assert not list((tmp_path / "datasets").glob(".demo.tmp-*"))  # temp folder renamed away
+
+
+def test_repo_yamls_parse() -> None:
+    root = Path(__file__).resolve().parents[1] / "data"
+    for name, nc in (("coco.yaml", 80), ("VisDrone.yaml", 10), ("demo.yaml", 4)):
+        cfg = yaml.safe_load((root / name).read_text())
+        assert len(cfg["names"]) == nc == cfg["nc"], name
+    assert yaml.safe_load((root / "VisDrone.yaml").read_text())["names"][7] == "awning-tricycle"
+    if (root.parent.parent / "datasets" / "coco" / "val2017.txt").exists():
+        pytest.skip("COCO is present on this machine")
+    with pytest.raises(FileNotFoundError, match="'val' path .*Nothing is downloaded"):
+        load_data_config(root / "coco.yaml", require=("val",))
+
+
+# ---------------------------------------------------------------------------------------------
+# labels, scan, cache
+# ---------------------------------------------------------------------------------------------
+def test_label_path_rule() -> None:
+    assert img2label_paths(["/a/images/b/images/x.jpg"]) == [str(Path("/a/images/b/labels/x.txt"))]
+    assert img2label_paths(["/a/imgs/x.png"]) == [str(Path("/a/imgs/x.txt"))]
+
+
+def test_label_edge_cases_and_one_summary_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    d = tmp_path / "images" / "train"
+    ok = write_image(d / "ok.png")
+    write_label(ok, "0 0.5 0.5 0.2 0.2\n")
+    write_label(write_image(d / "empty.png"), "")  # background
+    write_image(d / "nolabel.png")  # background
+    write_label(write_image(d / "badcls.png"), "0 0.5 0.5 0.2 0.2\n7 0.5 0.5 0.1 0.1\n")
+    write_label(write_image(d / "cols.png"), "0 0.5 0.5 0.2\n")
+    write_label(write_image(d / "dup.png"), "1 0.5 0.5 0.2 0.2\n1 0.5 0.5 0.2 0.2\n0 0.3 0.3 0.1 0.1\n")
+    write_label(write_image(d / "round.png"), "1 1.0004 0.5 0.2 0.2\n")  # round-off → clipped
+    write_label(write_image(d / "outside.png"), "1 1.5 0.5 0.2 0.2\n")  # not normalised → skipped
+    (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (d / "trunc.png").write_bytes(ok.read_bytes()[:60])
+
+    with caplog.at_level(logging.WARNING, logger="utils.dataset"):
+        ds = YoloDataset(d, imgsz=64, nc=2)
+    names = {Path(f).name: lb for f, lb in zip(ds.im_files, ds.labels)}
+    assert set(names) == {"ok.png", "empty.png", "nolabel.png", "dup.png", "round.png"}
+    assert len(names["empty.png"]) == 0 and len(names["nolabel.png"]) == 0
+    np.testing.assert_allclose(names["dup.png"], [[1, 0.5, 0.5, 0.2, 0.2], [0, 0.3, 0.3, 0.1, 0.1]])
+    assert names["round.png"][0, 1] == 1.0
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # ONE summary, however many problems
+    msg = warnings[0].getMessage()
+    assert "skipped 5 of 10 images" in msg and "out of range (nc=2)" in msg and "columns" in msg
+    assert "corrupt image" in msg and "duplicate" in msg
+    # without nc the class range is unknown, so badcls.png is kept
+    assert len(YoloDataset(d, imgsz=64)) == 6
+
+
+def test_nothing_usable_is_a_clear_error(tmp_path: Path) -> None:
+    d = tmp_path / "images" / "train"
+    write_label(write_image(d / "a.png"), "5 0.5 0.5 0.1 0.1\n")
+    with pytest.raises(ValueError, match="no usable images.*out of range"):
+        YoloDataset(d, imgsz=64, nc=2)
+    with pytest.raises(FileNotFoundError, match="no images"):
+        YoloDataset(tmp_path / "labels", imgsz=64)
+
+
+def test_cache_built_reused_rebuilt(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ims = make_split(tmp_path, "train", 3)
+    cache = tmp_path / "labels" / "train.cache"
+    ds = YoloDataset(tmp_path / "images" / "train", imgsz=64)
+    assert not ds.scan_from_cache and cache.is_file()
+    with np.load(cache, allow_pickle=False) as z:  # plain arrays, loadable without pickle
+        assert set(z.files) >= {"hash", "im_files", "labels"}
+    assert YoloDataset(tmp_path / "images" / "train", imgsz=64).scan_from_cache
+    lb = write_label(ims[0], "1 0.5 0.5 0.5 0.5\n0 0.2 0.2 0.1 0.1\n")
+    os.utime(lb, ns=(1, 10**18))  # different mtime and size → stale
+    ds = YoloDataset(tmp_path / "images" / "train", imgsz=64)
+    assert not ds.scan_from_cache and len(ds.labels[0]) == 2
+    write_image(tmp_path / "images" / "train" / "new.png")  # file list changed → stale
+    ds = YoloDataset(tmp_path / "images" / "train", imgsz=64)
+    assert not ds.scan_from_cache and len(ds) == 4
+    cache.write_bytes(b"garbage")  # unreadable cache → rescanned, not a crash
+    assert not YoloDataset(tmp_path / "images" / "train", imgsz=64).scan_from_cache
+    cache.unlink()
+    cache.mkdir()  # cannot be written → warning only
+    with caplog.at_level(logging.WARNING, logger="utils.dataset"):
+        assert len(YoloDataset(tmp_path / "images" / "train", imgsz=64)) == 4
+    assert any("cache not saved" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------------------------
+# items, collate, loader
+# ---------------------------------------------------------------------------------------------
+def test_item_format_and_ratio_pad_maps_back(tmp_path: Path) -> None:
+    im = write_image(tmp_path / "images" / "val" / "a.png", h=50, w=100)
+    write_label(im, "1 0.5 0.25 0.2 0.3\n")
+    ds = YoloDataset(tmp_path / "images" / "val", imgsz=64, nc=2)
+    img, labels, path, (h0, w0), ((rh, rw), (padw, padh)) = ds[0]
+    assert img.dtype == torch.uint8 and img.shape == (3, 64, 64) and path == str(im)
+    assert (h0, w0) == (50, 100) and labels.shape == (1, 6) and labels[0, 0] == 0 and labels[0, 1] == 1
+    xc, yc = labels[0, 2] * 64, labels[0, 3] * 64  # back to original pixels via ratio_pad
+    assert abs((xc - padw) / rw - 50) < 0.5 and abs((yc - padh) / rh - 12.5) < 0.5
+    assert abs(labels[0, 4] * 64 / rw - 20) < 0.5 and abs(labels[0, 5] * 64 / rh - 15) < 0.5
+    # RGB order: the green rectangle drawn in BGR (0, 200, 0) stays green; grey stays grey
+    assert img[1].max() == 200 and img[0].max() < 200
+
+
+def test_rect_batch_shapes(tmp_path: Path) -> None:
+    make_split(tmp_path, "val", 3, h=32, w=64)  # wide images: h/w = 0.5
+    ds = YoloDataset(tmp_path / "images" / "val", imgsz=128, batch_size=2, rect=True, stride=32, pad=0.5)
+    # height: ceil(0.5·128/32 + 0.5)·32 = 96; width: ceil(128/32 + 0.5)·32 = 160
+    assert ds.batch_shapes.tolist() == [[96, 160], [96, 160]]
+    loader, _ = create_dataloader(tmp_path / "images" / "val", 128, 2, 32, rect=True, pad=0.5, workers=0)
+    imgs, targets, paths, shapes = next(iter(loader))
+    assert imgs.shape == (2, 3, 96, 160) and len(shapes) == 2
+
+
+def test_collate_batch_index(tmp_path: Path) -> None:
+    ims = make_split(tmp_path, "train", 3)
+    write_label(ims[1], "0 0.5 0.5 0.2 0.2\n1 0.3 0.3 0.1 0.1\n")
+    ds = YoloDataset(tmp_path / "images" / "train", imgsz=64)
+    imgs, targets, paths, shapes = collate_fn([ds[0], ds[1], ds[2]])
+    assert imgs.shape == (3, 3, 64, 64) and imgs.dtype == torch.uint8
+    assert targets.shape == (4, 6) and targets[:, 0].tolist() == [0, 1, 1, 2]
+    assert paths == tuple(ds.im_files) and shapes[0][0] == (48, 64)
+
+
+def _batches(loader, n: int) -> list:
+    out = []
+    for i, (imgs, targets, paths, _) in enumerate(loader):
+        out.append((imgs.clone(), targets.clone(), paths))
+        if i + 1 == n:
+            break
+    return out
+
+
+def test_loader_deterministic_with_workers(tmp_path: Path) -> None:
+    make_split(tmp_path, "train", 8)
+    hyp = {"mixup": 0.5, "degrees": 5.0}
+    kw = dict(hyp=hyp, augment=True, workers=2, shuffle=True, nc=2)
+    a = _batches(create_dataloader(tmp_path / "images" / "train", 64, 4, 32, seed=3, **kw)[0], 2)
+    b = _batches(create_dataloader(tmp_path / "images" / "train", 64, 4, 32, seed=3, **kw)[0], 2)
+    c = _batches(create_dataloader(tmp_path / "images" / "train", 64, 4, 32, seed=4, **kw)[0], 2)
+    for (ia, ta, pa), (ib, tb, pb) in zip(a, b):
+        assert pa == pb and torch.equal(ia, ib) and torch.equal(ta, tb)
+    assert any(not torch.equal(x[0], y[0]) for x, y in zip(a, c))
+
+
+def test_loader_options(tmp_path: Path) -> None:
+    make_split(tmp_path, "train", 5)
+    loader, ds = create_dataloader(tmp_path / "images" / "train", 64, 16, 32, workers=0, world_size=2, rank=1,
+                                   shuffle=True)
+    assert isinstance(loader.sampler, DistributedSampler) and loader.sampler.num_replicas == 2
+    assert loader.batch_size == 5 and len(list(loader.sampler)) == 3
+    cached = YoloDataset(tmp_path / "images" / "train", imgsz=64, cache="ram")
+    assert all(torch.equal(cached[i][0], ds[i][0]) for i in range(len(ds)))
+    single = YoloDataset(tmp_path / "images" / "train", imgsz=64, single_cls=True)
+    assert all((lb[:, 0] == 0).all() for lb in single.labels)
+    with pytest.raises(ValueError, match="cache="):
+        YoloDataset(tmp_path / "images" / "train", imgsz=64, cache="disk")
+

@@ -1,0 +1,721 @@
+"""Dataset yaml parsing, label scanning with a safe cache, the YOLO dataset and its loader.
+
+Data layout (YOLOv5 convention): images under some ``.../images/...`` folder, labels at the same
+relative path with the LAST ``images`` path component replaced by ``labels`` and the suffix by
+``.txt``; one ``class xc yc w h`` row per object, normalised to 0-1, zero-based class. An image
+without a label file (or with an empty one) is a background image.
+
+Problems in the data never crash an epoch: the scan drops corrupt images and malformed label
+files (wrong column count, non-numeric values, negative or > 1 coordinates, class index out of
+range ``0 <= cls < nc``) and reports them in ONE summary warning (count + first files). An image
+whose label file has an out-of-range class is dropped as a whole rather than trained with some of
+its objects missing (which would teach the model that those objects are background). Exact
+duplicate rows are removed; coordinates a hair outside [0, 1] (float round-off) are clipped.
+
+Scan results are cached beside the labels (``<labels dir>.cache``, e.g. ``labels/train.cache``)
+as a plain ``.npz`` archive (no pickle) keyed by a hash of the file list, sizes and mtimes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import random
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
+
+from utils.augment import augment_hsv, letterbox, mixup, mosaic4, random_perspective
+from utils.boxes import xywhn2xyxy, xyxy2xywhn
+
+LOGGER = logging.getLogger(__name__)
+
+IMG_FORMATS = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}
+CACHE_VERSION = 1
+COORD_TOL = 1e-3  # label coordinates this far outside [0, 1] are round-off and get clipped
+MAX_LISTED = 5  # problem files named in the summary warning
+
+# Augmentation defaults = data/hyps/hyp.scratch-low.yaml, used for keys a given hyp lacks.
+AUG_DEFAULTS: dict[str, float] = {
+    "hsv_h": 0.015, "hsv_s": 0.7, "hsv_v": 0.4, "degrees": 0.0, "translate": 0.1, "scale": 0.5,
+    "shear": 0.0, "perspective": 0.0, "flipud": 0.0, "fliplr": 0.5, "mosaic": 1.0, "mixup": 0.0,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset yaml
+# --------------------------------------------------------------------------------------------
+def _resolve_root(value: str | None, yaml_file: Path) -> tuple[Path, list[Path]]:
+    """Dataset root from the yaml's ``path``: absolute as is; relative → the current directory
+    first, then the yaml folder's parent (so ``data/x.yaml`` with ``path: datasets/x`` works from
+    the repo root and from anywhere else). Returns (chosen, candidates tried)."""
+    p = Path(value if value not in (None, "") else ".").expanduser()
+    if p.is_absolute():
+        return p, [p]
+    candidates = [(Path.cwd() / p).resolve(), (yaml_file.parent.parent / p).resolve()]
+    for c in candidates:
+        if c.exists():
+            return c, candidates
+    return candidates[-1], candidates  # nothing exists yet: the yaml-relative one is stable
+
+
+def _download_hint(cfg: dict) -> str:
+    note = cfg.get("download")
+    if not note:
+        return ""
+    first = str(note).strip().splitlines()[0] if str(note).strip() else ""
+    return f" Nothing is downloaded automatically; see the yaml's 'download' note: {first}"
+
+
+def _generate_into(root: Path, kind: str, seed: int) -> None:
+    """Build a generated dataset at ``root`` atomically: write a sibling temp folder, then rename,
+    so concurrent processes (DDP ranks) never see a half-written set."""
+    if kind != "demo":
+        raise ValueError(f"unknown 'generate: {kind}' (supported: demo)")
+    from utils.demo_data import generate_demo  # local: only needed on first use
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    LOGGER.info("generating the demo dataset into %s", root)
+    generate_demo(tmp, seed=seed)
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process finished first (root now exists and is non-empty)
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not root.exists():
+            raise
+
+
+def load_data_config(path: str | Path, require: Iterable[str] = ("train", "val")) -> dict[str, Any]:
+    """Read a YOLOv5-style dataset yaml.
+
+    Keys: ``path`` (dataset root; relative → tried against the current directory, then against the
+    yaml folder's parent), ``train``/``val``/``test`` (each a folder of images, a ``.txt`` list of
+    image paths, or a list of those; relative to the root), ``names`` (list, or {id: name} with ids
+    0..nc-1), optional ``nc`` (must equal len(names)), optional ``val_json`` (COCO annotation json
+    for val, relative to the root), optional ``download`` (a note on where to get the data; never
+    acted on), optional ``generate: demo`` (build the synthetic demo set into ``path`` when it is
+    missing; ``generate_seed`` picks its seed).
+
+    Splits named in ``require`` must exist, others are resolved but checked only when a dataset is
+    built from them (so evaluating on val does not need the train images downloaded).
+    Returns the yaml's dict with ``path`` (Path), ``train``/``val``/``test`` (list[str] of absolute
+    paths, or None), ``names`` (list[str]), ``nc`` (int), ``val_json`` (Path or None) and
+    ``yaml_file`` (Path). Raises FileNotFoundError / ValueError naming the yaml, key and path.
+    """
+    yaml_file = Path(path)
+    if not yaml_file.is_file():
+        raise FileNotFoundError(f"dataset yaml {yaml_file} not found")
+    with open(yaml_file, encoding="utf-8") as f:
+        cfg = yaml.safe_load(f)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{yaml_file}: expected a mapping with path/train/val/names, got {type(cfg).__name__}")
+    cfg = dict(cfg)
+
+    # names / nc
+    names = cfg.get("names")
+    if names is None:
+        if "nc" not in cfg:
+            raise ValueError(f"{yaml_file}: needs 'names' (list or {{id: name}})")
+        names = [f"class{i}" for i in range(int(cfg["nc"]))]
+    if isinstance(names, dict):
+        ids = sorted(int(k) for k in names)
+        if ids != list(range(len(ids))):
+            raise ValueError(f"{yaml_file}: 'names' ids must be 0..{len(ids) - 1} without gaps, got {ids}")
+        names = [str(names[k]) for k in sorted(names, key=int)]
+    elif isinstance(names, (list, tuple)):
+        names = [str(n) for n in names]
+    else:
+        raise ValueError(f"{yaml_file}: 'names' must be a list or a {{id: name}} mapping")
+    if "nc" in cfg and int(cfg["nc"]) != len(names):
+        raise ValueError(f"{yaml_file}: 'nc' is {cfg['nc']} but 'names' lists {len(names)} classes")
+    cfg["names"], cfg["nc"] = names, len(names)
+
+    for key in ("train", "val"):
+        if key in require and not cfg.get(key):
+            raise ValueError(f"{yaml_file}: missing '{key}' split")
+
+    root, tried = _resolve_root(cfg.get("path"), yaml_file)
+    gen = cfg.get("generate")
+    if gen and not root.exists():
+        _generate_into(root, str(gen), int(cfg.get("generate_seed", 0)))
+    cfg["path"] = root
+    hint = _download_hint(cfg)
+
+    for key in ("train", "val", "test"):
+        value = cfg.get(key)
+        if not value:
+            cfg[key] = None
+            continue
+        entries = value if isinstance(value, (list, tuple)) else [value]
+        resolved = []
+        for e in entries:
+            p = Path(str(e)).expanduser()
+            p = p if p.is_absolute() else (root / p)
+            p = Path(os.path.normpath(p))
+            if key in require and not p.exists():
+                where = f" (dataset root {root}; tried {', '.join(map(str, tried))})" if len(tried) > 1 else ""
+                raise FileNotFoundError(f"{yaml_file}: '{key}' path {p} not found{where}.{hint}")
+            resolved.append(str(p))
+        cfg[key] = resolved
+
+    vj = cfg.get("val_json")
+    if vj:
+        vjp = Path(str(vj)).expanduser()
+        vjp = vjp if vjp.is_absolute() else root / vjp
+        if vjp.is_file():
+            cfg["val_json"] = vjp
+        else:
+            LOGGER.warning("%s: 'val_json' %s not found; COCO-tool evaluation will be skipped", yaml_file, vjp)
+            cfg["val_json"] = None
+    else:
+        cfg["val_json"] = None
+    cfg["yaml_file"] = yaml_file.resolve()
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# File lists and label paths
+# --------------------------------------------------------------------------------------------
+def img2label_paths(im_files: Sequence[str]) -> list[str]:
+    """Label path per image: the last ``images`` path component → ``labels``, suffix → ``.txt``.
+
+    Paths without an ``images`` component keep their folder (labels beside the images).
+    """
+    out = []
+    for f in im_files:
+        parts = list(Path(f).parts)
+        for i in range(len(parts) - 2, -1, -1):  # last folder component named 'images'
+            if parts[i] == "images":
+                parts[i] = "labels"
+                break
+        out.append(str(Path(*parts).with_suffix(".txt")))
+    return out
+
+
+def list_image_files(sources: str | Path | Sequence[str | Path]) -> list[str]:
+    """Image paths from folders (searched recursively) and/or ``.txt`` lists, sorted per source.
+
+    Relative lines of a ``.txt`` list are resolved against the list's folder, which is the dataset
+    root in the YOLOv5 layout (e.g. ``coco/train2017.txt`` with ``./images/train2017/x.jpg``).
+    """
+    srcs = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    files: list[str] = []
+    for s in srcs:
+        p = Path(s)
+        if p.is_dir():
+            found = [str(q) for q in p.rglob("*") if q.suffix.lower() in IMG_FORMATS and q.is_file()]
+            files += sorted(found)
+        elif p.is_file() and p.suffix.lower() == ".txt":
+            for line in p.read_text(encoding="utf-8").splitlines():
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                q = Path(line)
+                q = q if q.is_absolute() else p.parent / q
+                files.append(os.path.normpath(q))
+        elif p.exists():
+            raise ValueError(f"dataset source {p} is neither a folder nor a .txt list of images")
+        else:
+            raise FileNotFoundError(f"dataset source {p} not found")
+    files = [f for f in files if Path(f).suffix.lower() in IMG_FORMATS]
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMG_FORMATS))}) found in {', '.join(map(str, srcs))}")
+    return files
+
+
+# --------------------------------------------------------------------------------------------
+# Scanning (image verification + label parsing) and the scan cache
+# --------------------------------------------------------------------------------------------
+def _verify_image(path: str) -> tuple[tuple[int, int], str]:
+    """((w, h) as displayed, '' if fine else the reason). Reads the header and verifies the file."""
+    try:
+        with Image.open(path) as im:
+            im.verify()  # structure/CRC check without a full decode (fast); must come first
+        with Image.open(path) as im:  # verify() leaves the object unusable: reopen for metadata
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+        if orientation in (5, 6, 7, 8):  # EXIF rotation by ±90°: OpenCV applies it when reading
+            w, h = h, w
+        if w < 2 or h < 2:
+            return (w, h), f"image too small ({w}x{h})"
+        return (w, h), ""
+    except Exception as e:  # any decoder error means the file is unusable
+        return (0, 0), f"corrupt image ({type(e).__name__}: {e})"
+
+
+def parse_label_file(path: str) -> tuple[np.ndarray, str, str, bool]:
+    """Parse one YOLO label file.
+
+    Returns ``(labels (n, 5) float32 [cls, xc, yc, w, h], error, note, found)``: ``error`` non-empty
+    means the file is malformed (the image will be skipped); ``note`` records repairs (duplicates
+    removed, round-off clipped); ``found`` is False when the file does not exist (background).
+    Class range against nc is checked later, so the cache does not depend on nc.
+    """
+    empty = np.zeros((0, 5), dtype=np.float32)
+    if not os.path.isfile(path):
+        return empty, "", "", False
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = [r.split() for r in f.read().strip().splitlines() if r.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        return empty, f"unreadable label file ({type(e).__name__})", "", True
+    if not rows:
+        return empty, "", "", True
+    bad = [i for i, r in enumerate(rows) if len(r) != 5]
+    if bad:
+        return empty, f"line {bad[0] + 1} has {len(rows[bad[0]])} columns, expected 5 (cls xc yc w h)", "", True
+    try:
+        lb = np.array(rows, dtype=np.float64)
+    except ValueError:
+        return empty, "non-numeric value", "", True
+    if not np.isfinite(lb).all():
+        return empty, "non-finite value", "", True
+    cls = lb[:, 0]
+    bad_cls = (cls < 0) | (cls != np.round(cls))
+    if bad_cls.any():
+        return empty, f"class must be a non-negative integer, got {cls[bad_cls][0]:g}", "", True
+    xywh = lb[:, 1:]
+    if (xywh < -COORD_TOL).any() or (xywh > 1 + COORD_TOL).any():
+        return empty, "coordinates outside [0, 1] (labels must be normalised xc yc w h)", "", True
+    notes = []
+    if ((xywh < 0) | (xywh > 1)).any():
+        notes.append("coordinates clipped to [0, 1]")
+        lb[:, 1:] = xywh.clip(0, 1)
+    if ((lb[:, 3] <= 0) | (lb[:, 4] <= 0)).any():
+        return empty, "box with zero width or height", "", True
+    _, first = np.unique(lb, axis=0, return_index=True)
+    if len(first) < len(lb):
+        notes.append(f"{len(lb) - len(first)} duplicate row(s) removed")
+        lb = lb[np.sort(first)]  # keep file order
+    return lb.astype(np.float32), "", "; ".join(notes), True
+
+
+def _files_hash(im_files: Sequence[str], label_files: Sequence[str]) -> str:
+    """Hash of every path with its size and mtime: any added/removed/edited file changes it."""
+    h = hashlib.sha256()
+    for f in (*im_files, *label_files):
+        try:
+            st = os.stat(f)
+            h.update(f"{f}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{f}\t-\n".encode())
+    return h.hexdigest()
+
+
+def _scan_one(args: tuple[str, str]) -> tuple[tuple[int, int], np.ndarray, str, str, bool]:
+    im_file, lb_file = args
+    shape, err = _verify_image(im_file)
+    if err:
+        return shape, np.zeros((0, 5), np.float32), err, "", os.path.isfile(lb_file)
+    labels, lerr, note, found = parse_label_file(lb_file)
+    return shape, labels, (f"{Path(lb_file).name}: {lerr}" if lerr else ""), note, found
+
+
+def cache_path_for(label_files: Sequence[str]) -> Path:
+    """Where the scan cache lives: ``<folder of the first label file>.cache``."""
+    return Path(label_files[0]).parent.with_suffix(".cache")
+
+
+def _save_cache(path: Path, scan: dict[str, Any]) -> None:
+    offsets = np.cumsum([0] + [len(x) for x in scan["labels"]]).astype(np.int64)
+    labels = np.concatenate(scan["labels"], 0) if scan["labels"] else np.zeros((0, 5), np.float32)
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        version=np.array(CACHE_VERSION),
+        hash=np.array(scan["hash"]),
+        im_files=np.array(scan["im_files"], dtype=str),
+        shapes=np.asarray(scan["shapes"], dtype=np.int64).reshape(-1, 2),
+        offsets=offsets,
+        labels=labels.astype(np.float32),
+        errors=np.array(scan["errors"], dtype=str),
+        notes=np.array(scan["notes"], dtype=str),
+        found=np.asarray(scan["found"], dtype=bool),
+    )
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, path)  # atomic: readers never see a partial cache
+    except OSError as e:
+        LOGGER.warning("scan cache not saved (%s is not writable: %s)", path, e)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _load_cache(path: Path, key: str, im_files: Sequence[str]) -> dict[str, Any] | None:
+    """The cached scan when it exists, parses and matches ``key`` and the file list; else None."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if int(z["version"]) != CACHE_VERSION or str(z["hash"]) != key:
+                return None
+            files = z["im_files"].tolist()
+            if files != list(im_files):
+                return None
+            offsets, labels = z["offsets"], z["labels"]
+            return {
+                "hash": key,
+                "im_files": files,
+                "shapes": z["shapes"].tolist(),
+                "labels": [labels[offsets[i]:offsets[i + 1]].copy() for i in range(len(files))],
+                "errors": z["errors"].tolist(),
+                "notes": z["notes"].tolist(),
+                "found": z["found"].tolist(),
+            }
+    except Exception:  # unreadable/old/foreign file: just rescan
+        return None
+
+
+def scan_dataset(im_files: Sequence[str], label_files: Sequence[str], cache_path: Path | None = None) -> dict:
+    """Verify images and parse labels, reusing ``cache_path`` when its hash matches.
+
+    Returns a dict of per-image lists: ``shapes`` ((w, h)), ``labels`` ((n, 5) arrays), ``errors``
+    ('' when usable), ``notes`` (repairs made), ``found`` (label file exists), plus ``hash`` and
+    ``from_cache`` (bool).
+    """
+    key = _files_hash(im_files, label_files)
+    if cache_path is not None:
+        cached = _load_cache(cache_path, key, im_files)
+        if cached is not None:
+            cached["from_cache"] = True
+            return cached
+    workers = min(8, max(len(im_files) // 64, 1))  # threads: the work is mostly file I/O
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(_scan_one, zip(im_files, label_files), chunksize=32))
+    scan = {
+        "hash": key,
+        "im_files": list(im_files),
+        "shapes": [r[0] for r in results],
+        "labels": [r[1] for r in results],
+        "errors": [r[2] for r in results],
+        "notes": [r[3] for r in results],
+        "found": [r[4] for r in results],
+        "from_cache": False,
+    }
+    if cache_path is not None:
+        _save_cache(cache_path, scan)
+    return scan
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------------
+def load_bgr(path: str) -> np.ndarray:
+    """Read an image as HWC uint8 BGR (OpenCV first, PIL as a fallback for formats it lacks)."""
+    im = cv2.imread(path, cv2.IMREAD_COLOR)
+    if im is None:
+        try:
+            with Image.open(path) as pil:
+                im = cv2.cvtColor(np.asarray(pil.convert("RGB")), cv2.COLOR_RGB2BGR)
+        except Exception as e:
+            raise OSError(f"cannot read image {path} ({type(e).__name__}: {e})") from e
+    return im
+
+
+class YoloDataset(Dataset):
+    """Images + YOLO labels with YOLOv5-style training augmentation.
+
+    Attributes: ``im_files`` (list[str]), ``label_files``, ``labels`` (list of (n, 5) float32
+    arrays ``[cls, xc, yc, w, h]`` normalised to the original image), ``shapes`` ((N, 2) int array
+    of original (w, h), YOLOv5's order), ``batch_shapes`` ((nb, 2) (h, w) when ``rect``), ``nc``.
+
+    Item ``i`` → ``(img uint8 tensor (3, H, W) RGB, labels float32 (n, 6) [0, cls, xc, yc, w, h]
+    normalised to the returned image, path, (h0, w0), ratio_pad)`` where ``ratio_pad`` =
+    ``((rh, rw), (padw, padh))`` maps returned pixels back to the original
+    (``x0 = (x - padw) / rw``), or None for mosaic images (several sources, no single mapping).
+    Column 0 is filled with the batch index by :func:`collate_fn`.
+
+    Augmentation (``augment=True``): mosaic with probability ``hyp['mosaic']`` (off when ``rect``),
+    else letterbox; then random perspective, mixup (probability ``hyp['mixup']``, mosaic only),
+    HSV jitter and flips. Each item draws its randomness from a generator seeded with
+    (seed, epoch, index) — see :meth:`set_epoch` — so an epoch's batches depend on nothing else: not
+    on the worker count, not on what ran before. That is what lets ``--resume`` continue exactly.
+    """
+
+    def __init__(
+        self,
+        sources: str | Path | Sequence[str | Path],
+        imgsz: int = 640,
+        batch_size: int = 16,
+        augment: bool = False,
+        hyp: dict | None = None,
+        rect: bool = False,
+        cache: str | bool | None = None,
+        stride: int = 32,
+        pad: float = 0.0,
+        single_cls: bool = False,
+        seed: int = 0,
+        nc: int | None = None,
+    ) -> None:
+        self.imgsz, self.augment, self.rect, self.stride, self.pad = int(imgsz), augment, rect, int(stride), pad
+        self.hyp = {**AUG_DEFAULTS, **(hyp or {})}
+        self.mosaic = augment and not rect  # rectangular batches need one image per item
+        self.mosaic_border = (-self.imgsz // 2, -self.imgsz // 2)
+        self.seed, self.epoch = seed, 0
+        self.rng = np.random.default_rng(seed)
+        self.nc = nc
+
+        im_files = list_image_files(sources)
+        label_files = img2label_paths(im_files)
+        scan = scan_dataset(im_files, label_files, cache_path_for(label_files))
+        self.scan_from_cache = scan["from_cache"]
+        keep, skipped, repaired = self._filter(im_files, label_files, scan, nc)
+        if not keep:
+            listed = "; ".join(f"{Path(f).name}: {why}" for f, why in skipped[:MAX_LISTED])
+            raise ValueError(f"no usable images in {sources}: all {len(im_files)} were skipped ({listed})")
+        self._report(len(im_files), keep, skipped, repaired, scan)
+
+        self.im_files = [im_files[i] for i in keep]
+        self.label_files = [label_files[i] for i in keep]
+        self.labels = [scan["labels"][i].copy() for i in keep]
+        self.shapes = np.array([scan["shapes"][i] for i in keep], dtype=np.int64).reshape(-1, 2)
+        if single_cls:
+            for lb in self.labels:
+                lb[:, 0] = 0
+        self.n = len(self.im_files)
+        self.batch_shapes = None
+        self.batch_index = np.floor(np.arange(self.n) / max(batch_size, 1)).astype(int)
+        if rect:
+            self._make_rect(batch_size)
+
+        if cache is True:
+            cache = "ram"
+        if cache not in (None, False, "ram"):
+            raise ValueError(f"cache={cache!r} is not supported (use 'ram' or None)")
+        self.ims: list[tuple | None] = [None] * self.n
+        if cache == "ram":
+            with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+                self.ims = list(pool.map(self._read_resized, range(self.n)))
+            mb = sum(x[0].nbytes for x in self.ims) / 2**20
+            LOGGER.info("cached %d images in RAM (%.0f MB)", self.n, mb)
+
+    # ---- construction helpers
+    @staticmethod
+    def _filter(im_files, label_files, scan, nc):
+        keep, skipped, repaired = [], [], []
+        for i, f in enumerate(im_files):
+            err = scan["errors"][i]
+            lb = scan["labels"][i]
+            if not err and nc is not None and len(lb) and (lb[:, 0] >= nc).any():
+                err = f"{Path(label_files[i]).name}: class {int(lb[:, 0].max())} out of range (nc={nc})"
+            if err:
+                skipped.append((f, err))
+                continue
+            if scan["notes"][i]:
+                repaired.append((label_files[i], scan["notes"][i]))
+            keep.append(i)
+        return keep, skipped, repaired
+
+    @staticmethod
+    def _report(total, keep, skipped, repaired, scan):
+        nbox = sum(len(scan["labels"][i]) for i in keep)
+        nbg = sum(1 for i in keep if not len(scan["labels"][i]))
+        src = "cache" if scan["from_cache"] else "scan"
+        LOGGER.info("%d images (%d background), %d boxes, %d skipped [%s]", len(keep), nbg, nbox, len(skipped), src)
+        parts = []
+        if skipped:
+            listed = "; ".join(f"{f}: {why}" for f, why in skipped[:MAX_LISTED])
+            more = f" (+{len(skipped) - MAX_LISTED} more)" if len(skipped) > MAX_LISTED else ""
+            parts.append(f"skipped {len(skipped)} of {total} images: {listed}{more}")
+        if repaired:
+            listed = "; ".join(f"{f}: {why}" for f, why in repaired[:MAX_LISTED])
+            more = f" (+{len(repaired) - MAX_LISTED} more)" if len(repaired) > MAX_LISTED else ""
+            parts.append(f"repaired {len(repaired)} label file(s): {listed}{more}")
+        if parts:  # one warning per dataset, however many files are affected
+            LOGGER.warning("dataset problems: %s", " | ".join(parts))
+
+    def _make_rect(self, batch_size: int) -> None:
+        """Sort by aspect ratio and give each batch the smallest stride-multiple shape holding it."""
+        ar = self.shapes[:, 1] / self.shapes[:, 0]  # h / w
+        order = ar.argsort(kind="stable")
+        self.im_files = [self.im_files[i] for i in order]
+        self.label_files = [self.label_files[i] for i in order]
+        self.labels = [self.labels[i] for i in order]
+        self.shapes = self.shapes[order]
+        ar = ar[order]
+        nb = int(self.batch_index[-1]) + 1
+        rel = np.ones((nb, 2))  # (h, w) relative to imgsz
+        for b in range(nb):
+            a = ar[self.batch_index == b]
+            lo, hi = a.min(), a.max()
+            if hi < 1:  # all wide: full width, height follows the tallest
+                rel[b] = (hi, 1)
+            elif lo > 1:  # all tall: full height, width follows the widest
+                rel[b] = (1, 1 / lo)
+        self.batch_shapes = (np.ceil(rel * self.imgsz / self.stride + self.pad).astype(int) * self.stride)
+
+    # ---- loading
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of ``epoch`` (call before the loader starts its workers)."""
+        self.epoch = int(epoch)
+
+    def _read_resized(self, i: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+        im = load_bgr(self.im_files[i])
+        h0, w0 = im.shape[:2]
+        r = self.imgsz / max(h0, w0)
+        if r != 1:
+            # Shrinking without augmentation uses INTER_AREA (best quality); otherwise linear.
+            interp = cv2.INTER_LINEAR if (self.augment or r > 1) else cv2.INTER_AREA
+            im = cv2.resize(im, (max(round(w0 * r), 1), max(round(h0 * r), 1)), interpolation=interp)
+        return im, (h0, w0), im.shape[:2]
+
+    def load_image(self, i: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+        """(BGR image resized so its long side is imgsz, (h0, w0) original, (h, w) resized)."""
+        cached = self.ims[i]
+        if cached is not None:
+            return cached[0].copy(), cached[1], cached[2]
+        return self._read_resized(i)
+
+    def _load_mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        picks = [index, *(int(j) for j in self.rng.integers(0, self.n, 3))]
+        items = [(self.load_image(j)[0], self.labels[j]) for j in picks]
+        img, px = mosaic4(items, self.imgsz, self.rng)
+        h = self.hyp
+        return random_perspective(img, px, h["degrees"], h["translate"], h["scale"], h["shear"],
+                                  h["perspective"], border=self.mosaic_border, rng=self.rng)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        h = self.hyp
+        self.rng = np.random.default_rng([self.seed, self.epoch, index])
+        ratio_pad = None
+        if self.mosaic and self.rng.random() < h["mosaic"]:
+            img, px = self._load_mosaic(index)
+            if self.rng.random() < h["mixup"]:
+                img2, px2 = self._load_mosaic(int(self.rng.integers(0, self.n)))
+                img, px = mixup(img, px, img2, px2, self.rng)
+            h0, w0 = int(self.shapes[index][1]), int(self.shapes[index][0])
+        else:
+            img, (h0, w0), (hr, wr) = self.load_image(index)
+            shape = tuple(self.batch_shapes[self.batch_index[index]]) if self.rect else self.imgsz
+            img, (rw, rh), (padw, padh) = letterbox(img, shape, auto=False, scaleup=self.augment)
+            lb = self.labels[index]
+            px = np.zeros((len(lb), 5), dtype=np.float32)
+            if len(lb):
+                px[:, 0] = lb[:, 0]
+                px[:, 1:] = xywhn2xyxy(lb[:, 1:], rw * wr, rh * hr, padw=padw, padh=padh)
+            ratio_pad = ((rh * hr / h0, rw * wr / w0), (padw, padh))
+            if self.augment:
+                img, px = random_perspective(img, px, h["degrees"], h["translate"], h["scale"], h["shear"],
+                                             h["perspective"], rng=self.rng)
+
+        H, W = img.shape[:2]
+        labels = np.zeros((len(px), 5), dtype=np.float32)
+        if len(px):
+            labels[:, 0] = px[:, 0]
+            labels[:, 1:] = xyxy2xywhn(px[:, 1:5], W, H, clip=True, eps=1e-3)
+        if self.augment:
+            augment_hsv(img, h["hsv_h"], h["hsv_s"], h["hsv_v"], rng=self.rng)
+            if self.rng.random() < h["flipud"]:
+                img = np.flipud(img)
+                labels[:, 2] = 1 - labels[:, 2]
+            if self.rng.random() < h["fliplr"]:
+                img = np.fliplr(img)
+                labels[:, 1] = 1 - labels[:, 1]
+            # Flips can undo ratio_pad's meaning; only un-augmented items are mapped back anyway.
+
+        out = torch.zeros((len(labels), 6), dtype=torch.float32)
+        out[:, 1:] = torch.from_numpy(labels)
+        chw = np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))  # BGR HWC → RGB CHW
+        return torch.from_numpy(chw), out, self.im_files[index], (h0, w0), ratio_pad
+
+
+def collate_fn(batch: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...], tuple]:
+    """Stack a list of dataset items.
+
+    Returns ``(imgs uint8 (B, 3, H, W), targets float32 (N, 6) [batch_idx, cls, xc, yc, w, h],
+    paths, shapes)`` with ``shapes[i] = ((h0, w0), ratio_pad)``.
+    """
+    imgs, labels, paths, hw0, ratio_pads = zip(*batch)
+    for i, lb in enumerate(labels):
+        lb[:, 0] = i  # which image of the batch each box belongs to
+    return torch.stack(imgs, 0), torch.cat(labels, 0), paths, tuple(zip(hw0, ratio_pads))
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: derive every RNG of the worker from the loader's seed.
+
+    PyTorch gives worker k the seed ``base_seed + k`` where ``base_seed`` comes from the loader's
+    generator, so a seeded generator makes every worker's augmentation reproducible.
+    """
+    info = get_worker_info()
+    seed = info.seed % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    cv2.setNumThreads(0)  # workers already run in parallel; OpenCV's own threads only oversubscribe
+
+
+def create_dataloader(
+    sources: str | Path | Sequence[str | Path],
+    imgsz: int,
+    batch_size: int,
+    stride: int,
+    hyp: dict | None = None,
+    augment: bool = False,
+    rect: bool = False,
+    workers: int = 2,
+    shuffle: bool = False,
+    rank: int = -1,
+    world_size: int = 1,
+    seed: int = 0,
+    cache: str | bool | None = None,
+    single_cls: bool = False,
+    pad: float = 0.0,
+    nc: int | None = None,
+) -> tuple[DataLoader, YoloDataset]:
+    """Build a :class:`YoloDataset` and its DataLoader; returns ``(loader, dataset)``.
+
+    Batches are :func:`collate_fn` tuples. Validation callers use ``rect=True, pad=0.5`` as YOLOv5
+    does. ``world_size > 1`` adds a DistributedSampler (shuffled with ``seed``; the trainer calls
+    ``loader.sampler.set_epoch(epoch)`` and ``dataset.set_epoch(epoch)``). Non-augmenting loaders keep
+    their workers between epochs; augmenting ones restart them so each epoch's augmentation stream
+    (seed, epoch, index) reaches them. The same seed gives the same batches. ``nc`` enables the
+    class-range check on labels.
+    """
+    if rect and shuffle:
+        LOGGER.warning("rect=True is incompatible with shuffle; shuffle disabled")
+        shuffle = False
+    rank_offset = max(rank, 0)  # ranks augment differently but shuffle alike (sampler seed)
+    dataset = YoloDataset(sources, imgsz=imgsz, batch_size=batch_size, augment=augment, hyp=hyp, rect=rect,
+                          cache=cache, stride=stride, pad=pad, single_cls=single_cls, seed=seed + rank_offset,
+                          nc=nc)
+    batch_size = min(batch_size, len(dataset))
+    nw = max(0, min(int(workers), os.cpu_count() or 1))
+    sampler = None
+    if world_size > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank_offset, shuffle=shuffle, seed=seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed + 1_000_003 * rank_offset)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=nw,
+        pin_memory=torch.cuda.is_available(),
+        collate_fn=collate_fn,
+        worker_init_fn=seed_worker,
+        generator=generator,
+        # Augmenting loaders restart their workers each epoch so that set_epoch() reaches them.
+        persistent_workers=nw > 0 and not augment,
+        drop_last=False,
+    )
+    return loader, dataset
+
