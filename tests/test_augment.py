@@ -113,7 +113,8 @@ def test_boxes_follow_pixels_through_mosaic_perspective_flip(tmp_path: Path) -> 
            "flipud": 0.5, "fliplr": 0.5, "mosaic": 1.0, "mixup": 0.0}
     ds = YoloDataset(_rect_dataset(tmp_path), imgsz=128, augment=True, hyp=hyp, seed=0)
     checked = 0
-    for _ in range(40):
+    for epoch in range(40):
+        ds.set_epoch(epoch)  # a new augmentation draw for the same item
         img, labels, *_ = ds[0]  # index 0 is always the first mosaic tile
         bgr = np.ascontiguousarray(img.numpy().transpose(1, 2, 0)[..., ::-1])
         mask = magenta_mask(bgr)

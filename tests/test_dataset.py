@@ -281,3 +281,21 @@ def test_loader_options(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cache="):
         YoloDataset(tmp_path / "images" / "train", imgsz=64, cache="disk")
 
+
+
+def test_augmentation_depends_on_seed_epoch_index_only(tmp_path: Path) -> None:
+    """Worker count and history do not change an epoch's batches; the epoch does (exact resume needs this)."""
+    make_split(tmp_path, "train", 8)
+    kw = dict(hyp={"mixup": 0.5, "degrees": 5.0}, augment=True, shuffle=False, nc=2, seed=5)
+    src = tmp_path / "images" / "train"
+    serial, ds0 = create_dataloader(src, 64, 4, 32, workers=0, **kw)
+    parallel, ds2 = create_dataloader(src, 64, 4, 32, workers=2, **kw)
+    for ds in (ds0, ds2):
+        ds.set_epoch(3)
+    for (ia, ta, *_), (ib, tb, *_) in zip(_batches(serial, 2), _batches(parallel, 2)):
+        assert torch.equal(ia, ib) and torch.equal(ta, tb)
+    first = ds0[1][0]
+    ds0.set_epoch(4)
+    assert not torch.equal(first, ds0[1][0])
+    ds0.set_epoch(3)
+    assert torch.equal(first, ds0[1][0])
