@@ -165,9 +165,14 @@ def all_reduce_grads(module: nn.Module, world_size: int) -> None:
 
 
 def state_digest(model: nn.Module) -> str:
-    """SHA-256 of every parameter and buffer, used to verify that DDP ranks hold identical weights."""
+    """SHA-256 of every parameter, used to verify that DDP ranks hold identical weights.
+
+    BatchNorm running statistics are left out on purpose: each rank updates them from its own
+    batches and DDP re-broadcasts rank 0's copy at the next forward, so they legitimately differ
+    after the last step.
+    """
     h = hashlib.sha256()
-    for name, value in de_parallel(model).state_dict().items():
+    for name, value in de_parallel(model).named_parameters():
         h.update(name.encode())
         h.update(value.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
