@@ -2,10 +2,17 @@
 
     python val.py --weights runs/train/exp/weights/best.pt --data data/demo.yaml --imgsz 160
     python val.py --weights yolov5s.pt --data data/coco.yaml --save-json --iou-thres 0.65
+    python val.py --weights best.int8.onnx --data data/demo.yaml --imgsz 160   # onnxruntime (export.py)
 
 Prints a YOLOv5-style table (per class with --verbose) and per-image speeds, and writes
 ``metrics.json`` (plus plots, and with --save-json the COCO predictions and pycocotools figures)
 into ``runs/val/exp*``. ``run(...)`` does the same from Python and returns the metrics dict.
+
+``.onnx`` weights (fp32 or INT8 files from export.py) run in onnxruntime through detect.py's
+``OnnxBackend``; everything after the model output (NMS, matching, AP) is the same code. A file
+exported with ``--dynamic`` gets the same rectangular batches as a .pt; a fixed-shape file is fed
+square letterboxed batches of its own size (rect off, ``--imgsz`` ignored; a non-square fixed size
+is refused) and at most its static batch size, which is said on the console.
 """
 
 from __future__ import annotations
@@ -17,14 +24,34 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from engine.evaluate import evaluate, results_table
 from models import CheckpointError, load_model
 from utils.dataset import create_dataloader, load_data_config
-from utils.files import increment_path
+from utils.files import find_data_yaml, find_weights, increment_path
 from utils.torch_utils import select_device
 
 TASKS = ("val", "test", "speed")
+
+
+class OnnxModel(nn.Module):
+    """``evaluate``'s model interface over :class:`detect.OnnxBackend`: (B, 3, H, W) float 0-1 →
+    decoded (B, N, 5 + nc); attributes ``nc``, ``names``, ``stride``, ``fixed_shape``, ``fixed_batch``."""
+
+    def __init__(self, weights: str | Path, device: torch.device) -> None:
+        super().__init__()
+        from detect import OnnxBackend  # the one onnxruntime wrapper of the project (detect.py owns it)
+
+        self.backend = OnnxBackend(weights, device)
+        self.names = list(self.backend.names)
+        self.nc = len(self.names)
+        self.stride = torch.tensor([float(self.backend.stride)])
+        self.fixed_shape = self.backend.fixed_shape
+        self.fixed_batch = self.backend.fixed_batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backend(x)
 
 
 def run(
@@ -59,11 +86,8 @@ def run(
     """
     if task not in TASKS:
         raise ValueError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
-    weights = Path(weights)
-    if not weights.is_file():
-        raise FileNotFoundError(f"--weights {weights} not found")
-    if not Path(data).is_file():
-        raise FileNotFoundError(f"--data {data} not found")
+    weights = find_weights(weights)
+    data = find_data_yaml(data)
     split = "val" if task == "speed" else task
     cfg = load_data_config(data, require=(split,))
     if not cfg.get(split):
@@ -71,30 +95,46 @@ def run(
     names, nc = cfg["names"], cfg["nc"]
 
     dev = select_device(device, batch_size)
-    model = load_model(weights, device=dev)
+    is_onnx = weights.suffix.lower() == ".onnx"
+    model = OnnxModel(weights, dev) if is_onnx else load_model(weights, device=dev)
     if model.nc != nc:
         raise ValueError(f"--weights {weights} predicts {model.nc} classes but --data {data} has {nc}")
     stride = int(model.stride.max())
     gs = max(stride, 32)
+    fixed = getattr(model, "fixed_shape", None)
+    if fixed:
+        if fixed[0] != fixed[1]:
+            raise ValueError(f"--weights {weights} has a fixed {fixed[0]}x{fixed[1]} input; validation letterboxes to "
+                             f"squares: re-export with one --imgsz or with --dynamic")
+        if imgsz != fixed[0]:
+            print(f"--weights {weights} has a fixed {fixed[0]}x{fixed[1]} input: using --imgsz {fixed[0]}")
+        imgsz = fixed[0]
+        print(f"fixed-shape ONNX file: square letterboxed {imgsz}x{imgsz} batches (rect off)")
+    fixed_batch = getattr(model, "fixed_batch", None)
+    if fixed_batch and batch_size > fixed_batch:
+        print(f"--weights {weights} takes batches of {fixed_batch}: using --batch-size {fixed_batch}")
+        batch_size = fixed_batch
     if imgsz % gs:
         new = math.ceil(imgsz / gs) * gs
         print(f"--imgsz {imgsz} is not a multiple of the max stride {gs}; using {new}")
         imgsz = new
-    half = half and dev.type == "cuda"  # fp16 convolutions are a CUDA feature
+    # fp16 convolutions are a CUDA feature; an ONNX file carries its own dtype
+    half = half and dev.type == "cuda" and not is_onnx
     if half:
         model.half()  # our own copy, so converting it is fine (evaluate never converts a caller's model)
 
     speed = task == "speed"
     if speed:
         conf_thres, iou_thres, save_json, plots = 0.25, 0.45, False, False
+    rect = not speed and not fixed
     loader, _ = create_dataloader(
-        cfg[split], imgsz, batch_size, gs, rect=not speed, pad=0.0 if speed else 0.5, workers=workers, nc=nc
+        cfg[split], imgsz, batch_size, gs, rect=rect, pad=0.5 if rect else 0.0, workers=workers, nc=nc
     )
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
     if anno_json is None and split == "val":
         anno_json = cfg.get("val_json")
 
-    if dev.type == "cuda":  # one warm-up pass so cuDNN autotuning does not land in the timings
+    if dev.type == "cuda" and not is_onnx:  # one warm-up pass so cuDNN autotuning does not land in the timings
         with torch.inference_mode():
             p = next(model.parameters())
             model(torch.zeros(1, 3, imgsz, imgsz, device=dev, dtype=p.dtype))
@@ -150,6 +190,7 @@ def run(
         "speed_ms": sp,
         "device": str(dev),
         "half": half,
+        "backend": "onnxruntime" if is_onnx else "pytorch",
     }
     (save_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"Results saved to {save_dir}")
@@ -158,7 +199,8 @@ def run(
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Evaluate a YOLOv5 detector (mAP50, mAP50-95, P, R).")
-    p.add_argument("--weights", type=str, required=True, help="official YOLOv5 .pt or one of our checkpoints")
+    p.add_argument("--weights", type=str, required=True,
+                   help="official YOLOv5 .pt, one of our checkpoints, or an .onnx file from export.py (fp32 or INT8)")
     p.add_argument("--data", type=str, required=True, help="dataset yaml")
     p.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="inference size (pixels)")
     p.add_argument("--batch-size", type=int, default=32)

@@ -28,7 +28,7 @@ from engine.optim import WarmUp, accumulation_steps, build_optimizer, lr_lambda
 from models.checkpoint import CheckpointError, load_checkpoint, transfer_weights
 from models.yolo import DetectionModel
 from utils.dataset import create_dataloader, load_data_config
-from utils.files import increment_path
+from utils.files import find_data_yaml, find_weights, increment_path
 from utils.loss import DetectionLoss, scale_hyp
 from utils.plots import plot_labels, plot_results
 from utils.torch_utils import DistInfo, ModelEMA, dist_info, seed_everything, select_device
@@ -131,6 +131,7 @@ def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device) -
     ckpt = None
     if opt.resume:
         opt, ckpt = _resume_options(opt)
+    _locate_inputs(opt)
     seed_everything(opt.seed + max(info.rank, 0))
     hyp = _load_hyp(opt)
     data = load_data_config(opt.data)
@@ -179,6 +180,16 @@ def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device) -
     if info.distributed:
         run.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return run
+
+
+def _locate_inputs(opt: argparse.Namespace) -> None:
+    """Resolve bare names the way YOLOv5 users expect: data/VisDrone.yaml, weights/ or an official
+    release name such as yolov5s.pt (downloaded once into weights/)."""
+    opt.data = str(find_data_yaml(opt.data))
+    if opt.weights:
+        opt.weights = str(find_weights(opt.weights))
+    if getattr(opt, "t_weights", ""):
+        opt.t_weights = str(find_weights(opt.t_weights))
 
 
 def _load_hyp(opt: argparse.Namespace) -> dict:

@@ -31,3 +31,37 @@ def increment_path(path: str | Path, exist_ok: bool = False, sep: str = "", mkdi
     if mkdir:
         path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_data_yaml(spec: str | Path) -> Path:
+    """A dataset yaml as given, or a bare name found in the repository's data/ (``VisDrone.yaml``)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    shipped = REPO_ROOT / "data" / path.name
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    raise FileNotFoundError(f"--data {spec}: dataset yaml not found (give a path, or a name in data/)")
+
+
+def find_weights(spec: str | Path) -> Path:
+    """A checkpoint as given, one in the repository's weights/, or an official YOLOv5 release name
+    (``yolov5s.pt``) fetched into weights/ by ``weights/download.py`` — as YOLOv5 users expect."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    local = REPO_ROOT / "weights" / path.name
+    if path.parent == Path(".") and local.is_file():
+        return local
+    from weights.download import MODELS, DownloadError, download  # deferred: only when a file is missing
+
+    name = path.name[:-3] if path.name.endswith(".pt") else path.name
+    if path.parent == Path(".") and name.lower() in MODELS:
+        try:
+            return download(name, REPO_ROOT / "weights")
+        except DownloadError as e:
+            raise FileNotFoundError(str(e)) from None
+    raise FileNotFoundError(f"weights {spec}: file not found")
