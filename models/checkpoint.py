@@ -369,6 +369,12 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------- writing
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_checkpoint(obj: dict, path: str | Path) -> Path:
     """Write `obj` with torch.save atomically: temp file in the same folder, fsync, os.replace.
 
@@ -382,6 +388,7 @@ def save_checkpoint(obj: dict, path: str | Path) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
