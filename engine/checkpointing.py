@@ -75,6 +75,15 @@ def deployable(ckpt: dict) -> dict:
     }
 
 
+def model_checkpoint(model: nn.Module) -> dict:
+    """A deployable checkpoint (fp16 weights + metadata) of a model that was not trained by `fit`."""
+    student = de_parallel(model)
+    return {"format": FORMAT, "yaml": student.yaml, "model": _half(_cpu(student.state_dict())), "ema": None,
+            "names": list(student.names), "stride": [float(s) for s in student.stride], "epoch": -1,
+            "best_fitness": 0.0, "updates": 0, "optimizer": None, "scaler": None, "adapters": None, "opt": {},
+            "hyp": {}, "rng": None, "date": datetime.now(timezone.utc).isoformat()}
+
+
 def namespace_to_dict(opt: argparse.Namespace) -> dict:
     """Plain, yaml- and weights_only-safe dict of the parsed flags (Paths become strings)."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opt).items()}

@@ -43,3 +43,19 @@ def tiny_trained(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     project = tmp_path_factory.mktemp("tiny_runs")
     summary = fit(parse_options(train_args(tiny_data, project, "base", 2)))
     return Path(summary["save_dir"]) / "weights" / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def wide_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An (untrained) yolov5n teacher for the demo classes: twice the student's width, so every feature
+    method needs connectors, while anchors and strides match for output distillation."""
+    import torch
+
+    from engine.checkpointing import model_checkpoint
+    from models.checkpoint import save_checkpoint
+    from models.yolo import DetectionModel
+
+    torch.manual_seed(0)
+    model = DetectionModel("models/yolov5n.yaml", nc=len(NAMES))
+    model.names = list(NAMES)
+    return save_checkpoint(model_checkpoint(model), tmp_path_factory.mktemp("teacher") / "yolov5n_demo.pt")

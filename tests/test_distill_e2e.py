@@ -1,0 +1,80 @@
+"""End to end: a tiny teacher → student distillation run per method; the result is a plain YOLOv5 student."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+import val
+from engine.trainer import fit
+from models import load_model
+from models.checkpoint import load_checkpoint
+from tests.conftest import TINY_IMGSZ, train_args
+from train_distill import parse_options
+
+METHODS = [
+    ["--d_output", "objmse"],
+    ["--d_output", "soft"],
+    ["--d_output", "chen"],
+    ["--d_output", "none", "--d_feature", "mse"],
+    ["--d_output", "none", "--d_feature", "pkd"],
+    ["--d_output", "none", "--d_feature", "overhaul"],
+    ["--d_output", "none", "--d_feature", "mimic"],
+    ["--d_output", "none", "--d_feature", "cwd"],
+    ["--d_output", "none", "--d_feature", "mgd"],
+    ["--d_output", "objmse", "--d_feature", "pkd,mimic", "--f_weight", "6,1", "--d_schedule", "cosine"],
+]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: "+".join(a for a in m if not a.startswith("-")))
+def test_distillation_run_per_method(method: list[str], tiny_data: Path, wide_teacher: Path, tmp_path: Path) -> None:
+    teacher_hash = _sha(wide_teacher)
+    teacher_before = load_checkpoint(wide_teacher)["state_dict"]
+    args = train_args(tiny_data, tmp_path, "kd", 1, "--t_weights", str(wide_teacher), *method)
+    summary = fit(parse_options(args))
+    save_dir = Path(summary["save_dir"])
+
+    with open(save_dir / "results.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    kd_columns = [k for k in row if k.startswith("train/kd/")]
+    assert kd_columns, row.keys()
+    assert all(float(row[k]) >= 0 and float(row[k]) == float(row[k]) for k in kd_columns)
+    assert summary["teacher"]["map50"] >= 0  # the teacher was validated before the first step
+
+    # The saved student is a plain YOLOv5 model: official key layout, no connectors, loads in val.py.
+    best = save_dir / "weights" / "best.pt"
+    student = load_model(best)
+    assert set(student.state_dict()) == set(load_model("models/yolov5p.yaml", nc=4).state_dict())
+    assert load_checkpoint(best)["raw"]["adapters"] is None
+    last = load_checkpoint(save_dir / "weights" / "last.pt")["raw"]
+    if "--d_feature" in method:  # the teacher is wider: every feature method trains connectors
+        assert last["adapters"], "connectors must be saved in last.pt for --resume"
+        assert all(torch.isfinite(v).all() for v in last["adapters"].values())
+    res = val.run(weights=best, data=tiny_data, imgsz=TINY_IMGSZ, device="cpu", project=tmp_path / "val",
+                  workers=0, plots=False)
+    assert 0 <= res["map"] <= 1
+
+    # The teacher file and weights are untouched.
+    assert _sha(wide_teacher) == teacher_hash
+    for k, v in load_checkpoint(wide_teacher)["state_dict"].items():
+        assert torch.equal(v, teacher_before[k])
+
+
+def test_kd_flags_without_teacher_are_refused(tiny_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--t_weights"):
+        fit(parse_options(train_args(tiny_data, tmp_path, "bad", 1, "--d_feature", "pkd")))
+
+
+def test_teacher_with_other_classes_is_refused(tiny_data: Path, tmp_path: Path) -> None:
+    args = train_args(tiny_data, tmp_path, "bad", 1, "--t_weights", "tests/fixtures/yolov5n_nc80.pt")
+    with pytest.raises(ValueError, match="nc=80"):
+        fit(parse_options(args))
