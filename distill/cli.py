@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from distill.distiller import DEFAULT_F_WEIGHTS, FEATURE_METHODS, OUTPUT_MODES, DistillConfig
+from distill.feature_qmimic import Q_BITS
 from distill.schedule import SCHEDULES
 
 
@@ -30,7 +31,8 @@ def add_distill_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
     g.add_argument("--d_feature", default="", metavar="METHOD[,METHOD]",
                    help=f"feature distillation on the tensors entering Detect, any of {','.join(FEATURE_METHODS)} "
                         f"(mse=FitNets/Chen hint, pkd=Pearson, overhaul=Heo et al., mimic=Li et al. in GT boxes, "
-                        f"cwd=channel-wise, mgd=masked generative)")
+                        f"cwd=channel-wise, mgd=masked generative, qmimic=Wei et al. quantization mimic: mimic between "
+                        f"uniformly quantised maps, see --q_bits)")
     defaults = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_F_WEIGHTS.items())
     g.add_argument("--f_weight", default="",
                    help=f"feature term weight: one float for all --d_feature methods or a comma list in the same "
@@ -44,7 +46,17 @@ def add_distill_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
     g.add_argument("--d_margin", type=float, default=0.0,
                    help="chen: margin m of the teacher-bounded regression (grid units squared)")
     g.add_argument("--d_mimic_conf", type=float, default=0.0,
-                   help="mimic: also imitate cells whose teacher objectness exceeds this (0 = ground-truth boxes only)")
+                   help="mimic, qmimic: also imitate cells whose teacher objectness exceeds this "
+                        "(0 = ground-truth boxes only)")
+    g.add_argument("--q_bits", type=int, default=Q_BITS,
+                   help="qmimic: 2^bits levels spanning the teacher's running min..max range (8 = the asymmetric "
+                        "uint8 grid of export.py --int8)")
+    g.add_argument("--q_step", type=float, default=0.0,
+                   help="qmimic: fixed quantisation step β (Wei et al.) instead of one derived from --q_bits (0 = off)")
+    g.add_argument("--q_per_channel", action="store_true",
+                   help="qmimic: one range/step per channel instead of one per feature map")
+    g.add_argument("--q_symmetric", action="store_true",
+                   help="qmimic: symmetric range ±max|x| (2^(bits-1)-1 levels a side) instead of min..max")
     g.add_argument("--t_val", action=argparse.BooleanOptionalAction, default=True,
                    help="validate the teacher once before training and log its mAP (--no-t_val to skip)")
     return g
@@ -94,6 +106,10 @@ def config_from_args(args: argparse.Namespace, hyp: Mapping[str, Any]) -> Distil
         hyp=dict(hyp),
         chen_margin=float(getattr(args, "d_margin", 0.0)),
         mimic_conf=float(getattr(args, "d_mimic_conf", 0.0)),
+        q_bits=int(getattr(args, "q_bits", Q_BITS)),
+        q_step=float(getattr(args, "q_step", 0.0)),
+        q_per_channel=bool(getattr(args, "q_per_channel", False)),
+        q_symmetric=bool(getattr(args, "q_symmetric", False)),
         t_val=bool(args.t_val),
     )
 

@@ -42,18 +42,19 @@ from distill.feature_mimic import FeatureMimic
 from distill.feature_mse import FeatureMSE
 from distill.feature_overhaul import FeatureOverhaul, activation_floor
 from distill.feature_pkd import FeaturePKD
+from distill.feature_qmimic import Q_BITS, FeatureQMimic
 from distill.output import chen_bounded_box, objectness_weighted_mse, soft_output_terms
 from distill.schedule import SCHEDULES, kd_scale
 from distill.taps import FeatureTaps, detect_inputs, detect_layer, final_conv, unwrap
 from distill.teacher import check_compatibility, teacher_input, teacher_raw_outputs
 
 OUTPUT_MODES = ("objmse", "soft", "chen", "none")
-FEATURE_METHODS = ("mse", "pkd", "overhaul", "mimic", "cwd", "mgd")
+FEATURE_METHODS = ("mse", "pkd", "overhaul", "mimic", "cwd", "mgd", "qmimic")
 
 # Default weight of each feature term, from the methods' reference settings (REFERENCE.md §6):
 # mse: Chen et al.'s hint weight γ; pkd: 6 (reference detection configs use 6-10); overhaul: the
 # paper's "/ constant" (1e3-1e4; 1e4 for our large neck maps); mimic: 1; cwd: 5 (5-10 on FPN
-# levels); mgd: α = 2e-5.
+# levels); mgd: α = 2e-5; qmimic: as mimic.
 DEFAULT_F_WEIGHTS: dict[str, float] = {
     "mse": 0.5,
     "pkd": 6.0,
@@ -61,6 +62,7 @@ DEFAULT_F_WEIGHTS: dict[str, float] = {
     "mimic": 1.0,
     "cwd": 5.0,
     "mgd": 2e-5,
+    "qmimic": 1.0,
 }
 
 _DEFAULT_HYP = {"box": 0.05, "obj": 1.0, "cls": 0.5, "anchor_t": 4.0}
@@ -84,7 +86,9 @@ class DistillConfig:
         chen_margin: m of the bounded regression (grid units²; 0 = any student worse than the
             teacher is pushed); chen_nu: ν, its weight relative to d·box; chen_bg_weight: 1.5.
         cwd_tau: τ of CWD; mgd_drop: MGD's mask ratio; mimic_conf: when > 0, cells where the
-            teacher's objectness exceeds it form an extra mimic region per image.
+            teacher's objectness exceeds it form an extra mimic region per image (mimic, qmimic).
+        q_bits, q_step, q_per_channel, q_symmetric: the qmimic quantiser (see
+            :mod:`distill.feature_qmimic`); q_step > 0 overrides q_bits.
         t_val: validate the teacher once before training (read by the engine).
     """
 
@@ -104,6 +108,10 @@ class DistillConfig:
     cwd_tau: float = 1.0
     mgd_drop: float = MGD_DROP_RATIO
     mimic_conf: float = 0.0
+    q_bits: int = Q_BITS
+    q_step: float = 0.0
+    q_per_channel: bool = False
+    q_symmetric: bool = False
     t_val: bool = True
 
     def __post_init__(self) -> None:
@@ -117,6 +125,10 @@ class DistillConfig:
             raise ValueError(f"--d_feature {','.join(self.features)}: a method is listed twice")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--d_schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
+        if not 2 <= self.q_bits <= 16:
+            raise ValueError(f"--q_bits {self.q_bits}: use 2..16")
+        if self.q_step < 0:
+            raise ValueError(f"--q_step {self.q_step}: must be >= 0 (0 = derive the step from --q_bits)")
         if self.temperature <= 0:
             raise ValueError(f"--d_temperature {self.temperature}: must be > 0")
         self.hyp = {**_DEFAULT_HYP, **{k: float(v) for k, v in self.hyp.items() if k in _DEFAULT_HYP}}
@@ -203,6 +215,9 @@ class Distiller(nn.Module):
                 self.features[m] = FeatureMGD(s_ch, t_ch, drop_ratio=cfg.mgd_drop)
             elif m == "mimic":
                 self.features[m] = FeatureMimic(s_ch, t_ch)
+            elif m == "qmimic":
+                self.features[m] = FeatureQMimic(s_ch, t_ch, bits=cfg.q_bits, step=cfg.q_step or None,
+                                                 per_channel=cfg.q_per_channel, symmetric=cfg.q_symmetric)
             elif m == "overhaul":
                 floors = [activation_floor(getattr(final_conv(layer), "act", None)) for layer in detect_inputs(teacher)]
                 self.features[m] = FeatureOverhaul(self._s_pre.channels, self._t_pre.channels, self._t_pre.modules,
@@ -264,7 +279,7 @@ class Distiller(nn.Module):
             for m, module in self.features.items():
                 if m == "overhaul":
                     value = module(self._s_pre.get(), self._t_pre.get())
-                elif m == "mimic":
+                elif m in ("mimic", "qmimic"):
                     value = module(s_post, t_post, targets, self._confident_cells(t_out))
                 else:
                     value = module(s_post, t_post)
