@@ -35,6 +35,7 @@ METHODS: dict[str, list[str]] = {
     "feature mimic": ["--d_output", "none", "--d_feature", "mimic"],
     "feature cwd": ["--d_output", "none", "--d_feature", "cwd"],
     "feature mgd": ["--d_output", "none", "--d_feature", "mgd"],
+    "feature qmimic": ["--d_output", "none", "--d_feature", "qmimic"],
     "objmse + pkd": ["--d_output", "objmse", "--d_feature", "pkd"],
 }
 

@@ -14,7 +14,7 @@ DEMO_PRESET = [
     "--cfg", "models/yolov5p.yaml",
     "--t_weights", "weights/demo_teacher.pt",
     "--imgsz", "160",
-    "--epochs", "30",
+    "--epochs", "20",
     "--batch-size", "16",
     "--nominal-batch", "16",
     "--name", "demo",

@@ -189,7 +189,7 @@ def _locate_inputs(opt: argparse.Namespace) -> None:
     if opt.weights:
         opt.weights = str(find_weights(opt.weights))
     if getattr(opt, "t_weights", ""):
-        opt.t_weights = str(find_weights(opt.t_weights))
+        opt.t_weights = str(find_weights(opt.t_weights, "--t_weights"))
 
 
 def _load_hyp(opt: argparse.Namespace) -> dict:

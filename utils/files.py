@@ -44,10 +44,10 @@ def find_data_yaml(spec: str | Path) -> Path:
     shipped = REPO_ROOT / "data" / path.name
     if path.parent == Path(".") and shipped.is_file():
         return shipped
-    raise FileNotFoundError(f"--data {spec}: dataset yaml not found (give a path, or a name in data/)")
+    raise FileNotFoundError(f"--data {spec} not found (give a path to a dataset yaml, or a name in data/)")
 
 
-def find_weights(spec: str | Path) -> Path:
+def find_weights(spec: str | Path, flag: str = "--weights") -> Path:
     """A checkpoint as given, one in the repository's weights/, or an official YOLOv5 release name
     (``yolov5s.pt``) fetched into weights/ by ``weights/download.py`` — as YOLOv5 users expect."""
     path = Path(spec)
@@ -64,4 +64,5 @@ def find_weights(spec: str | Path) -> Path:
             return download(name, REPO_ROOT / "weights")
         except DownloadError as e:
             raise FileNotFoundError(str(e)) from None
-    raise FileNotFoundError(f"weights {spec}: file not found")
+    raise FileNotFoundError(f"{flag} {spec} not found (give a path, a file in weights/, or an official "
+                            "release name such as yolov5s.pt)")
