@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib
-import json
 import sys
 import time
 from collections.abc import Iterator
@@ -30,7 +28,7 @@ import cv2
 import numpy as np
 import torch
 
-from models import load_model
+from models.backends import load_backend
 from utils.augment import letterbox
 from utils.boxes import non_max_suppression, scale_boxes, xyxy2xywhn
 from utils.files import increment_path
@@ -38,89 +36,6 @@ from utils.torch_utils import select_device
 
 IMG_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}
 VID_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".wmv", ".mpg", ".mpeg"}
-
-
-# ------------------------------------------------------------------------------------- backends
-
-
-class TorchBackend:
-    """PyTorch inference on a .pt checkpoint (ours or official YOLOv5), Conv+BN fused, eval mode.
-
-    Interface shared with :class:`OnnxBackend`: ``stride`` (int, largest), ``names`` (list[str]),
-    ``fixed_shape`` ((h, w) the input must have, or None when any stride multiple works),
-    ``device``, and ``__call__(x (bs, 3, h, w) float 0-1) -> (bs, N, 5 + nc)`` decoded float32.
-    """
-
-    def __init__(self, weights: str | Path, device: torch.device, half: bool = False) -> None:
-        self.device = device
-        self.model = load_model(str(weights), device=str(device)).eval().fuse()
-        self.half = half and device.type == "cuda"  # fp16 convolutions only pay off (and work) on GPU
-        if self.half:
-            self.model.half()
-        self.stride = int(self.model.stride.max())
-        names = self.model.names
-        self.names = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
-        self.fixed_shape: tuple[int, int] | None = None
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, torch.float16 if self.half else torch.float32)
-        return self.model(x)[0].float()
-
-
-class OnnxBackend:
-    """onnxruntime inference on a file written by export.py (decoded output ``output0``).
-
-    Reads ``stride`` and ``names`` from the file's metadata (defaults 32 and class0..); a static
-    input shape becomes ``fixed_shape``. See :class:`TorchBackend` for the interface.
-    """
-
-    def __init__(self, weights: str | Path, device: torch.device) -> None:
-        try:
-            ort = importlib.import_module("onnxruntime")
-        except ImportError as e:
-            raise ImportError("ONNX inference needs onnxruntime: pip install onnxruntime") from e
-        providers = ["CPUExecutionProvider"]
-        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        self.device = device
-        self.session = ort.InferenceSession(str(weights), providers=providers)
-        inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        self.dtype = np.float16 if "float16" in inp.type else np.float32
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.stride = int(json.loads(meta.get("stride", "32")))
-        nc = self.session.get_outputs()[0].shape[-1]
-        nc = nc - 5 if isinstance(nc, int) else 0
-        self.names = list(json.loads(meta["names"])) if "names" in meta else [f"class{i}" for i in range(nc)]
-        h, w = inp.shape[2], inp.shape[3]
-        # Symbolic (dynamic) axes come back as strings; only integers pin the input size.
-        self.fixed_shape = (h, w) if isinstance(h, int) and isinstance(w, int) else None
-        self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        arr = x.detach().cpu().numpy().astype(self.dtype)
-        n = arr.shape[0]
-        if self.fixed_batch and n != self.fixed_batch:
-            if n > self.fixed_batch:
-                raise ValueError(f"this ONNX file takes batches of {self.fixed_batch}; re-export with --dynamic")
-            # A file exported with a larger static batch: fill it with copies, keep the first n rows.
-            arr = np.concatenate([arr, np.repeat(arr[-1:], self.fixed_batch - n, axis=0)])
-        y = self.session.run(None, {self.input_name: arr})[0][:n]
-        return torch.from_numpy(y.astype(np.float32)).to(self.device)
-
-
-def load_backend(weights: str | Path, device: torch.device, half: bool = False) -> TorchBackend | OnnxBackend:
-    """Choose the backend from the file suffix (.pt/.pth → PyTorch, .onnx → onnxruntime)."""
-    weights = Path(weights)
-    if not weights.is_file():
-        raise FileNotFoundError(f"--weights {weights}: file not found")
-    suffix = weights.suffix.lower()
-    if suffix in (".pt", ".pth"):
-        return TorchBackend(weights, device, half)
-    if suffix == ".onnx":
-        return OnnxBackend(weights, device)
-    raise ValueError(f"--weights {weights}: unsupported format {suffix!r}; use a .pt or .onnx file")
 
 
 # -------------------------------------------------------------------------------------- sources

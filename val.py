@@ -8,8 +8,8 @@ Prints a YOLOv5-style table (per class with --verbose) and per-image speeds, and
 ``metrics.json`` (plus plots, and with --save-json the COCO predictions and pycocotools figures)
 into ``runs/val/exp*``. ``run(...)`` does the same from Python and returns the metrics dict.
 
-``.onnx`` weights (fp32 or INT8 files from export.py) run in onnxruntime through detect.py's
-``OnnxBackend``; everything after the model output (NMS, matching, AP) is the same code. A file
+``.onnx`` weights (fp32 or INT8 files from export.py) run in onnxruntime through models.backends'
+``models.backends.OnnxBackend``; everything after the model output (NMS, matching, AP) is the same code. A file
 exported with ``--dynamic`` gets the same rectangular batches as a .pt; a fixed-shape file is fed
 square letterboxed batches of its own size (rect off, ``--imgsz`` ignored; a non-square fixed size
 is refused) and at most its static batch size, which is said on the console.
@@ -36,12 +36,12 @@ TASKS = ("val", "test", "speed")
 
 
 class OnnxModel(nn.Module):
-    """``evaluate``'s model interface over :class:`detect.OnnxBackend`: (B, 3, H, W) float 0-1 →
+    """``evaluate``'s model interface over :class:`models.backends.OnnxBackend`: (B, 3, H, W) float 0-1 →
     decoded (B, N, 5 + nc); attributes ``nc``, ``names``, ``stride``, ``fixed_shape``, ``fixed_batch``."""
 
     def __init__(self, weights: str | Path, device: torch.device) -> None:
         super().__init__()
-        from detect import OnnxBackend  # the one onnxruntime wrapper of the project (detect.py owns it)
+        from models.backends import OnnxBackend  # deferred: onnxruntime is optional
 
         self.backend = OnnxBackend(weights, device)
         self.names = list(self.backend.names)

@@ -12,6 +12,18 @@ from utils.demo_data import NAMES, generate_demo
 TINY_IMGSZ = 96
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models run fastest single-threaded, and two threads per process oversubscribe a shared
+    2-core machine badly (seen: 40× slower steps); restored at the end of the session."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def write_data_yaml(root: Path, train: str = "images/train", val: str = "images/val") -> Path:
     path = root / "data.yaml"
     path.write_text(yaml.safe_dump({"path": str(root), "train": train, "val": val, "names": list(NAMES),

@@ -31,14 +31,6 @@ CKPT = Path(__file__).parent / "fixtures" / "yolov5n_nc80.pt"
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small convs run fastest single-threaded; with busy CPUs, OpenMP spinning costs seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 def tiny_cfg(**over) -> dict:
     with open(Path(models.__file__).parent / "yolov5n.yaml", encoding="utf-8") as f:
         cfg = yaml.safe_load(f)

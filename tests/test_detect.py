@@ -12,6 +12,7 @@ import torch
 import detect
 import export
 from models import load_model
+from models.backends import TorchBackend, load_backend
 from tests.test_export import NAMES, make_tiny_checkpoint
 from utils.augment import letterbox
 from utils.boxes import non_max_suppression, scale_boxes, xyxy2xywhn
@@ -92,7 +93,7 @@ def test_pt_and_onnx_give_the_same_boxes(tiny_pt: Path, images: Path, tmp_path: 
 
 def test_static_onnx_uses_its_fixed_input(tiny_pt: Path, images: Path, tmp_path: Path) -> None:
     onnx_path, _ = export.run(tiny_pt, imgsz=[128, 160], output=tmp_path / "static.onnx")
-    backend = detect.load_backend(onnx_path, torch.device("cpu"))
+    backend = load_backend(onnx_path, torch.device("cpu"))
     assert backend.fixed_shape == (128, 160) and backend.names == NAMES and backend.stride == 32
     res = detect.run(onnx_path, str(images / "*.png"), conf_thres=CONF, device="cpu", save_txt=True,
                      project=tmp_path / "runs", verbose=False)
@@ -106,11 +107,11 @@ def test_static_onnx_uses_its_fixed_input(tiny_pt: Path, images: Path, tmp_path:
 
 def test_onnx_backend_with_a_larger_static_batch(tiny_pt: Path, tmp_path: Path) -> None:
     onnx_path, _ = export.run(tiny_pt, imgsz=64, batch_size=2, output=tmp_path / "b2.onnx")
-    backend = detect.load_backend(onnx_path, torch.device("cpu"))
+    backend = load_backend(onnx_path, torch.device("cpu"))
     x = torch.from_numpy(export.preprocess(export.synthetic_image((64, 64), seed=3), (64, 64)))
     y = backend(x)  # one image into a batch-2 graph
     assert y.shape == (1, 3 * (8 * 8 + 4 * 4 + 2 * 2), 5 + len(NAMES))
-    ref = detect.TorchBackend(tiny_pt, torch.device("cpu"))(x)
+    ref = TorchBackend(tiny_pt, torch.device("cpu"))(x)
     assert export.parity(ref.numpy(), y.numpy(), (64, 64))["max"] < 1e-3
 
 
@@ -157,6 +158,6 @@ def test_bad_sources_and_weights(tiny_pt: Path, tmp_path: Path, capsys) -> None:
     bad = tmp_path / "model.tflite"
     bad.write_bytes(b"")
     with pytest.raises(ValueError, match="unsupported format"):
-        detect.load_backend(bad, torch.device("cpu"))
+        load_backend(bad, torch.device("cpu"))
     assert detect.main(["--weights", str(tiny_pt), "--source", str(tmp_path / "nope.jpg")]) == 1
     assert "--source" in capsys.readouterr().err

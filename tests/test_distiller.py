@@ -34,14 +34,6 @@ IMGSZ = 64
 HYP = {"box": 0.05, "obj": 1.0, "cls": 0.5, "anchor_t": 4.0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded, especially on a shared, busy CPU; restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _cfg(width: float = 0.125, nc: int = 3, anchors: list | None = None) -> dict:
     d = yaml.safe_load((MODEL_DIR / "yolov5p.yaml").read_text())

@@ -27,13 +27,6 @@ CALIB_SEEDS = range(100, 116)  # generated pictures for calibration
 TEST_SEEDS = range(200, 204)  # other pictures of the same kind ("calibration-like")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_quantizable_checkpoint(path: Path, names: list[str], seed: int = 0) -> Path:
     """A yolov5n-shaped model at width 0.125 whose outputs are informative AND not chaotic.

@@ -34,14 +34,6 @@ from utils.demo_data import NAMES, generate_demo
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Other jobs share the machine: run single-threaded, then restore the previous setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ------------------------------------------------------------------------------ toy features
 def region_mask(size: int = 64) -> torch.Tensor:

@@ -27,14 +27,6 @@ PARAMS = {"n": 1_872_157, "s": 7_235_389, "m": 21_190_557}
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small convs run fastest single-threaded; with busy CPUs, OpenMP spinning costs seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 @pytest.fixture(scope="module")
 def ref() -> dict[str, np.ndarray]:
     with np.load(NPZ) as d:

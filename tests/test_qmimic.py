@@ -13,14 +13,6 @@ from distill.feature_qmimic import FeatureQMimic, UniformQuantizer, qmimic_loss
 from tests.test_distiller import HYP, _batch, _model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _q(t: torch.Tensor, **kw) -> UniformQuantizer:
     """A quantiser whose range was observed once on ``t``."""
     q = UniformQuantizer(t.shape[1], **kw)
