@@ -81,6 +81,7 @@ def test_conv_feature_concepts_fall_inside_region():
 
     res = learn_entropy(f, x, EntropySettings(lam=0.5, steps=120, samples=2, lr=0.1, cell=16),
                         torch.Generator().manual_seed(1))
+    assert np.mean(res.loss[-10:]) < np.mean(res.loss[:10])  # the optimisation lowers its objective
     region = box_cell_mask(np.array([[16, 16, 32, 48]]), (64, 64), 16)
     assert region.sum() == 2
     for h in res.entropy:
