@@ -37,6 +37,8 @@ METHODS: dict[str, list[str]] = {
     "feature mgd": ["--d_output", "none", "--d_feature", "mgd"],
     "feature qmimic": ["--d_output", "none", "--d_feature", "qmimic"],
     "objmse + pkd": ["--d_output", "objmse", "--d_feature", "pkd"],
+    "objmse, cosine schedule": ["--d_output", "objmse", "--d_schedule", "cosine"],
+    "objmse, off for the last 5 epochs": ["--d_output", "objmse", "--d_stop_epochs", "5"],
 }
 
 
@@ -127,6 +129,8 @@ def write_report(args: argparse.Namespace, results: dict[str, list[dict]], teach
     notes = Path(args.notes)
     if notes.exists():
         lines += [notes.read_text().strip(), ""]
+    for extra in args.include:  # generated sections of other studies (INT8, knowledge analysis)
+        lines += [Path(extra).read_text().strip(), ""]
     out.write_text("\n".join(lines) + "\n")
     json_path = REPO / "benchmarks" / "results" / "kd_study.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,6 +176,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", default="runs/kd_study", help="folder for the run folders")
     p.add_argument("--out", default="docs/RESULTS.md", help="report to write")
     p.add_argument("--notes", default="docs/results/notes.md", help="hand-written analysis embedded in the report")
+    p.add_argument("--include", nargs="*", default=[], help="generated markdown sections to append")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
     args = p.parse_args(argv)
     if "student alone" not in args.methods:
