@@ -37,6 +37,9 @@ METHODS: dict[str, list[str]] = {
     "feature mgd": ["--d_output", "none", "--d_feature", "mgd"],
     "feature qmimic": ["--d_output", "none", "--d_feature", "qmimic"],
     "objmse + pkd": ["--d_output", "objmse", "--d_feature", "pkd"],
+    "feature pkd, f_weight 1": ["--d_output", "none", "--d_feature", "pkd", "--f_weight", "1"],
+    "feature mimic, f_weight 0.01": ["--d_output", "none", "--d_feature", "mimic", "--f_weight", "0.01"],
+    "feature qmimic, f_weight 0.01": ["--d_output", "none", "--d_feature", "qmimic", "--f_weight", "0.01"],
     "objmse, cosine schedule": ["--d_output", "objmse", "--d_schedule", "cosine"],
     "objmse, off for the last 5 epochs": ["--d_output", "objmse", "--d_stop_epochs", "5"],
 }

@@ -7,7 +7,7 @@ import argparse
 import pytest
 import torch
 
-from distill import DistillConfig, Distiller, add_distill_args, config_from_args, freeze_teacher
+from distill import DEFAULT_F_WEIGHTS, DistillConfig, Distiller, add_distill_args, config_from_args, freeze_teacher
 from distill.feature_mimic import mimic_loss
 from distill.feature_qmimic import FeatureQMimic, UniformQuantizer, qmimic_loss
 from tests.test_distiller import HYP, _batch, _model
@@ -156,7 +156,7 @@ def test_qmimic_ignores_outside_boxes_and_gradient_stays_inside():
 def test_distiller_and_cli_with_qmimic():
     s, t = _model(0), freeze_teacher(_model(1, width=0.25))  # different widths: connectors adapt
     d = Distiller(s, t, DistillConfig(output="none", features=("qmimic",), hyp=HYP, q_bits=4, q_per_channel=True))
-    assert d.weights == {"kd/feat_qmimic": 1.0}
+    assert d.weights == {"kd/feat_qmimic": DEFAULT_F_WEIGHTS["qmimic"]}
     imgs, targets = _batch()
     d.train()
     terms = d(imgs, s.train()(imgs), targets)
