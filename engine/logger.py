@@ -12,20 +12,32 @@ import yaml
 class ResultsLog:
     """Append one row per epoch to `results.csv`; the header is the first row's keys.
 
-    Columns are fixed by the first epoch (the set of loss terms does not change during a run), and a
-    resumed run appends to the same file.
+    Columns are fixed by the first epoch and a resumed run appends to the same file. A term missing
+    from a later row (distillation switched off for the last epochs by `--d_stop_epochs`) is written
+    as 0, which is what it contributed to the loss.
     """
 
     def __init__(self, save_dir: Path) -> None:
         self.path = Path(save_dir) / "results.csv"
 
+    def header(self) -> list[str] | None:
+        if not self.path.exists():
+            return None
+        with open(self.path, newline="") as f:
+            return next(csv.reader(f), None)
+
     def append(self, row: dict[str, float]) -> None:
-        new_file = not self.path.exists()
+        columns = self.header()
         with open(self.path, "a", newline="") as f:
             writer = csv.writer(f)
-            if new_file:
-                writer.writerow(list(row))
-            writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row.values()])
+            if columns is None:
+                columns = list(row)
+                writer.writerow(columns)
+            unknown = set(row) - set(columns)
+            if unknown:
+                raise ValueError(f"{self.path}: new columns {sorted(unknown)} after the header was written")
+            values = [row.get(k, 0.0) for k in columns]
+            writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in values])
 
     def rows(self) -> list[dict[str, str]]:
         if not self.path.exists():

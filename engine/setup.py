@@ -83,14 +83,17 @@ class Run:
         self.train_loader.dataset.set_epoch(epoch)
 
     def epoch_row(self, epoch: int, losses: dict, metrics: dict | None, seconds: float) -> dict:
+        """One results.csv row; metrics of an epoch that was not validated (--noval) are NaN."""
+        nan = float("nan")
+        metrics = metrics or {}
         row: dict = {"epoch": epoch + 1}
         row.update({f"train/{k}": v for k, v in losses.items()})
-        if metrics is not None:
-            row.update({"metrics/precision": metrics["precision"], "metrics/recall": metrics["recall"],
-                        "metrics/mAP50": metrics["map50"], "metrics/mAP50-95": metrics["map"],
-                        "metrics/fitness": metrics["fitness"]})
-            for name, value in zip(("box", "obj", "cls"), metrics.get("loss") or ()):
-                row[f"val/det/{name}"] = float(value)
+        for column, key in (("precision", "precision"), ("recall", "recall"), ("mAP50", "map50"),
+                            ("mAP50-95", "map"), ("fitness", "fitness")):
+            row[f"metrics/{column}"] = metrics.get(key, nan)
+        val_loss = metrics.get("loss")
+        for j, name in enumerate(("box", "obj", "cls")):
+            row[f"val/det/{name}"] = float(val_loss[j]) if val_loss is not None else nan
         row.update({f"lr/pg{j}": g["lr"] for j, g in enumerate(self.optimizer.param_groups)})
         row["time/epoch_s"] = seconds
         return row
@@ -99,7 +102,7 @@ class Run:
         self.results.append(row)
         if not self.opt.noplots:
             plot_results(self.results.path, self.save_dir / "results.png")
-        shown = {k: v for k, v in row.items() if k.startswith("metrics/") or k == "time/epoch_s"}
+        shown = {k: v for k, v in row.items() if (k.startswith("metrics/") and v == v) or k == "time/epoch_s"}
         print(f"epoch {row['epoch']}/{self.opt.epochs}: " + "  ".join(f"{k.split('/')[-1]} {v:.4g}"
                                                                    for k, v in shown.items()))
 

@@ -78,3 +78,13 @@ def test_teacher_with_other_classes_is_refused(tiny_data: Path, tmp_path: Path) 
     args = train_args(tiny_data, tmp_path, "bad", 1, "--t_weights", "tests/fixtures/yolov5n_nc80.pt")
     with pytest.raises(ValueError, match="nc=80"):
         fit(parse_options(args))
+
+
+def test_kd_switched_off_for_the_last_epochs_logs_zero(tiny_data: Path, wide_teacher: Path, tmp_path: Path) -> None:
+    args = train_args(tiny_data, tmp_path, "stop", 2, "--t_weights", str(wide_teacher), "--d_stop_epochs", "1",
+                      "--no-t_val", "--noval")
+    summary = fit(parse_options(args))
+    with open(Path(summary["save_dir"]) / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(None not in r.values() for r in rows)  # every row has every column
+    assert float(rows[0]["train/kd/out_obj"]) > 0 and float(rows[1]["train/kd/out_obj"]) == 0
