@@ -101,7 +101,7 @@ class DistillConfig:
     temperature: float = 1.0
     features: tuple[str, ...] = ()
     f_weights: dict[str, float] = field(default_factory=dict)
-    schedule: str = "const"
+    schedule: str = "cosine"  # measured best on the demo study (docs/RESULTS.md)
     stop_epochs: int = 0
     warmup_epochs: int = 0
     hyp: dict[str, float] = field(default_factory=lambda: dict(_DEFAULT_HYP))
