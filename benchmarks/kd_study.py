@@ -157,12 +157,13 @@ def _plot(results: dict[str, list[dict]], path: Path) -> None:
 
     fig = Figure(figsize=(9, 5.5), tight_layout=True)
     ax = fig.add_subplot(1, 1, 1)
-    for label, runs in results.items():
+    for j, (label, runs) in enumerate(results.items()):
         curves = [r["map_per_epoch"] for r in runs]
         n = min(len(c) for c in curves)
         mean = [statistics.fmean(c[i] for c in curves) for i in range(n)]
-        ax.plot(range(1, n + 1), mean, label=label, lw=2.5 if label == "student alone" else 1.3,
-                color="black" if label == "student alone" else None)
+        alone = label == "student alone"
+        ax.plot(range(1, n + 1), mean, label=label, lw=2.5 if alone else 1.3, color="black" if alone else None,
+                ls=("-", "--", ":")[(j // 10) % 3])  # matplotlib's 10 colours repeat: vary the line style
     ax.set_xlabel("epoch")
     ax.set_ylabel("val mAP50-95 (EMA, mean over seeds)")
     ax.grid(alpha=0.3)
