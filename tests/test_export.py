@@ -12,6 +12,7 @@ import torch
 import yaml
 
 import export
+from engine.checkpointing import model_checkpoint
 from models import DetectionModel, load_model
 from models.checkpoint import save_checkpoint
 
@@ -50,14 +51,8 @@ def make_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     for m in bns:
         m.momentum = 0.03
     model.eval()
-    sd = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    ckpt = {
-        "format": "yolo-kd/1", "yaml": model.yaml, "model": sd, "ema": None, "names": NAMES,
-        "stride": model.stride.tolist(), "epoch": 0, "best_fitness": 0.0, "updates": 0,
-        "optimizer": None, "scaler": None, "adapters": None, "opt": {}, "hyp": {}, "rng": None,
-        "date": "",
-    }
-    return save_checkpoint(ckpt, path)
+    model.names = list(NAMES)
+    return save_checkpoint(model_checkpoint(model), path)
 
 
 @pytest.fixture(scope="module")

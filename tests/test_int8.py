@@ -12,6 +12,7 @@ import yaml
 
 import export
 import val
+from engine.checkpointing import model_checkpoint
 from models import DetectionModel
 from models.checkpoint import save_checkpoint
 from utils import onnx_int8 as q
@@ -61,13 +62,8 @@ def make_quantizable_checkpoint(path: Path, names: list[str], seed: int = 0) -> 
     for m in bns:
         m.momentum = 0.03
     model.eval()
-    sd = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    ckpt = {
-        "format": "yolo-kd/1", "yaml": model.yaml, "model": sd, "ema": None, "names": list(names),
-        "stride": model.stride.tolist(), "epoch": 0, "best_fitness": 0.0, "updates": 0,
-        "optimizer": None, "scaler": None, "adapters": None, "opt": {}, "hyp": {}, "rng": None, "date": "",
-    }
-    return save_checkpoint(ckpt, path)
+    model.names = list(names)
+    return save_checkpoint(model_checkpoint(model), path)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import yaml
 from torch import nn
 
 import val
+from engine.checkpointing import model_checkpoint
 from engine.evaluate import evaluate, results_table
 from models import DetectionModel
 from models.checkpoint import save_checkpoint
@@ -37,25 +38,8 @@ def make_checkpoint(folder: Path, nc: int) -> Path:
     cfg.update(width_multiple=0.125, depth_multiple=0.33, nc=nc)
     torch.manual_seed(0)
     model = DetectionModel(cfg)
-    ckpt = {
-        "format": "yolo-kd/1",
-        "yaml": model.yaml,
-        "model": {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()},
-        "ema": None,
-        "names": list(NAMES),
-        "stride": model.stride.tolist(),
-        "epoch": 0,
-        "best_fitness": 0.0,
-        "updates": 0,
-        "optimizer": None,
-        "scaler": None,
-        "adapters": None,
-        "opt": {},
-        "hyp": {},
-        "rng": None,
-        "date": "2024-01-01T00:00:00",
-    }
-    return save_checkpoint(ckpt, folder / "tiny.pt")
+    model.names = list(NAMES)
+    return save_checkpoint(model_checkpoint(model), folder / "tiny.pt")
 
 
 @pytest.fixture(scope="module")
