@@ -13,7 +13,6 @@ are excluded as warm-up.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from benchmarks.common import write_results
 from utils.dataset import create_dataloader, load_data_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,9 +74,6 @@ def main(argv: list[str] | None = None) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "results": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     md = [
         "# Data loader throughput",
         "",
@@ -89,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         *(f"| {r['imgsz']} | {r['batch']} | {r['workers']} | {r['images_per_s']} | {r['batches']} |" for r in rows),
         "",
     ]
-    out.with_suffix(".md").write_text("\n".join(md))
+    write_results(result, md, args.out)
     print("\n".join(md))
     return result
 

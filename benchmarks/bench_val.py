@@ -15,7 +15,6 @@ with a trained model; the table gives detections per image so runs can be compar
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from benchmarks.common import write_results
 from engine.evaluate import evaluate
 from models import DetectionModel, load_model
 from utils.dataset import create_dataloader, load_data_config
@@ -107,9 +107,6 @@ def main(argv: list[str] | None = None) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "results": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     md = [
         "# Validation throughput",
         "",
@@ -127,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         "",
     ]
-    out.with_suffix(".md").write_text("\n".join(md))
+    write_results(result, md, args.out)
     print("\n".join(md))
     return result
 
