@@ -130,13 +130,15 @@ def test_chen_bounded_box_decodes_cells():
     s = torch.zeros(1, 1, 2, 2, 6)
     t = torch.zeros(1, 1, 2, 2, 6)
     idx = (torch.tensor([0]), torch.tensor([0]), torch.tensor([1]), torch.tensor([1]))
-    gt = torch.tensor([[0.5, 0.5, 2.0, 4.0]])  # the student decodes (0.5, 0.5, 2, 3): e_s = 1
-    t[0, 0, 1, 1, :2] = 10.0  # teacher xy → ≈1.5: e_t ≈ 1 + 1 + 1 = 3, worse than the student
+    # Compared anchor-relative: (x/a_w, y/a_h, log(w/a_w), log(h/a_h)). The student decodes
+    # (0.5, 0.5, 2, 3) → (0.25, 1/6, 0, 0); the label (0.5, 0.5, 2, 4) → (0.25, 1/6, 0, log 4/3).
+    gt = torch.tensor([[0.5, 0.5, 2.0, 4.0]])  # e_s = (log 4/3)²
+    t[0, 0, 1, 1, :2] = 10.0  # teacher xy → ≈1.5: e_t ≈ 0.5² + (1/3)² + (log 4/3)², worse than the student
     assert chen_bounded_box([s], [t], [gt], [idx], [anchors]).item() == 0.0
     p = math.sqrt(4.0 / 3.0) / 2  # teacher exact: xy logit 0, (2σ(h))²·3 = 4
     t[0, 0, 1, 1, :2] = 0.0
     t[0, 0, 1, 1, 3] = math.log(p / (1 - p))
-    assert chen_bounded_box([s], [t], [gt], [idx], [anchors]).item() == pytest.approx(1.0, rel=1e-5)
+    assert chen_bounded_box([s], [t], [gt], [idx], [anchors]).item() == pytest.approx(math.log(4 / 3) ** 2, rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------- adapters
