@@ -19,7 +19,7 @@ mode       terms                                                      weights
 =========  =========================================================  ==========================
 objmse     kd/out_box, kd/out_obj, kd/out_cls (Adlik-style MSE)       d·box, d·obj, d·cls
 soft       kd/out_box (as objmse), kd/soft_obj, kd/soft_cls (T²·BCE)   d·box, d·obj, d·cls
-chen       kd/soft_obj (background ×1.5), kd/soft_cls, kd/bounded_box  d·obj, d·cls, d·box·ν
+chen       kd/soft_obj (background ×1.5), kd/soft_cls, kd/bounded_box  d·obj, d·cls, box·ν
 none       —                                                          —
 =========  =========================================================  ==========================
 
@@ -195,7 +195,10 @@ class Distiller(nn.Module):
             if self.nc > 1:
                 self.weights["kd/soft_cls"] = d * hyp["cls"]
         if self.output == "chen":
-            self.weights["kd/bounded_box"] = d * hyp["box"] * cfg.chen_nu
+            # Chen's ν weighs the bounded term against the hard regression loss (gain `box` here); it is
+            # averaged over positives only, so the objmse-style d_weight (meant for all-cell means)
+            # must not multiply it: with it the term's gradient swamped every other (docs/RESULTS.md).
+            self.weights["kd/bounded_box"] = hyp["box"] * cfg.chen_nu
             from utils.loss import DetectionLoss  # the hard loss's own positive assignment
 
             self._assigner = DetectionLoss(self.student, {**hyp})

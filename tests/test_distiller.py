@@ -236,7 +236,7 @@ def test_distiller_weights():
     assert d.weights == pytest.approx({"kd/out_box": 0.5, "kd/out_obj": 10.0, "kd/out_cls": 5.0,
                                        "kd/feat_pkd": 8.0, "kd/feat_mgd": 2e-5})
     chen = Distiller(_model(0), freeze_teacher(_model(1)), DistillConfig(output="chen", hyp=HYP))
-    assert chen.weights == pytest.approx({"kd/soft_obj": 10.0, "kd/soft_cls": 5.0, "kd/bounded_box": 0.25})
+    assert chen.weights == pytest.approx({"kd/soft_obj": 10.0, "kd/soft_cls": 5.0, "kd/bounded_box": 0.025})
     one = Distiller(_model(0, nc=1), freeze_teacher(_model(1, nc=1)), DistillConfig(output="soft", hyp=HYP))
     assert set(one.weights) == {"kd/out_box", "kd/soft_obj"}  # no class terms with one class
 
