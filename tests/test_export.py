@@ -23,21 +23,28 @@ ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["cat", "dog", "bird"]
 
 
-def make_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A yolov5n-shaped model at width 0.125, nc=3, saved in our checkpoint format.
+def make_tiny_checkpoint(path: Path, seed: int = 0, names: list[str] | None = None,
+                         bn_affine: tuple[float, float] | None = None) -> Path:
+    """A yolov5n-shaped model at width 0.125, saved in our checkpoint format.
 
     Untrained weights predict almost nothing, so the test makes the outputs informative: BatchNorm
     statistics are set from one batch of generated pictures like the test inputs (well-scaled
     activations, logits of a few units) and the Detect head is rescaled so that some cells score
-    high and the boxes vary with the image.
+    high and the boxes vary with the image. ``bn_affine`` = (γ, β) overrides every BN's affine part
+    first (tests/test_int8.py explains why quantisation needs that).
     """
+    names = list(NAMES if names is None else names)
     torch.manual_seed(seed)
     cfg = yaml.safe_load((ROOT / "models" / "yolov5n.yaml").read_text())
-    cfg.update(width_multiple=0.125, nc=len(NAMES))
+    cfg.update(width_multiple=0.125, nc=len(names))
     model = DetectionModel(cfg)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     for m in bns:
         m.momentum = 1.0  # running stats := this batch's stats
+        if bn_affine is not None:
+            with torch.no_grad():
+                m.weight.fill_(bn_affine[0])
+                m.bias.fill_(bn_affine[1])
     model.train()
     calib = np.concatenate([export.preprocess(export.synthetic_image((160, 160), s), (160, 160))
                             for s in range(10, 16)])
@@ -51,7 +58,7 @@ def make_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     for m in bns:
         m.momentum = 0.03
     model.eval()
-    model.names = list(NAMES)
+    model.names = names
     return save_checkpoint(model_checkpoint(model), path)
 
 

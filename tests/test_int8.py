@@ -12,9 +12,7 @@ import yaml
 
 import export
 import val
-from engine.checkpointing import model_checkpoint
-from models import DetectionModel
-from models.checkpoint import save_checkpoint
+from tests.test_export import make_tiny_checkpoint
 from utils import onnx_int8 as q
 from utils.demo_data import NAMES as DEMO_NAMES
 from utils.demo_data import generate_demo
@@ -32,8 +30,8 @@ TEST_SEEDS = range(200, 204)  # other pictures of the same kind ("calibration-li
 def make_quantizable_checkpoint(path: Path, names: list[str], seed: int = 0) -> Path:
     """A yolov5n-shaped model at width 0.125 whose outputs are informative AND not chaotic.
 
-    As tests/test_export.py: BatchNorm statistics from a batch of generated pictures and a rescaled
-    Detect head, so some cells score high and boxes vary with the image. One change: every BN's
+    tests/test_export.py's tiny model (BatchNorm statistics from a batch of generated pictures and a
+    rescaled Detect head, so some cells score high and boxes vary with the image), with one change: every BN's
     affine part is set to γ = 0.5, β = 1 before its statistics are taken. A randomly initialised
     BN network sits in the chaotic regime — a perturbation as small as int8 rounding grows layer
     after layer until the outputs are unrelated (weight-only int8 already moves scores by up to
@@ -41,29 +39,7 @@ def make_quantizable_checkpoint(path: Path, names: list[str], seed: int = 0) -> 
     SiLUs work mostly in their near-linear range and rounding errors stay of their own size, which
     is what a quantisation test needs to measure.
     """
-    torch.manual_seed(seed)
-    cfg = yaml.safe_load((ROOT / "models" / "yolov5n.yaml").read_text())
-    cfg.update(width_multiple=0.125, nc=len(names))
-    model = DetectionModel(cfg)
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    calib = np.concatenate([export.preprocess(export.synthetic_image((160, 160), s), (160, 160))
-                            for s in range(10, 16)])
-    with torch.no_grad():
-        for m in bns:
-            m.momentum = 1.0  # running stats := this batch's stats (train mode normalises with them too)
-            m.weight.fill_(0.5)
-            m.bias.fill_(1.0)
-        model.train()(torch.from_numpy(calib))
-        for conv in model.detect.m:
-            conv.weight.mul_(2.0)
-            bias = conv.bias.view(model.detect.na, -1)
-            bias.normal_(0.0, 0.5)
-            bias[:, 4] -= 1.5  # mostly background, as in a trained detector
-    for m in bns:
-        m.momentum = 0.03
-    model.eval()
-    model.names = list(names)
-    return save_checkpoint(model_checkpoint(model), path)
+    return make_tiny_checkpoint(path, seed, names, bn_affine=(0.5, 1.0))
 
 
 @pytest.fixture(scope="module")
