@@ -20,6 +20,7 @@ from engine.checkpointing import deployable, training_checkpoint
 from engine.evaluate import evaluate
 from engine.logger import progress_line
 from engine.setup import Run, prepare_run, setup_distributed
+from models import load_model
 from models.checkpoint import save_checkpoint
 from utils.torch_utils import all_reduce_grads, broadcast_flag, set_rng_state, state_digest
 
@@ -184,8 +185,6 @@ def _finish(run: Run, last_epoch: int) -> dict:
         return summary
     best = run.weights_dir / "best.pt"
     if best.exists():
-        from models import load_model  # deferred: only the main rank re-loads the saved student
-
         student = load_model(best, device=run.device)
         metrics = validate(run, student, plots=not run.opt.noplots)
         summary["student"] = {k: metrics[k] for k in ("map50", "map", "precision", "recall", "fitness")}

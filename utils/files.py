@@ -36,26 +36,30 @@ def increment_path(path: str | Path, exist_ok: bool = False, sep: str = "", mkdi
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def find_data_yaml(spec: str | Path) -> Path:
-    """A dataset yaml as given, or a bare name found in the repository's data/ (``VisDrone.yaml``)."""
+def _existing(spec: str | Path, repo_folder: str) -> Path | None:
+    """``spec`` if it is a file, else a bare file name found in the repository's ``repo_folder``."""
     path = Path(spec)
     if path.is_file():
         return path
-    shipped = REPO_ROOT / "data" / path.name
-    if path.parent == Path(".") and shipped.is_file():
-        return shipped
+    shipped = REPO_ROOT / repo_folder / path.name
+    return shipped if path.parent == Path(".") and shipped.is_file() else None
+
+
+def find_data_yaml(spec: str | Path) -> Path:
+    """A dataset yaml as given, or a bare name found in the repository's data/ (``VisDrone.yaml``)."""
+    found = _existing(spec, "data")
+    if found is not None:
+        return found
     raise FileNotFoundError(f"--data {spec} not found (give a path to a dataset yaml, or a name in data/)")
 
 
 def find_weights(spec: str | Path, flag: str = "--weights") -> Path:
     """A checkpoint as given, one in the repository's weights/, or an official YOLOv5 release name
     (``yolov5s.pt``) fetched into weights/ by ``weights/download.py`` — as YOLOv5 users expect."""
+    found = _existing(spec, "weights")
+    if found is not None:
+        return found
     path = Path(spec)
-    if path.is_file():
-        return path
-    local = REPO_ROOT / "weights" / path.name
-    if path.parent == Path(".") and local.is_file():
-        return local
     from weights.download import MODELS, DownloadError, download  # deferred: only when a file is missing
 
     name = path.name[:-3] if path.name.endswith(".pt") else path.name
