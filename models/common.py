@@ -8,8 +8,11 @@ Shapes: every block maps (B, c1, H, W) -> (B, c2, H', W') with H' = H / stride.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 # BatchNorm settings used by YOLOv5 for every Conv block.
 BN_EPS = 1e-3
@@ -17,12 +20,17 @@ BN_MOMENTUM = 0.03
 
 
 def autopad(k: int | tuple[int, int], p: int | tuple[int, int] | None = None, d: int = 1):
-    """'Same' padding for an odd kernel `k` with dilation `d` (the effective kernel is d*(k-1)+1)."""
+    """Padding for kernel `k` (int or per-axis) and dilation `d`; an explicit `p` wins.
+
+    Half the effective kernel size d·(k−1)+1, rounded down: 'same' output size at stride 1 for odd k.
+    """
     if p is not None:
         return p
-    if d > 1:
-        k = d * (k - 1) + 1 if isinstance(k, int) else tuple(d * (x - 1) + 1 for x in k)
-    return k // 2 if isinstance(k, int) else tuple(x // 2 for x in k)
+
+    def half(size: int) -> int:
+        return (d * (size - 1) + 1) // 2
+
+    return half(k) if isinstance(k, int) else tuple(half(x) for x in k)
 
 
 class Conv(nn.Module):
@@ -51,20 +59,19 @@ class Conv(nn.Module):
 
     @torch.no_grad()
     def fuse_bn(self) -> None:
-        """Fold BatchNorm into the conv: w' = w·γ/√(σ²+ε), b' = β + (b − μ)·γ/√(σ²+ε)."""
-        bn = self.bn
-        if not isinstance(bn, nn.BatchNorm2d):
-            return  # already fused
-        conv = self.conv
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                          conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True)
-        fused = fused.to(device=conv.weight.device, dtype=conv.weight.dtype)
-        fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
-        fused.bias.copy_(bn.bias + (bias - bn.running_mean) * scale)
-        fused.requires_grad_(False)
-        self.conv = fused
+        """Fold the BatchNorm into the conv for inference (running statistics, not batch ones).
+
+        y = γ·(W∗x − μ)/√(σ²+ε) + β is a conv with weight W·γ/√(σ²+ε) and bias β − μ·γ/√(σ²+ε);
+        torch.nn.utils.fusion computes it. Afterwards `bn` is an nn.Identity, so `forward` is
+        unchanged. No-op when already fused.
+        """
+        if not isinstance(self.bn, nn.BatchNorm2d):
+            return
+        fused = copy.deepcopy(self.conv)  # same geometry, device and dtype; gains a bias below
+        fused.weight, fused.bias = fuse_conv_bn_weights(
+            self.conv.weight, self.conv.bias, self.bn.running_mean, self.bn.running_var, self.bn.eps,
+            self.bn.weight, self.bn.bias)
+        self.conv = fused.requires_grad_(False)
         self.bn = nn.Identity()
 
 
@@ -73,15 +80,15 @@ class Bottleneck(nn.Module):
 
     def __init__(self, c1: int, c2: int, shortcut: bool = True, g: int = 1, e: float = 0.5) -> None:
         super().__init__()
-        c_ = int(c2 * e)
-        self.cv1 = Conv(c1, c_, 1, 1)
-        self.cv2 = Conv(c_, c2, 3, 1, g=g)
-        self.add = bool(shortcut and c1 == c2)
+        hidden = int(c2 * e)
+        self.cv1 = Conv(c1, hidden)  # 1×1 squeeze
+        self.cv2 = Conv(hidden, c2, k=3, g=g)
+        self.add = bool(shortcut and c1 == c2)  # attribute name read by YOLOv5 on pickled models
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, c1, H, W) -> (B, c2, H, W)."""
-        y = self.cv2(self.cv1(x))
-        return x + y if self.add else y
+        out = self.cv2(self.cv1(x))
+        return out + x if self.add else out
 
 
 class C3(nn.Module):
@@ -90,15 +97,18 @@ class C3(nn.Module):
     def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True, g: int = 1,
                  e: float = 0.5) -> None:
         super().__init__()
-        c_ = int(c2 * e)
-        self.cv1 = Conv(c1, c_, 1, 1)
-        self.cv2 = Conv(c1, c_, 1, 1)
-        self.cv3 = Conv(2 * c_, c2, 1)
-        self.m = nn.Sequential(*(Bottleneck(c_, c_, shortcut, g, e=1.0) for _ in range(n)))
+        hidden = int(c2 * e)
+        # Registration order cv1, cv2, cv3, m is the official state_dict key order.
+        self.cv1 = Conv(c1, hidden)  # into the bottleneck stack
+        self.cv2 = Conv(c1, hidden)  # bypass
+        self.cv3 = Conv(hidden * 2, c2)  # merges both paths
+        self.m = nn.Sequential(*[Bottleneck(hidden, hidden, shortcut, g, e=1.0) for _ in range(n)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, c1, H, W) -> (B, c2, H, W)."""
-        return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
+        deep = self.m(self.cv1(x))  # bottleneck path
+        shallow = self.cv2(x)  # bypass path
+        return self.cv3(torch.cat([deep, shallow], dim=1))
 
 
 class SPPF(nn.Module):
@@ -109,17 +119,17 @@ class SPPF(nn.Module):
 
     def __init__(self, c1: int, c2: int, k: int = 5) -> None:
         super().__init__()
-        c_ = c1 // 2
-        self.cv1 = Conv(c1, c_, 1, 1)
-        self.cv2 = Conv(c_ * 4, c2, 1, 1)
+        hidden = c1 // 2
+        self.cv1 = Conv(c1, hidden)
+        self.cv2 = Conv(hidden * 4, c2)  # the input and its three pooled versions
         self.m = nn.MaxPool2d(kernel_size=k, stride=1, padding=k // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, c1, H, W) -> (B, c2, H, W)."""
-        x = self.cv1(x)
-        y1 = self.m(x)
-        y2 = self.m(y1)
-        return self.cv2(torch.cat((x, y1, y2, self.m(y2)), 1))
+        pyramid = [self.cv1(x)]
+        for _ in range(3):  # each pass widens the receptive field by k - 1
+            pyramid.append(self.m(pyramid[-1]))
+        return self.cv2(torch.cat(pyramid, dim=1))
 
 
 class SPP(nn.Module):
@@ -127,15 +137,16 @@ class SPP(nn.Module):
 
     def __init__(self, c1: int, c2: int, k: tuple[int, ...] | list[int] = (5, 9, 13)) -> None:
         super().__init__()
-        c_ = c1 // 2
-        self.cv1 = Conv(c1, c_, 1, 1)
-        self.cv2 = Conv(c_ * (len(k) + 1), c2, 1, 1)
+        hidden = c1 // 2
+        self.cv1 = Conv(c1, hidden)
+        self.cv2 = Conv(hidden * (len(k) + 1), c2)  # the input and one pooled version per size
         self.m = nn.ModuleList(nn.MaxPool2d(kernel_size=x, stride=1, padding=x // 2) for x in k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, c1, H, W) -> (B, c2, H, W)."""
-        x = self.cv1(x)
-        return self.cv2(torch.cat([x] + [m(x) for m in self.m], 1))
+        reduced = self.cv1(x)
+        pooled = [pool(reduced) for pool in self.m]
+        return self.cv2(torch.cat([reduced, *pooled], dim=1))
 
 
 class Focus(nn.Module):
@@ -152,8 +163,8 @@ class Focus(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, c1, H, W) -> (B, c2, H/2, W/2) for s=1."""
-        return self.conv(torch.cat((x[..., ::2, ::2], x[..., 1::2, ::2],
-                                    x[..., ::2, 1::2], x[..., 1::2, 1::2]), 1))
+        phases = [x[..., row::2, col::2] for col in (0, 1) for row in (0, 1)]
+        return self.conv(torch.cat(phases, dim=1))
 
 
 class Concat(nn.Module):
