@@ -16,7 +16,14 @@ import models
 from models import DetectionModel, load_model
 from models.checkpoint import load_checkpoint
 from models.common import SPP, Conv, Focus
-from models.yolo import Detect
+from models.yolo import (
+    Detect,
+    absolute_sources,
+    anchor_levels_reversed,
+    detect_bias_prior,
+    placeholder_anchors,
+    retained_outputs,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CKPT = FIXTURES / "yolov5n_nc80.pt"
@@ -24,7 +31,6 @@ NPZ = FIXTURES / "yolov5n_nc80.npz"
 
 # Published parameter counts (nc=80), REFERENCE §1.
 PARAMS = {"n": 1_872_157, "s": 7_235_389, "m": 21_190_557}
-
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +225,159 @@ def v50_cfg() -> dict:
                      [-1, 3, "C3", [1024, False]]],
         "head": head,
     }
+
+
+# ------------------------------------------------------------------------------ anchors and build
+STRIDES = torch.tensor([8.0, 16.0, 32.0])
+
+
+def pixel_anchors(model: DetectionModel) -> torch.Tensor:
+    det = model.detect
+    return det.anchors * det.stride.view(-1, 1, 1)
+
+
+def test_slowly_growing_custom_anchors_kept_as_given() -> None:
+    # Pixel area grows with stride, but by far less than stride² per level: in grid units the
+    # area shrinks from P3 to P5, which an order check on grid units would wrongly "fix".
+    slow = [[10, 10, 12, 12, 14, 14], [16, 16, 18, 18, 20, 20], [24, 24, 26, 26, 28, 28]]
+    model = DetectionModel(tiny_cfg(anchors=slow))
+    want = torch.tensor(slow, dtype=torch.float32).view(3, 3, 2)
+    assert torch.allclose(pixel_anchors(model), want)
+    grid_area = model.detect.anchors.prod(-1).mean(-1)
+    assert grid_area[0] > grid_area[-1]  # the trap: decreasing in grid units
+
+
+def test_reversed_anchor_sets_are_flipped() -> None:
+    default = tiny_cfg()["anchors"]
+    model = DetectionModel(tiny_cfg(anchors=default[::-1]))
+    want = torch.tensor(default, dtype=torch.float32).view(3, 3, 2)
+    assert torch.allclose(pixel_anchors(model), want)
+
+
+def test_unordered_anchor_sets_are_kept() -> None:
+    # Neither increasing nor strictly decreasing: not a reversed list, so left alone.
+    odd = [[30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326], [10, 13, 16, 30, 33, 23]]
+    model = DetectionModel(tiny_cfg(anchors=odd))
+    assert torch.allclose(pixel_anchors(model), torch.tensor(odd, dtype=torch.float32).view(3, 3, 2))
+    assert not anchor_levels_reversed(torch.tensor(odd, dtype=torch.float32).view(3, 3, 2), STRIDES)
+
+
+def test_anchor_order_follows_stride_not_list_position() -> None:
+    px = torch.tensor([[1.0, 1.0], [4.0, 4.0], [9.0, 9.0]]).view(3, 1, 2)
+    assert not anchor_levels_reversed(px, STRIDES)
+    assert anchor_levels_reversed(px, STRIDES.flip(0))  # the big anchors sit on the fine level
+    assert not anchor_levels_reversed(px[:1], STRIDES[:1])  # one level: nothing to order
+
+
+def test_anchor_count_gives_placeholders() -> None:
+    model = DetectionModel(tiny_cfg(anchors=3), nc=2)
+    det = model.detect
+    assert det.anchors.shape == (3, 3, 2)
+    cells = torch.tensor([[2.0, 2.0], [4.0, 4.0], [8.0, 8.0]])  # 2 … 8 cells, geometric steps
+    assert all(torch.allclose(det.anchors[i], cells) for i in range(3))
+    area = pixel_anchors(model).prod(-1).mean(-1)
+    assert torch.all(area.diff() > 0)
+    assert torch.equal(placeholder_anchors(1, STRIDES)[:, 0, 0], 4 * STRIDES)
+    model.eval()
+    with torch.no_grad():
+        pred, _ = model(torch.rand(1, 3, 64, 64))
+    assert torch.isfinite(pred).all()
+
+
+def p6_cfg() -> dict:
+    """A YOLOv5 P6 layout (P3-P6 outputs, strides 8-64), width 0.125."""
+    up = [None, 2, "nearest"]
+    backbone = [[-1, 1, "Conv", [64, 6, 2, 2]], [-1, 1, "Conv", [128, 3, 2]], [-1, 3, "C3", [128]],
+                [-1, 1, "Conv", [256, 3, 2]], [-1, 6, "C3", [256]], [-1, 1, "Conv", [512, 3, 2]],
+                [-1, 9, "C3", [512]], [-1, 1, "Conv", [768, 3, 2]], [-1, 3, "C3", [768]],
+                [-1, 1, "Conv", [1024, 3, 2]], [-1, 3, "C3", [1024]], [-1, 1, "SPPF", [1024, 5]]]
+    head = [[-1, 1, "Conv", [768, 1, 1]], [-1, 1, "nn.Upsample", up], [[-1, 8], 1, "Concat", [1]],
+            [-1, 3, "C3", [768, False]], [-1, 1, "Conv", [512, 1, 1]], [-1, 1, "nn.Upsample", up],
+            [[-1, 6], 1, "Concat", [1]], [-1, 3, "C3", [512, False]], [-1, 1, "Conv", [256, 1, 1]],
+            [-1, 1, "nn.Upsample", up], [[-1, 4], 1, "Concat", [1]], [-1, 3, "C3", [256, False]],
+            [-1, 1, "Conv", [256, 3, 2]], [[-1, 20], 1, "Concat", [1]], [-1, 3, "C3", [512, False]],
+            [-1, 1, "Conv", [512, 3, 2]], [[-1, 16], 1, "Concat", [1]], [-1, 3, "C3", [768, False]],
+            [-1, 1, "Conv", [768, 3, 2]], [[-1, 12], 1, "Concat", [1]], [-1, 3, "C3", [1024, False]],
+            [[23, 26, 29, 32], 1, "Detect", ["nc", "anchors"]]]
+    anchors = [[19, 27, 44, 40, 38, 94], [96, 68, 86, 152, 180, 137], [140, 301, 303, 264, 238, 542],
+               [436, 615, 739, 380, 925, 792]]
+    return {"nc": 80, "depth_multiple": 0.33, "width_multiple": 0.125, "anchors": anchors,
+            "backbone": backbone, "head": head}
+
+
+def test_p6_layout() -> None:
+    model = DetectionModel(p6_cfg())
+    assert model.stride.tolist() == [8.0, 16.0, 32.0, 64.0]
+    assert model.save == [4, 6, 8, 12, 16, 20, 23, 26, 29, 32]
+    assert "model.33.anchors" in model.state_dict() and model.detect.anchors.shape == (4, 3, 2)
+    assert torch.allclose(pixel_anchors(model), torch.tensor(p6_cfg()["anchors"], dtype=torch.float32).view(4, 3, 2))
+    out = model(torch.rand(1, 3, 128, 128))
+    assert [o.shape[2] for o in out] == [16, 8, 4, 2]
+
+
+def keep_everything_forward(model: DetectionModel, x: torch.Tensor):
+    """A plain reference forward that holds every output (no release logic)."""
+    outs = {-1: x}  # -1: the image, read by layer 0
+    for i, layer in enumerate(model.model):
+        entries = [layer.f] if isinstance(layer.f, int) else layer.f
+        feeds = [outs[j if j >= 0 else i + j] for j in entries]
+        outs[i] = layer(feeds[0] if isinstance(layer.f, int) else feeds)
+    return outs[len(model.model) - 1]
+
+
+def test_relative_sources_and_retained_outputs() -> None:
+    cfg = tiny_cfg()
+    # Layer 12 reads the previous layer and, relatively, layer 6 (-6 from 12).
+    cfg["head"][2] = [[-1, -6], 1, "Concat", [1]]
+    model = DetectionModel(cfg).eval()
+    assert model.save == [4, 6, 10, 14, 17, 20, 23] == retained_outputs(model.model)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], keep_everything_forward(model, x)[0])
+    assert absolute_sources([-1, -6], 12) == [11, 6] and absolute_sources(-1, 0) == [-1]
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    (lambda c: c["head"].__setitem__(2, [[-1, 30], 1, "Concat", [1]]), "layer 12"),
+    (lambda c: c["backbone"].__setitem__(1, [-1, 0, "Conv", [128, 3, 2]]), "layer 1"),
+    (lambda c: c["backbone"].__setitem__(3, [-1, 1, "Conv", ["wide", 3, 2]]), "layer 3"),
+    (lambda c: c["backbone"].__setitem__(4, [-1, 1, "C3"]), "layer 4"),
+    (lambda c: c["backbone"].__setitem__(5, [-1, 1, "Conv", [512, 3, 2, 1, 1, 1, 1, 1, 1]]), "layer 5"),
+    (lambda c: c["head"].__setitem__(-1, [[17, 20], 1, "Detect", ["nc", "anchors"]]), "layer 24"),
+    (lambda c: c.__setitem__("anchors", [[10, 13, 16]] * 3), "layer 24"),
+    (lambda c: c["head"].append([-1, 1, "Conv", [8, 1, 1]]), "layer 25"),
+    (lambda c: c.__setitem__("nc", 0), "nc"),
+    (lambda c: c.pop("width_multiple"), "width_multiple"),
+])
+def test_bad_yaml_errors_name_yaml_and_layer(edit, needle: str) -> None:
+    cfg = tiny_cfg()
+    cfg["yaml_file"] = "broken.yaml"
+    edit(cfg)
+    with pytest.raises(ValueError) as e:
+        DetectionModel(cfg)
+    msg = str(e.value)
+    assert "broken.yaml" in msg and needle in msg and "\n" not in msg
+
+
+def test_detect_bias_prior_values() -> None:
+    prior = detect_bias_prior(nc=1, na=3, stride=32.0).view(3, 6)
+    assert torch.all(prior[:, :4] == 0)
+    assert torch.allclose(prior[:, 4], torch.tensor(math.log(8 / 20**2)))
+    assert torch.allclose(prior[:, 5], torch.tensor(math.log(0.6 / 0.00001)), rtol=1e-6)
+
+
+def test_fuse_in_training_mode_and_twice() -> None:
+    model = DetectionModel(tiny_cfg())
+    x = torch.rand(1, 3, 64, 64)
+    for m in model.modules():  # non-trivial BN statistics and affine terms
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 1.5)
+    model.eval()
+    with torch.no_grad():
+        want, _ = model(x)
+    model.train().fuse().fuse()  # fusion uses running statistics whatever the mode; twice is a no-op
+    convs = [m.conv for m in model.modules() if isinstance(m, Conv)]
+    assert all(c.bias is not None and not c.weight.requires_grad for c in convs)
+    with torch.no_grad():
+        got, _ = model.eval()(x)
+    assert (got[..., 4:] - want[..., 4:]).abs().max() < 1e-5
