@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import glob
+import math
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +35,7 @@ from models.backends import load_backend
 from utils.augment import letterbox
 from utils.boxes import non_max_suppression, scale_boxes, xyxy2xywhn
 from utils.files import increment_path
+from utils.plots import class_color
 from utils.torch_utils import select_device
 
 IMG_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}
@@ -102,31 +106,55 @@ def iter_frames(files: list[Path]) -> Iterator[Frame]:
 # ------------------------------------------------------------------------------------- drawing
 
 
-def class_color(c: int) -> tuple[int, int, int]:
-    """A stable, well-spread BGR colour per class (golden-ratio steps around the hue circle)."""
-    hue = int((c * 0.618033988749895 % 1.0) * 180)
-    hsv = np.array([[[hue, 220, 230]]], dtype=np.uint8)
-    b, g, r = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0]
-    return int(b), int(g), int(r)
+@dataclass(frozen=True)
+class BoxStyle:
+    """Stroke and font sizes for annotating one picture.
+
+    The stroke grows with the picture's diagonal, about one pixel per 450 (2 px at 640×640,
+    5 px at 1920×1080); ``line_width`` (--line-width) overrides it. The label text scales with it.
+    """
+
+    stroke: int
+    font_scale: float
+    font_stroke: int
+
+    @classmethod
+    def for_shape(cls, shape: tuple[int, ...], line_width: int | None = None) -> BoxStyle:
+        stroke = line_width or max(1, round(math.hypot(shape[0], shape[1]) / 450))
+        return cls(stroke, 0.3 * stroke + 0.2, max(1, stroke // 2))
+
+
+def _ink_for(fill: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Black text on light fills, white on dark ones (BGR; Rec. 601 luma)."""
+    b, g, r = fill
+    return (0, 0, 0) if 0.114 * b + 0.587 * g + 0.299 * r > 150 else (255, 255, 255)
+
+
+def _draw_tagged_box(im: np.ndarray, box: tuple[int, int, int, int], text: str, color: tuple[int, int, int],
+                     style: BoxStyle) -> None:
+    """One rectangle plus a filled name tag resting on its top edge, moved inside the picture when the
+    tag would stick out of it (boxes touching the top or right border)."""
+    x1, y1, x2, y2 = box
+    cv2.rectangle(im, (x1, y1), (x2, y2), color, style.stroke, cv2.LINE_AA)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    (tw, th), base = cv2.getTextSize(text, font, style.font_scale, style.font_stroke)
+    pad = style.font_stroke
+    tag_w, tag_h = tw + 2 * pad, th + base + 2 * pad
+    left = int(np.clip(x1, 0, max(im.shape[1] - tag_w, 0)))
+    top = int(np.clip(y1 - tag_h, 0, max(im.shape[0] - tag_h, 0)))
+    cv2.rectangle(im, (left, top), (left + tag_w, top + tag_h), color, cv2.FILLED)
+    cv2.putText(im, text, (left + pad, top + pad + th), font, style.font_scale, _ink_for(color), style.font_stroke,
+                cv2.LINE_AA)
 
 
 def draw_detections(im: np.ndarray, det: np.ndarray, names: list[str], line_width: int | None = None) -> np.ndarray:
-    """Draw (n, 6) ``x1 y1 x2 y2 conf cls`` boxes with ``name conf`` labels onto ``im`` (in place)."""
-    lw = line_width or max(round(sum(im.shape[:2]) / 2 * 0.003), 2)
-    font_scale = lw / 3
-    for x1, y1, x2, y2, conf, cls in det:
+    """Draw (n, 6) ``x1 y1 x2 y2 conf cls`` boxes with ``name conf`` tags onto ``im`` (in place), one
+    colour per class (:func:`utils.plots.class_color`, the palette of the validation plots)."""
+    style = BoxStyle.for_shape(im.shape, line_width)
+    for *xyxy, conf, cls in det.tolist():
         c = int(cls)
-        color = class_color(c)
-        p1, p2 = (int(x1), int(y1)), (int(x2), int(y2))
-        cv2.rectangle(im, p1, p2, color, lw, cv2.LINE_AA)
-        label = f"{names[c] if c < len(names) else c} {conf:.2f}"
-        (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, max(lw - 1, 1))
-        above = p1[1] - th - 3 >= 0  # put the label inside the box when it would leave the image
-        q1 = (p1[0], p1[1] - th - 3 if above else p1[1])
-        q2 = (p1[0] + tw, p1[1] if above else p1[1] + th + 3)
-        cv2.rectangle(im, q1, q2, color, -1, cv2.LINE_AA)
-        cv2.putText(im, label, (q1[0], q2[1] - 2), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255),
-                    max(lw - 1, 1), cv2.LINE_AA)
+        text = f"{names[c] if 0 <= c < len(names) else c} {conf:.2f}"
+        _draw_tagged_box(im, tuple(int(v) for v in xyxy), text, class_color(c, bgr=True), style)
     return im
 
 
@@ -161,6 +189,83 @@ def _imgsz(imgsz: int | list[int] | tuple[int, ...], stride: int) -> tuple[int, 
     return tuple(-(-int(s) // stride) * stride for s in sizes)  # round up to a stride multiple
 
 
+class StageClock:
+    """Wall time per named pipeline stage: ``last`` (the latest pass) and ``total`` (all passes)."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+        self.total: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.last[stage] = time.perf_counter() - start
+            self.total[stage] += self.last[stage]
+
+
+def _to_input(image: np.ndarray, shape: tuple[int, int], auto: bool, stride: int):
+    """Letterboxed model input for a BGR uint8 (h0, w0, 3) picture.
+
+    Returns the (1, 3, h, w) RGB float tensor in 0-1, the letterboxed (h, w), and ``((rh, rw),
+    (padw, padh))``, what `scale_boxes` needs to map boxes back to the picture.
+    """
+    boxed, (rw, rh), pad = letterbox(image, shape, auto=auto, stride=stride)
+    rgb_chw = torch.from_numpy(boxed).flip(-1).permute(2, 0, 1)
+    return rgb_chw.float().div(255).unsqueeze(0).contiguous(), boxed.shape[:2], ((rh, rw), pad)
+
+
+def _to_original_pixels(det: torch.Tensor, letterboxed: tuple[int, int], original: tuple[int, int],
+                        ratio_pad: tuple) -> np.ndarray:
+    """(n, 6) ``x1 y1 x2 y2 conf cls`` from letterboxed to original-picture pixels, as numpy."""
+    det = det.clone()
+    det[:, :4] = scale_boxes(letterboxed, det[:, :4], original, ratio_pad=ratio_pad)
+    return det.cpu().numpy()
+
+
+def _frame_report(fr: Frame, letterboxed: tuple[int, int], det: np.ndarray, names: list[str], seconds: float) -> str:
+    """``path [frame i/n] HxW: 2 car, 1 person, 3.1ms`` for the console."""
+    classes, counts = np.unique(det[:, 5].astype(int), return_counts=True)
+    found = ", ".join(f"{n} {names[c]}" for c, n in zip(classes, counts)) or "no detections"
+    where = "" if fr.frame is None else f" frame {fr.frame + 1}/{fr.n_frames}"
+    return f"{fr.path}{where} {letterboxed[0]}x{letterboxed[1]}: {found}, {seconds * 1e3:.1f}ms"
+
+
+class _Outputs:
+    """Writes what a run keeps: annotated pictures, one .mp4 per video, YOLO label files."""
+
+    def __init__(self, save_dir: Path, save_txt: bool, save_conf: bool) -> None:
+        self.save_dir, self.save_conf = save_dir, save_conf
+        self.videos: dict[Path, cv2.VideoWriter] = {}
+        if save_txt:
+            (save_dir / "labels").mkdir(exist_ok=True)
+
+    def labels(self, fr: Frame, det: np.ndarray) -> None:
+        """``labels/<stem>.txt`` (``<stem>_<frame>.txt`` for a video frame); none without detections."""
+        if len(det):
+            stem = fr.path.stem if fr.frame is None else f"{fr.path.stem}_{fr.frame}"
+            rows = label_lines(det, fr.image.shape[:2], self.save_conf)
+            (self.save_dir / "labels" / f"{stem}.txt").write_text("\n".join(rows) + "\n")
+
+    def picture(self, fr: Frame, annotated: np.ndarray) -> None:
+        if fr.frame is None:
+            cv2.imwrite(str(self.save_dir / fr.path.name), annotated)
+            return
+        writer = self.videos.get(fr.path)
+        if writer is None:
+            size = (annotated.shape[1], annotated.shape[0])
+            writer = cv2.VideoWriter(str(self.save_dir / f"{fr.path.stem}.mp4"), cv2.VideoWriter_fourcc(*"mp4v"),
+                                     fr.fps, size)
+            self.videos[fr.path] = writer
+        writer.write(annotated)
+
+    def close(self) -> None:
+        for writer in self.videos.values():
+            writer.release()
+
+
 def run(
     weights: str | Path,
     source: str | Path,
@@ -193,86 +298,82 @@ def run(
     auto = backend.fixed_shape is None
     files = list_sources(source)
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
-    if save_txt:
-        (save_dir / "labels").mkdir(exist_ok=True)
-
+    sink = _Outputs(save_dir, save_txt, save_conf)
     out = Detections(save_dir)
-    writers: dict[Path, cv2.VideoWriter] = {}
-    t_pre = t_inf = t_nms = 0.0
-    n_done = 0
+    clock = StageClock()
     try:
         for fr in iter_frames(files):
-            t0 = time.perf_counter()
-            im, (rw, rh), pad = letterbox(fr.image, shape, auto=auto, stride=backend.stride)
-            x = torch.from_numpy(np.ascontiguousarray(im[..., ::-1].transpose(2, 0, 1))).float()[None] / 255.0
-            t1 = time.perf_counter()
-            pred = backend(x)
-            t2 = time.perf_counter()
-            det = non_max_suppression(pred, conf_thres, iou_thres, classes=classes, max_det=max_det)[0]
-            det[:, :4] = scale_boxes(im.shape[:2], det[:, :4], fr.image.shape[:2], ratio_pad=((rh, rw), pad))
-            det = det.cpu().numpy()
-            t3 = time.perf_counter()
-            t_pre, t_inf, t_nms, n_done = t_pre + t1 - t0, t_inf + t2 - t1, t_nms + t3 - t2, n_done + 1
+            with clock("pre-process"):
+                x, letterboxed, ratio_pad = _to_input(fr.image, shape, auto, backend.stride)
+            with clock("inference"):
+                pred = backend(x)
+            with clock("NMS"):
+                kept = non_max_suppression(pred, conf_thres, iou_thres, classes=classes, max_det=max_det)[0]
+                det = _to_original_pixels(kept, letterboxed, fr.image.shape[:2], ratio_pad)
             out.results.append((fr.path, fr.frame, det))
-
-            stem = fr.path.stem if fr.frame is None else f"{fr.path.stem}_{fr.frame}"
-            if save_txt and len(det):
-                (save_dir / "labels" / f"{stem}.txt").write_text(
-                    "\n".join(label_lines(det, fr.image.shape[:2], save_conf)) + "\n"
-                )
-            annotated = draw_detections(fr.image.copy(), det, backend.names, line_width) if (
-                not nosave or view_img) else None
+            if save_txt:
+                sink.labels(fr, det)
+            if nosave and not view_img:
+                annotated = None
+            else:
+                annotated = draw_detections(fr.image.copy(), det, backend.names, line_width)
             if not nosave:
-                if fr.frame is None:
-                    cv2.imwrite(str(save_dir / fr.path.name), annotated)
-                else:
-                    if fr.path not in writers:
-                        h, w = annotated.shape[:2]
-                        writers[fr.path] = cv2.VideoWriter(
-                            str(save_dir / f"{fr.path.stem}.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), fr.fps, (w, h)
-                        )
-                    writers[fr.path].write(annotated)
+                sink.picture(fr, annotated)
             if view_img:
                 cv2.imshow(str(fr.path), annotated)
                 cv2.waitKey(1)
             if verbose:
-                counts = np.bincount(det[:, 5].astype(int), minlength=len(backend.names)) if len(det) else []
-                found = ", ".join(f"{n} {backend.names[c]}" for c, n in enumerate(counts) if n) or "no detections"
-                where = "" if fr.frame is None else f" frame {fr.frame + 1}/{fr.n_frames}"
-                print(f"{fr.path}{where} {im.shape[0]}x{im.shape[1]}: {found}, {(t2 - t1) * 1e3:.1f}ms")
+                print(_frame_report(fr, letterboxed, det, backend.names, clock.last["inference"]))
     finally:
-        for wr in writers.values():
-            wr.release()
+        sink.close()
         if view_img:
             cv2.destroyAllWindows()
-    if verbose and n_done:
-        ms = [t / n_done * 1e3 for t in (t_pre, t_inf, t_nms)]
-        print(f"speed per image: {ms[0]:.1f}ms pre-process, {ms[1]:.1f}ms inference, {ms[2]:.1f}ms NMS")
+    if verbose and out.results:
+        n = len(out.results)
+        print("speed per image: " + ", ".join(f"{t / n * 1e3:.1f}ms {stage}" for stage, t in clock.total.items()))
         print(f"results saved to {save_dir}")
     return out
 
 
+_SWITCH = {"action": "store_true"}
+
+# Command-line flags in YOLOv5's spelling, grouped for --help: (names, help, argparse options).
+# `run` takes the same names as keywords, so `run(**vars(parse_opt()))` is the whole CLI.
+CLI_FLAGS: dict[str, list[tuple[str | tuple[str, ...], str, dict]]] = {
+    "model and input": [
+        ("--weights", ".pt checkpoint or .onnx file from export.py", {"required": True}),
+        ("--source", "image, folder, glob pattern or video", {"required": True}),
+        (("--imgsz", "--img", "--img-size"), "h w, or one size", {"nargs": "+", "type": int, "default": [640]}),
+        ("--device", "cpu, or a CUDA index such as 0 (default: CUDA if available)", {"default": ""}),
+        ("--half", "fp16 PyTorch inference (CUDA only)", _SWITCH),
+    ],
+    "which detections": [
+        ("--conf-thres", "score threshold (objectness × class)", {"type": float, "default": 0.25}),
+        ("--iou-thres", "NMS IoU threshold", {"type": float, "default": 0.45}),
+        ("--max-det", "most detections per image", {"type": int, "default": 1000}),
+        ("--classes", "keep only these class ids", {"nargs": "+", "type": int}),
+    ],
+    "output": [
+        ("--project", "results go to project/name", {"default": "runs/detect"}),
+        ("--name", "results go to project/name", {"default": "exp"}),
+        ("--exist-ok", "reuse project/name instead of incrementing it", _SWITCH),
+        ("--nosave", "do not save annotated images/videos", _SWITCH),
+        ("--save-txt", "save YOLO-format labels to labels/*.txt", _SWITCH),
+        ("--save-conf", "append the score to each --save-txt row", _SWITCH),
+        ("--line-width", "box line width in pixels (default: by picture size)", {"type": int}),
+        ("--view-img", "show results in a window", _SWITCH),
+    ],
+}
+
+
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line flags (YOLOv5 spelling)."""
-    p = argparse.ArgumentParser(description="Detect objects in images and videos")
-    p.add_argument("--weights", type=str, required=True, help=".pt checkpoint or .onnx file from export.py")
-    p.add_argument("--source", type=str, required=True, help="image, folder, glob pattern or video")
-    p.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640], help="h w, or one size")
-    p.add_argument("--conf-thres", type=float, default=0.25, help="score threshold (objectness × class)")
-    p.add_argument("--iou-thres", type=float, default=0.45, help="NMS IoU threshold")
-    p.add_argument("--max-det", type=int, default=1000, help="most detections per image")
-    p.add_argument("--device", default="", help="cpu, or a CUDA index such as 0 (default: CUDA if available)")
-    p.add_argument("--view-img", action="store_true", help="show results in a window")
-    p.add_argument("--save-txt", action="store_true", help="save YOLO-format labels to labels/*.txt")
-    p.add_argument("--save-conf", action="store_true", help="append the score to each --save-txt row")
-    p.add_argument("--nosave", action="store_true", help="do not save annotated images/videos")
-    p.add_argument("--classes", nargs="+", type=int, default=None, help="keep only these class ids")
-    p.add_argument("--project", default="runs/detect", help="results go to project/name")
-    p.add_argument("--name", default="exp", help="results go to project/name")
-    p.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of incrementing it")
-    p.add_argument("--line-width", type=int, default=None, help="box line width in pixels (default: by size)")
-    p.add_argument("--half", action="store_true", help="fp16 PyTorch inference (CUDA only)")
-    return p.parse_args(argv)
+    """Parse the `CLI_FLAGS` command line."""
+    parser = argparse.ArgumentParser(description="Detect objects in images and videos")
+    for title, flags in CLI_FLAGS.items():
+        group = parser.add_argument_group(title)
+        for names, text, options in flags:
+            group.add_argument(*((names,) if isinstance(names, str) else names), help=text, **options)
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

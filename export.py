@@ -297,26 +297,43 @@ def _export_int8(
     return path
 
 
+_SWITCH = {"action": "store_true"}
+
+# Command-line flags in YOLOv5's spelling, grouped for --help: (names, help, argparse options).
+CLI_FLAGS: dict[str, list[tuple[str | tuple[str, ...], str, dict]]] = {
+    "model": [
+        ("--weights", "checkpoint (.pt, ours or official YOLOv5)", {"required": True}),
+        ("--device", "cpu, or a CUDA index such as 0", {"default": "cpu"}),
+        ("--half", "fp16 export (needs a CUDA device)", _SWITCH),
+    ],
+    "exported file": [
+        ("--include", "formats to export (onnx)", {"nargs": "+", "default": ["onnx"]}),
+        ("--output", "output file (default: weights with .onnx)", {}),
+        (("--imgsz", "--img", "--img-size"), "h w, or one size", {"nargs": "+", "type": int, "default": [640]}),
+        ("--batch-size", "batch size of the exported input", {"type": int, "default": 1}),
+        ("--dynamic", "dynamic batch, height and width axes", _SWITCH),
+        ("--opset", "ONNX opset version", {"type": int, "default": DEFAULT_OPSET}),
+        ("--simplify", "simplify with onnxslim / onnxsim when installed", _SWITCH),
+        ("--check-image", "image for the parity check (default: generated)", {}),
+    ],
+    "INT8": [
+        ("--int8", "also write <name>.int8.onnx (static INT8, needs --data)", _SWITCH),
+        ("--data", "dataset yaml whose images calibrate --int8", {}),
+        ("--calib-images", "number of --int8 calibration images", {"type": int, "default": 64}),
+        ("--calib-split", "split the calibration images come from (train: keeps them apart from the val mAP)",
+         {"default": "train", "choices": ("train", "val")}),
+    ],
+}
+
+
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line flags (YOLOv5 spelling)."""
-    p = argparse.ArgumentParser(description="Export a YOLOv5 detector to ONNX and check it in onnxruntime")
-    p.add_argument("--weights", type=str, required=True, help="checkpoint (.pt, ours or official YOLOv5)")
-    p.add_argument("--include", nargs="+", default=["onnx"], help="formats to export (onnx)")
-    p.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640], help="h w, or one size")
-    p.add_argument("--batch-size", type=int, default=1, help="batch size of the exported input")
-    p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width axes")
-    p.add_argument("--half", action="store_true", help="fp16 export (needs a CUDA device)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version")
-    p.add_argument("--simplify", action="store_true", help="simplify with onnxslim / onnxsim when installed")
-    p.add_argument("--device", default="cpu", help="cpu, or a CUDA index such as 0")
-    p.add_argument("--output", type=str, default=None, help="output file (default: weights with .onnx)")
-    p.add_argument("--check-image", type=str, default=None, help="image for the parity check (default: generated)")
-    p.add_argument("--int8", action="store_true", help="also write <name>.int8.onnx (static INT8, needs --data)")
-    p.add_argument("--data", type=str, default=None, help="dataset yaml whose images calibrate --int8")
-    p.add_argument("--calib-images", type=int, default=64, help="number of --int8 calibration images")
-    p.add_argument("--calib-split", default="train", choices=("train", "val"),
-                   help="split the calibration images come from (train: keeps them apart from the val mAP)")
-    return p.parse_args(argv)
+    """Parse the `CLI_FLAGS` command line."""
+    parser = argparse.ArgumentParser(description="Export a YOLOv5 detector to ONNX and check it in onnxruntime")
+    for title, flags in CLI_FLAGS.items():
+        group = parser.add_argument_group(title)
+        for names, text, options in flags:
+            group.add_argument(*((names,) if isinstance(names, str) else names), help=text, **options)
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

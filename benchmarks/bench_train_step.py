@@ -56,7 +56,7 @@ from engine.criterion import TrainingCriterion
 from engine.optim import NOMINAL_BATCH, accumulation_steps, build_optimizer
 from models import DetectionModel, load_model
 from utils.loss import DetectionLoss, scale_hyp
-from utils.torch_utils import ModelEMA, select_device
+from utils.torch_utils import WeightEMA, select_device
 
 OUTPUT_ROWS = ("objmse", "soft", "chen")
 ROWS = ("student", "teacher", *OUTPUT_ROWS, *FEATURE_METHODS)
@@ -174,7 +174,7 @@ def make_row(name: str, student0: nn.Module | None, teacher0: nn.Module | None, 
                                 hyp["weight_decay"] * bs * accumulate / NOMINAL_BATCH)
     params = [p for m in trainable for p in m.parameters() if p.requires_grad]
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    ema = ModelEMA(model)
+    ema = WeightEMA(model)
     row = Row(name, lambda: None)
 
     def train_step() -> None:  # engine.trainer.train_one_epoch + _optimizer_step, one batch

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from utils.torch_utils import ModelEMA, de_parallel, rng_state
+from utils.torch_utils import WeightEMA, rng_state, unwrap_model
 
 FORMAT = "yolo-kd/1"
 
@@ -30,7 +30,7 @@ def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def training_checkpoint(
     model: nn.Module,
-    ema: ModelEMA,
+    ema: WeightEMA,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     distiller: nn.Module | None,
@@ -40,12 +40,12 @@ def training_checkpoint(
     best_fitness: float,
 ) -> dict:
     """The full state after `epoch` (0-based) finished."""
-    student = de_parallel(model)
+    student = unwrap_model(model)
     return {
         "format": FORMAT,
         "yaml": student.yaml,
         "model": _cpu(student.state_dict()),
-        "ema": _cpu(ema.ema.state_dict()),
+        "ema": _cpu(ema.module.state_dict()),
         "updates": ema.updates,
         "names": list(student.names),
         "stride": [float(s) for s in student.stride],
@@ -77,7 +77,7 @@ def deployable(ckpt: dict) -> dict:
 
 def model_checkpoint(model: nn.Module) -> dict:
     """A deployable checkpoint (fp16 weights + metadata) of a model that was not trained by `fit`."""
-    student = de_parallel(model)
+    student = unwrap_model(model)
     return {"format": FORMAT, "yaml": student.yaml, "model": _half(_cpu(student.state_dict())), "ema": None,
             "names": list(student.names), "stride": [float(s) for s in student.stride], "epoch": -1,
             "best_fitness": 0.0, "updates": 0, "optimizer": None, "scaler": None, "adapters": None, "opt": {},

@@ -21,7 +21,7 @@ from torch import nn
 from utils.boxes import non_max_suppression, scale_boxes, xywh2xyxy, xyxy2xywh
 from utils.coco_eval import ImageIdLookup, category_ids, coco_evaluate, labels_to_coco_json, predictions_to_coco
 from utils.metrics import IOU_THRESHOLDS, ConfusionMatrix, ap_per_class, fitness, match_predictions
-from utils.torch_utils import de_parallel
+from utils.torch_utils import unwrap_model
 
 LOGGER = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def evaluate(
     or None), ``n_images``, ``n_instances``, ``conf_best``, ``pred_json`` (path or None).
     """
     device = torch.device(device)
-    model = de_parallel(model)
+    model = unwrap_model(model)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:

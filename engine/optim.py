@@ -1,96 +1,163 @@
-"""Optimizer, learning-rate schedule and warm-up, with YOLOv5's conventions.
+"""Optimizer, learning-rate curve and warm-up, with YOLOv5's conventions (REFERENCE §3, "Training plumbing").
 
-Three parameter groups (biases; normalisation weights; other weights) so that weight decay hits
-only conv/linear weights. Warm-up ramps the LR from 0 (biases: from `warmup_bias_lr` down) to the
-scheduled value and the momentum from `warmup_momentum` up, over max(warmup_epochs·nb, 100) steps.
+Parameter groups, in optimizer order (results.csv's ``lr/pg0..2`` columns follow it):
+
+====  ===================================================  ============  =======================
+ #    parameters                                           weight decay  warm-up LR starts at
+====  ===================================================  ============  =======================
+ 0    biases (conv, BN shift, adapters)                    none          ``warmup_bias_lr``
+ 1    other 1-D tensors: normalisation scales (BN gamma)   none          0
+ 2    conv / linear weights (ndim >= 2)                    yes           0
+====  ===================================================  ============  =======================
+
+Every group ends its warm-up at ``lr0 · lf(epoch)``, so groups 1 and 2 always carry the same LR.
+
+Membership is decided from the parameter itself, not from its module class: a tensor registered as
+``bias`` is a bias; any other tensor of at most one dimension is a per-channel scale (what
+BatchNorm, SyncBatchNorm, GroupNorm and LayerNorm own), and only multi-dimensional tensors
+(filters, matrices) are decayed. This needs no list of normalisation classes and keeps working for
+any normalisation layer a model may bring.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 NOMINAL_BATCH = 64  # YOLOv5's default: gradients are accumulated to about this many images per step
+BIAS, SCALE, WEIGHT = 0, 1, 2  # parameter-group indices, see the module docstring
+
+
+def group_of(name: str, param: torch.Tensor) -> int:
+    """Group index (BIAS, SCALE or WEIGHT) of the parameter registered under ``name``."""
+    if name.rpartition(".")[2] == "bias":
+        return BIAS
+    return SCALE if param.ndim <= 1 else WEIGHT
 
 
 def split_parameters(modules: Iterable[nn.Module]) -> tuple[list, list, list]:
-    """(decayed weights, normalisation weights, biases) of trainable parameters, each listed once."""
-    decay, norm, bias, seen = [], [], [], set()
-    norm_types = tuple(v for k, v in vars(nn).items() if "Norm" in k and isinstance(v, type))
+    """Trainable parameters of ``modules`` as (biases, scales, weights); a shared one is listed once."""
+    groups: tuple[list, list, list] = ([], [], [])
+    taken: set[int] = set()
     for module in modules:
-        for m in module.modules():
-            for name, p in m.named_parameters(recurse=False):
-                if not p.requires_grad or id(p) in seen:
-                    continue
-                seen.add(id(p))
-                if name == "bias":
-                    bias.append(p)
-                elif isinstance(m, norm_types):
-                    norm.append(p)
-                else:
-                    decay.append(p)
-    return decay, norm, bias
+        for name, p in module.named_parameters():
+            if p.requires_grad and id(p) not in taken:
+                taken.add(id(p))
+                groups[group_of(name, p)].append(p)
+    return groups
 
 
 def build_optimizer(
     modules: Iterable[nn.Module], name: str, lr: float, momentum: float, weight_decay: float
 ) -> torch.optim.Optimizer:
-    """SGD (Nesterov), Adam or AdamW over the three groups; group 0 = biases, 1 = norm, 2 = weights."""
-    decay, norm, bias = split_parameters(modules)
+    """SGD (Nesterov), Adam or AdamW over the three groups of `split_parameters`.
+
+    ``momentum`` is SGD's momentum or Adam's beta1; ``weight_decay`` applies to group WEIGHT only.
+    """
+    decays = {BIAS: 0.0, SCALE: 0.0, WEIGHT: weight_decay}
+    groups = [{"params": params, "weight_decay": decays[i]} for i, params in enumerate(split_parameters(modules))]
     if name == "SGD":
-        opt = torch.optim.SGD(bias, lr=lr, momentum=momentum, nesterov=True)
-    elif name == "Adam":
-        opt = torch.optim.Adam(bias, lr=lr, betas=(momentum, 0.999))
-    elif name == "AdamW":
-        opt = torch.optim.AdamW(bias, lr=lr, betas=(momentum, 0.999), weight_decay=0.0)
-    else:
-        raise ValueError(f"--optimizer {name} is not one of SGD, Adam, AdamW")
-    opt.add_param_group({"params": norm, "weight_decay": 0.0})
-    opt.add_param_group({"params": decay, "weight_decay": weight_decay})
-    return opt
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+    if name in ("Adam", "AdamW"):
+        return getattr(torch.optim, name)(groups, lr=lr, betas=(momentum, 0.999))
+    raise ValueError(f"--optimizer {name} is not one of SGD, Adam, AdamW")
 
 
-def lr_lambda(epochs: int, lrf: float, cosine: bool) -> Callable[[int], float]:
-    """LR multiplier per epoch: linear 1 → lrf, or a cosine from 1 to lrf."""
-    if cosine:
-        return lambda e: ((1 - math.cos(e * math.pi / epochs)) / 2) * (lrf - 1) + 1
-    return lambda e: (1 - e / epochs) * (1.0 - lrf) + lrf
+@dataclass(frozen=True)
+class LrCurve:
+    """Multiplier lf(e) of ``lr0`` at epoch e, from 1 at e = 0 down to ``lrf`` at e = ``epochs``.
 
-
-class WarmUp:
-    """Per-iteration warm-up of LR, momentum and gradient accumulation.
-
-    `apply(ni, epoch)` is called before every forward pass while ni < n_iters; it returns the number
-    of batches to accumulate for this iteration.
+    linear: lf(e) = (1 − e/E)·(1 − lrf) + lrf;  cosine: lf(e) = lrf + (1 − lrf)·(1 + cos(π·e/E))/2.
+    A callable object, usable as `torch.optim.lr_scheduler.LambdaLR`'s ``lr_lambda``.
     """
 
-    def __init__(self, hyp: dict, n_batches: int, batch_size: int, lf: Callable[[int], float],
-                 nominal_batch: int = NOMINAL_BATCH) -> None:
-        self.n_iters = max(round(hyp["warmup_epochs"] * n_batches), 100) if hyp["warmup_epochs"] > 0 else 0
-        self.hyp, self.lf = hyp, lf
-        self.nominal_batch = nominal_batch
-        self.accumulate = accumulation_steps(batch_size, nominal_batch)
-        self.batch_size = batch_size
+    epochs: int
+    lrf: float
+    cosine: bool = False
 
-    def active(self, ni: int) -> bool:
-        return ni < self.n_iters
-
-    def apply(self, optimizer: torch.optim.Optimizer, ni: int, epoch: int) -> int:
-        if not self.active(ni):
-            return self.accumulate
-        xp = [0, self.n_iters]
-        for j, group in enumerate(optimizer.param_groups):
-            start = self.hyp["warmup_bias_lr"] if j == 0 else 0.0
-            group["lr"] = float(np.interp(ni, xp, [start, group["initial_lr"] * self.lf(epoch)]))
-            if "momentum" in group:
-                group["momentum"] = float(np.interp(ni, xp, [self.hyp["warmup_momentum"], self.hyp["momentum"]]))
-        return max(1, round(float(np.interp(ni, xp, [1, self.nominal_batch / self.batch_size]))))
+    def __call__(self, epoch: float) -> float:
+        progress = epoch / self.epochs
+        remaining = (1.0 + math.cos(math.pi * progress)) / 2 if self.cosine else 1.0 - progress
+        return self.lrf + (1.0 - self.lrf) * remaining
 
 
 def accumulation_steps(batch_size: int, nominal_batch: int = NOMINAL_BATCH) -> int:
     """Batches per optimizer step so that each step sees about `nominal_batch` images."""
     return max(round(nominal_batch / batch_size), 1)
+
+
+def _lerp(start: float, end: float, t: float) -> float:
+    return start + (end - start) * t
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What one training iteration runs with. ``lrs`` (one per group) and ``momentum`` are None once
+    warm-up is over: the epoch scheduler's values then stand."""
+
+    lrs: tuple[float, ...] | None
+    momentum: float | None
+    accumulate: int
+
+    def apply(self, optimizer: torch.optim.Optimizer) -> int:
+        """Write the LRs / momentum into ``optimizer``'s groups; return ``accumulate``."""
+        if self.lrs is not None:
+            for group, lr in zip(optimizer.param_groups, self.lrs):
+                group["lr"] = lr
+        if self.momentum is not None:
+            for group in optimizer.param_groups:
+                if "momentum" in group:  # SGD only; Adam's beta1 is left alone, as in YOLOv5
+                    group["momentum"] = self.momentum
+        return self.accumulate
+
+
+@dataclass(frozen=True)
+class WarmupSchedule:
+    """Per-iteration warm-up, as a pure function of (iteration, epoch).
+
+    Over the first ``iterations`` iterations (counted from the start of training), with
+    t = iteration / iterations rising linearly from 0 to 1:
+
+    * LR of group g: from ``bias_lr`` (group BIAS) or 0 (others) to ``lr0_g · lf(epoch)``;
+    * SGD momentum: from ``momentum_start`` to ``momentum_end``;
+    * accumulation: round(1 + (nominal/batch − 1)·t), at least 1, so the first steps are small.
+
+    Afterwards only ``accumulate`` = max(round(nominal/batch), 1) is set.
+    """
+
+    iterations: int
+    lf: Callable[[float], float]
+    bias_lr: float
+    momentum_start: float
+    momentum_end: float
+    batch_size: int
+    nominal_batch: int = NOMINAL_BATCH
+
+    @classmethod
+    def from_hyp(cls, hyp: dict, n_batches: int, batch_size: int, lf: Callable[[float], float],
+                 nominal_batch: int = NOMINAL_BATCH) -> WarmupSchedule:
+        """Length max(round(warmup_epochs · n_batches), 100) iterations; none when warmup_epochs is 0."""
+        epochs = float(hyp["warmup_epochs"])
+        iterations = max(round(epochs * n_batches), 100) if epochs > 0 else 0
+        return cls(iterations, lf, float(hyp["warmup_bias_lr"]), float(hyp["warmup_momentum"]),
+                   float(hyp["momentum"]), batch_size, nominal_batch)
+
+    def settings(self, iteration: int, epoch: int, base_lrs: Sequence[float]) -> StepSettings:
+        """Settings of ``iteration`` (global index) in ``epoch``; ``base_lrs`` = each group's lr0."""
+        if iteration >= self.iterations:
+            return StepSettings(None, None, accumulation_steps(self.batch_size, self.nominal_batch))
+        t = iteration / self.iterations
+        scale = self.lf(epoch)
+        lrs = tuple(_lerp(self.bias_lr if g == BIAS else 0.0, lr0 * scale, t) for g, lr0 in enumerate(base_lrs))
+        accumulate = max(1, round(_lerp(1.0, self.nominal_batch / self.batch_size, t)))
+        return StepSettings(lrs, _lerp(self.momentum_start, self.momentum_end, t), accumulate)
+
+    def step(self, optimizer: torch.optim.Optimizer, iteration: int, epoch: int) -> int:
+        """Apply this iteration's settings to ``optimizer`` (groups hold ``initial_lr`` from the
+        LR scheduler); return the number of batches to accumulate."""
+        base = [group["initial_lr"] for group in optimizer.param_groups]
+        return self.settings(iteration, epoch, base).apply(optimizer)

@@ -24,14 +24,14 @@ from engine.checkpointing import find_last_checkpoint, namespace_to_dict
 from engine.criterion import TrainingCriterion
 from engine.evaluate import evaluate
 from engine.logger import ResultsLog, save_yaml
-from engine.optim import WarmUp, accumulation_steps, build_optimizer, lr_lambda
+from engine.optim import LrCurve, WarmupSchedule, accumulation_steps, build_optimizer
 from models.checkpoint import CheckpointError, load_checkpoint, transfer_weights
 from models.yolo import DetectionModel
 from utils.dataset import create_dataloader, load_data_config
 from utils.files import find_data_yaml, find_weights, increment_path
 from utils.loss import DetectionLoss, scale_hyp
 from utils.plots import plot_labels, plot_results
-from utils.torch_utils import DistInfo, ModelEMA, dist_info, seed_everything, select_device
+from utils.torch_utils import DistInfo, WeightEMA, dist_info, seed_everything, select_device
 
 
 @dataclass
@@ -45,11 +45,11 @@ class Run:
     hyp: dict
     names: list[str]
     model: nn.Module  # the student (DDP-wrapped under torchrun)
-    ema: ModelEMA
+    ema: WeightEMA  # .module: the averaged student that is validated and saved
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
-    warmup: WarmUp
+    warmup: WarmupSchedule
     criterion: TrainingCriterion
     train_loader: torch.utils.data.DataLoader
     val_loader: torch.utils.data.DataLoader | None
@@ -162,14 +162,14 @@ def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device) -
     weight_decay = hyp["weight_decay"] * opt.batch_size * accumulation_steps(opt.batch_size, nbs) / nbs
     trainable = [model] + ([distiller] if distiller is not None else [])
     optimizer = build_optimizer(trainable, opt.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
-    lf = lr_lambda(opt.epochs, hyp["lrf"], opt.cos_lr)
+    lf = LrCurve(opt.epochs, hyp["lrf"], opt.cos_lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
-    ema = ModelEMA(model)
+    ema = WeightEMA(model)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
 
     run = Run(opt=opt, info=info, device=device, save_dir=save_dir, hyp=hyp, names=names, model=model, ema=ema,
               optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-              warmup=WarmUp(hyp, len(train_loader), opt.batch_size, lf, nbs),
+              warmup=WarmupSchedule.from_hyp(hyp, len(train_loader), opt.batch_size, lf, nbs),
               criterion=TrainingCriterion(DetectionLoss(model, loss_hyp), distiller),
               train_loader=train_loader, val_loader=val_loader, distiller=distiller,
               results=ResultsLog(save_dir),
@@ -303,7 +303,7 @@ def _resume_options(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
 
 
 def _restore(run: Run, ckpt: dict) -> None:
-    run.ema.ema.load_state_dict(ckpt["ema"])
+    run.ema.module.load_state_dict(ckpt["ema"])
     run.ema.updates = ckpt["updates"]
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scaler.load_state_dict(ckpt["scaler"])

@@ -44,7 +44,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     bar = tqdm(run.train_loader, total=n_batches, disable=not run.info.is_main, bar_format="{l_bar}{bar:10}{r_bar}")
     for i, (imgs, targets, _paths, _shapes) in enumerate(bar):
         ni = i + n_batches * epoch
-        accumulate = run.warmup.apply(run.optimizer, ni, epoch)
+        accumulate = run.warmup.step(run.optimizer, ni, epoch)
         imgs = imgs.to(run.device, non_blocking=True).float() / 255
         targets = targets.to(run.device)
         with torch.autocast(run.device.type, enabled=run.amp):
@@ -144,7 +144,7 @@ def _train_loop(run: Run, on_epoch_end: EpochHook | None) -> dict:
         stop = False
         if run.info.is_main:
             final = epoch + 1 == opt.epochs
-            metrics = validate(run, run.ema.ema) if (not opt.noval or final) else None
+            metrics = validate(run, run.ema.module) if (not opt.noval or final) else None
             row = run.epoch_row(epoch, losses, metrics, time.time() - t0)
             improved = metrics is not None and metrics["fitness"] > run.best_fitness
             if improved:

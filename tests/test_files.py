@@ -1,11 +1,11 @@
-"""Where --data / --weights names are looked for, as YOLOv5 users expect."""
+"""Where --data / --weights names are looked for, as YOLOv5 users expect; run folder numbering."""
 
 from __future__ import annotations
 
 import pytest
 
 import weights.download as dl
-from utils.files import REPO_ROOT, find_data_yaml, find_weights
+from utils.files import REPO_ROOT, find_data_yaml, find_weights, increment_path
 
 
 def test_bare_names_resolve_to_the_repository_folders(tmp_path, monkeypatch) -> None:
@@ -37,3 +37,51 @@ def test_official_release_names_are_downloaded_or_fail_with_one_line(tmp_path, m
     monkeypatch.setattr(dl, "download", offline)
     with pytest.raises(FileNotFoundError, match="offline"):
         find_weights("yolov5s.pt")
+
+
+def test_increment_path_numbers_runs_after_the_highest(tmp_path) -> None:
+    exp = tmp_path / "runs" / "exp"
+    assert increment_path(exp) == exp  # free: returned as is, nothing made
+    assert not exp.exists()
+    assert increment_path(exp, mkdir=True) == exp and exp.is_dir()
+    assert increment_path(exp) == exp.with_name("exp2")
+    assert increment_path(exp, exist_ok=True) == exp  # reuse the run folder
+    made = [increment_path(exp, mkdir=True) for _ in range(3)]
+    assert [p.name for p in made] == ["exp2", "exp3", "exp4"] and all(p.is_dir() for p in made)
+    made[0].rmdir()  # a deleted older run does not make later numbers go back
+    (exp.parent / "exp_old").mkdir()  # other names do not count
+    (exp.parent / "exp7x").mkdir()
+    assert increment_path(exp) == exp.with_name("exp5")
+    assert increment_path(exp, sep="_") == exp.with_name("exp_2")
+
+
+def test_increment_path_keeps_a_file_suffix(tmp_path) -> None:
+    csv = tmp_path / "results.csv"
+    csv.write_text("x")
+    assert increment_path(csv) == tmp_path / "results2.csv"
+    (tmp_path / "results2.csv").write_text("x")
+    (tmp_path / "results3.txt").write_text("x")  # another suffix: not a sibling of results.csv
+    assert increment_path(csv) == tmp_path / "results3.csv"
+    folder = tmp_path / "v1.0"  # a folder's dots are part of its name
+    folder.mkdir()
+    assert increment_path(folder) == tmp_path / "v1.02"
+
+
+def test_increment_path_retries_when_another_process_wins_the_race(tmp_path, monkeypatch) -> None:
+    import utils.files as files
+
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    real_scan = files._numbered_siblings
+    calls = []
+
+    def scan_then_lose_the_race(base, sep, suffix):
+        numbers = real_scan(base, sep, suffix)
+        if not calls:  # a concurrent run makes the folder this call is about to claim
+            (tmp_path / f"exp{max(numbers, default=1) + 1}").mkdir()
+        calls.append(numbers)
+        return numbers
+
+    monkeypatch.setattr(files, "_numbered_siblings", scan_then_lose_the_race)
+    assert increment_path(exp, mkdir=True) == tmp_path / "exp3"
+    assert calls == [[], [2]]

@@ -2,35 +2,46 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
-def increment_path(path: str | Path, exist_ok: bool = False, sep: str = "", mkdir: bool = False) -> Path:
-    """The first free run path: ``runs/val/exp``, then ``exp2``, ``exp3``, ...
+def _numbered_siblings(base: Path, sep: str, suffix: str) -> list[int]:
+    """The numbers n of existing siblings named ``<base.name><sep><n><suffix>`` next to ``base``."""
+    pattern = re.compile(re.escape(base.name + sep) + r"(\d+)" + re.escape(suffix))
+    found = (pattern.fullmatch(p.name) for p in base.parent.iterdir()) if base.parent.is_dir() else ()
+    return [int(m.group(1)) for m in found if m]
 
-    With ``exist_ok`` the path is returned as is (reusing an existing run folder). A file path keeps
-    its suffix (``results.csv`` -> ``results2.csv``). ``mkdir`` creates the returned folder, which
-    also claims it against a concurrent caller (``mkdir`` without ``exist_ok`` fails if it lost the race).
+
+def increment_path(path: str | Path, exist_ok: bool = False, sep: str = "", mkdir: bool = False) -> Path:
+    """A run path that is not taken yet: ``runs/val/exp``, then ``exp2``, ``exp3``, ...
+
+    ``path`` itself when it does not exist yet, or when ``exist_ok`` (reuse the run folder).
+    Otherwise the number after the highest one in use among its siblings (at least 2), so runs
+    stay numbered in the order they were made even when an older one was deleted. An existing
+    file keeps its suffix after the number (``results.csv`` -> ``results2.csv``).
+
+    ``mkdir`` creates the folder and, for a new number, claims it atomically: ``mkdir`` without
+    ``exist_ok`` fails when a concurrent process made the same folder first, and then the next
+    free number is tried.
     """
     path = Path(path)
-    if not exist_ok and path.exists():
-        stem, suffix = (path.with_suffix(""), path.suffix) if path.is_file() else (path, "")
-        n = 2
-        while True:
-            candidate = Path(f"{stem}{sep}{n}{suffix}")
-            if not candidate.exists():
-                if not mkdir:
-                    path = candidate
-                    break
-                try:
-                    candidate.mkdir(parents=True)
-                    return candidate
-                except FileExistsError:  # another process took it in the meantime: try the next
-                    pass
-            n += 1
-    if mkdir:
-        path.mkdir(parents=True, exist_ok=True)
-    return path
+    if exist_ok or not path.exists():
+        if mkdir:
+            path.mkdir(parents=True, exist_ok=True)
+        return path
+    suffix = path.suffix if path.is_file() else ""
+    base = path.with_suffix("") if suffix else path
+    while True:
+        number = max(_numbered_siblings(base, sep, suffix), default=1) + 1
+        candidate = base.with_name(f"{base.name}{sep}{number}{suffix}")
+        if not mkdir:
+            return candidate
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:  # another process claimed this number between the scan and mkdir
+            continue
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

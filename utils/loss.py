@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.boxes import bbox_ciou
+from utils.torch_utils import unwrap_model
 
 # Objectness weights per level, large grids (small objects) first. Three levels use YOLOv5's
 # [4.0, 1.0, 0.4]; other depths (P3-P6 / P3-P7 models) use the same table extended downwards.
@@ -81,13 +82,6 @@ def _bce(
     return (loss * alpha_t * (1.0 - p_t) ** gamma).mean()
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """Strip DistributedDataParallel / DataParallel wrappers (they keep the real model in ``.module``)."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
-
-
 class DetectionLoss:
     """The YOLOv5 detection loss (see the module docstring for the formulas).
 
@@ -109,7 +103,7 @@ class DetectionLoss:
         missing = [k for k in _REQUIRED_KEYS if k not in hyp]
         if missing:
             raise ValueError(f"DetectionLoss: hyp is missing {missing}; pass a full hyp (data/hyps/*.yaml)")
-        det = _unwrap(model).detect
+        det = unwrap_model(model).detect
         self.nl: int = int(det.nl)
         self.na: int = int(det.na)
         self.nc: int = int(det.nc)

@@ -6,17 +6,18 @@ called when needed, so a module can be imported in any process without side effe
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 import os
 import random
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.optim.swa_utils import AveragedModel
 
 
 @dataclass(frozen=True)
@@ -44,33 +45,49 @@ def dist_info() -> DistInfo:
     return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), world)
 
 
-def select_device(spec: str = "", batch_size: int | None = None, local_rank: int = -1) -> torch.device:
-    """Parse a YOLOv5-style device string: '' (auto), 'cpu', '0', '0,1', 'cuda:1', 'mps'.
+_CUDA_INDICES = re.compile(r"(?:cuda:?)?(\d+(?:,\d+)*)")  # "0", "0,1", "cuda:1", "cuda0"
 
-    Under torchrun each process takes the GPU of its LOCAL_RANK. Raises a one-line error when a
-    CUDA device is requested but unavailable.
+
+def parse_device(spec: str | int | None) -> tuple[str, tuple[int, ...]]:
+    """Split a ``--device`` value into (kind, CUDA indices); kind is auto, cpu, mps or cuda.
+
+    Accepted spellings (case and spaces ignored): '' (auto), 'cpu', 'mps', 'cuda', an index such as
+    '0' or 'cuda:1', or a list such as '0,1'. Anything else is a one-line ValueError naming --device.
     """
-    spec = str(spec).strip().lower().replace("cuda:", "").replace(" ", "")
-    if spec == "cpu":
+    text = "".join(str("" if spec is None else spec).split()).lower()
+    if text in ("", "cpu", "mps", "cuda"):
+        return (text or "auto"), ()
+    match = _CUDA_INDICES.fullmatch(text)
+    if match is None:
+        raise ValueError(f"--device {spec}: not a device; use cpu, mps, a CUDA index such as 0, or a list such as 0,1")
+    return "cuda", tuple(int(i) for i in match.group(1).split(","))
+
+
+def select_device(spec: str | int | None = "", batch_size: int | None = None, local_rank: int = -1) -> torch.device:
+    """The torch device a ``--device`` value asks for (see `parse_device` for the spellings).
+
+    Auto picks CUDA when present, else the CPU. Under torchrun (``local_rank`` >= 0) each process
+    takes the GPU of its LOCAL_RANK. With several indices the batch must split evenly across them.
+    Raises a one-line ValueError when the request cannot be met on this machine.
+    """
+    kind, ids = parse_device(spec)
+    if kind == "cpu":
         return torch.device("cpu")
-    if spec == "mps":
+    if kind == "mps":
         if not torch.backends.mps.is_available():
             raise ValueError("--device mps requested but MPS is not available on this machine; use --device cpu")
         return torch.device("mps")
-    if spec:
-        ids = [int(s) for s in spec.split(",") if s != ""]
-        if not torch.cuda.is_available() or max(ids) >= torch.cuda.device_count():
-            raise ValueError(
-                f"--device {spec} requested but only {torch.cuda.device_count()} CUDA device(s) are visible; "
-                "use --device cpu or a valid index"
-            )
-        if batch_size is not None and len(ids) > 1 and batch_size % len(ids):
-            raise ValueError(f"--batch-size {batch_size} must be a multiple of the GPU count {len(ids)}")
-        index = local_rank if local_rank >= 0 else ids[0]
-        return torch.device("cuda", index)
-    if torch.cuda.is_available():
-        return torch.device("cuda", max(local_rank, 0))
-    return torch.device("cpu")
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind == "auto":
+        return torch.device("cuda", max(local_rank, 0)) if visible else torch.device("cpu")
+    if visible == 0 or any(i >= visible for i in ids):
+        raise ValueError(f"--device {spec} requested but only {visible} CUDA device(s) are visible; "
+                         "use --device cpu or a valid index")
+    if batch_size is not None and len(ids) > 1 and batch_size % len(ids):
+        raise ValueError(f"--batch-size {batch_size} must be a multiple of the GPU count {len(ids)}")
+    if local_rank >= 0:
+        return torch.device("cuda", local_rank)
+    return torch.device("cuda", ids[0] if ids else 0)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -114,37 +131,72 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def de_parallel(model: nn.Module) -> nn.Module:
-    """The plain module inside a DataParallel / DistributedDataParallel wrapper."""
-    return model.module if isinstance(model, (nn.parallel.DataParallel, nn.parallel.DistributedDataParallel)) else model
+_WRAPPER_SLOTS = ("module", "_orig_mod")  # DDP / DataParallel / AveragedModel; torch.compile
 
 
-class ModelEMA:
-    """Exponential moving average of a model's floating-point state (weights and BN buffers).
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The network inside its wrappers: (Distributed)DataParallel, AveragedModel, torch.compile.
 
-    decay(updates) = d · (1 − exp(−updates / tau)) ramps the averaging in, so early noisy weights are
-    forgotten quickly (YOLOv5 uses d = 0.9999, tau = 2000). The EMA copy is what gets validated and
-    saved as the deployable model.
+    A wrapper is recognised by its structure, not its class: a module whose one and only child is
+    registered as ``module`` (the DDP / DataParallel / AveragedModel convention) or ``_orig_mod``
+    (torch.compile's OptimizedModule). Nested wrappers are peeled one by one.
+    """
+    while True:
+        children = list(model._modules.items())
+        if len(children) != 1 or children[0][0] not in _WRAPPER_SLOTS or children[0][1] is None:
+            return model
+        model = children[0][1]
+
+
+def ema_decay(updates: int | float, decay: float = 0.9999, tau: float = 2000.0) -> float:
+    """Weight of the old average at EMA step ``updates``: d = decay · (1 − exp(−updates / tau)).
+
+    d(0) = 0 (the average is the model itself) and d → ``decay`` after a few ``tau`` steps, so the
+    random initial weights are forgotten fast while the late average is long (YOLOv5's ramp).
+    """
+    return decay * -math.expm1(-updates / tau)
+
+
+class WeightEMA(AveragedModel):
+    """Exponential moving average of a model's floating-point state, parameters and BN buffers alike.
+
+    A `torch.optim.swa_utils.AveragedModel` (``use_buffers=True``, so BatchNorm running mean/var are
+    averaged as well rather than copied) whose averaging function is the ramped EMA of `ema_decay`:
+    at step k, avg ← d(k)·avg + (1 − d(k))·model, done with one fused ``torch._foreach_lerp_`` per
+    device/dtype group. Integer buffers (BN ``num_batches_tracked``) follow the model.
+
+    ``.module`` is the averaged network (validated and saved as the deployable model);
+    ``.updates`` is the number of EMA steps taken, as stored in checkpoints under ``updates``.
+    AveragedModel's ``n_averaged`` counts the models folded in, the starting copy included, so
+    ``n_averaged = updates + 1``; it stays on the CPU, so reading it never waits for a GPU.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000, updates: int = 0) -> None:
-        self.ema = copy.deepcopy(de_parallel(model)).eval()
+    def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000.0, updates: int = 0) -> None:
+        super().__init__(unwrap_model(model), multi_avg_fn=self._blend, use_buffers=True)
+        self.decay, self.tau = decay, tau
+        self.module.eval().requires_grad_(False)
         self.updates = updates
-        self.decay_max, self.tau = decay, tau
-        for p in self.ema.parameters():
-            p.requires_grad_(False)
 
-    def decay(self) -> float:
-        return self.decay_max * (1 - math.exp(-self.updates / self.tau))
+    @property
+    def updates(self) -> int:
+        return int(self.n_averaged) - 1
+
+    @updates.setter
+    def updates(self, value: int) -> None:
+        self.n_averaged.fill_(int(value) + 1)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        d = self.decay()
-        student = de_parallel(model).state_dict()
-        for name, value in self.ema.state_dict().items():
-            if value.dtype.is_floating_point:
-                value.mul_(d).add_(student[name].detach(), alpha=1 - d)
+        """Fold the current weights of ``model`` (wrapped or not) into the average: one EMA step."""
+        self.update_parameters(unwrap_model(model))
+
+    def _blend(self, averaged: list[torch.Tensor], current: list[torch.Tensor], _n: torch.Tensor) -> None:
+        # Called by update_parameters before it increments n_averaged: this is step n_averaged.
+        if not averaged[0].is_floating_point():
+            torch._foreach_copy_(averaged, current)
+            return
+        d = ema_decay(int(self.n_averaged), self.decay, self.tau)
+        torch._foreach_lerp_(averaged, current, 1.0 - d)
 
 
 def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
@@ -172,7 +224,7 @@ def state_digest(model: nn.Module) -> str:
     after the last step.
     """
     h = hashlib.sha256()
-    for name, value in de_parallel(model).named_parameters():
+    for name, value in unwrap_model(model).named_parameters():
         h.update(name.encode())
         h.update(value.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()

@@ -1,0 +1,112 @@
+"""Parameter groups, LR curves and the warm-up schedule against hand-worked values (REFERENCE §3)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from engine.optim import (
+    BIAS,
+    SCALE,
+    WEIGHT,
+    LrCurve,
+    WarmupSchedule,
+    accumulation_steps,
+    build_optimizer,
+    split_parameters,
+)
+from models.yolo import DetectionModel
+from tests.test_checkpoint import tiny_cfg
+
+HYP = {"lr0": 0.01, "momentum": 0.937, "warmup_epochs": 3.0, "warmup_momentum": 0.8, "warmup_bias_lr": 0.1}
+
+
+def _ids(params) -> set[int]:
+    return {id(p) for p in params}
+
+
+def test_groups_of_a_detection_model_follow_the_module_roles() -> None:
+    model = DetectionModel(tiny_cfg())
+    model.model[0].conv.weight.requires_grad_(False)  # frozen: in no group
+    biases, scales, weights = split_parameters([model, model.model[1]])  # a shared module counts once
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert _ids(scales) == _ids(m.weight for m in norms)
+    assert _ids(biases) == _ids([m.bias for m in norms] + [m.bias for m in convs if m.bias is not None])
+    assert _ids(weights) == _ids(m.weight for m in convs[1:])
+    assert len(biases) + len(scales) + len(weights) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_other_norm_layers_and_linear_weights_are_classified_by_role() -> None:
+    net = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.GroupNorm(2, 8))
+    biases, scales, weights = split_parameters([net])
+    assert _ids(weights) == {id(net[0].weight)}
+    assert _ids(scales) == {id(net[1].weight), id(net[2].weight)}
+    assert _ids(biases) == {id(net[0].bias), id(net[1].bias), id(net[2].bias)}
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_only_the_weight_group_is_decayed(name: str) -> None:
+    opt = build_optimizer([DetectionModel(tiny_cfg())], name, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.0, 5e-4]
+    assert all(p.ndim > 1 for p in opt.param_groups[WEIGHT]["params"])
+    if name == "SGD":
+        assert opt.param_groups[0]["nesterov"] and opt.param_groups[0]["momentum"] == 0.9
+    else:
+        assert opt.param_groups[0]["betas"] == (0.9, 0.999)
+    with pytest.raises(ValueError, match="--optimizer RMSprop"):
+        build_optimizer([nn.Linear(2, 2)], "RMSprop", 0.01, 0.9, 0.0)
+
+
+def test_lr_curves() -> None:
+    linear, cosine = LrCurve(10, 0.01), LrCurve(10, 0.01, cosine=True)
+    assert linear(0) == pytest.approx(1.0) and cosine(0) == pytest.approx(1.0)
+    assert linear(10) == pytest.approx(0.01) and cosine(10) == pytest.approx(0.01)
+    assert linear(1) == pytest.approx(0.9 * 0.99 + 0.01)  # (1 − 1/10)(1 − lrf) + lrf = 0.901
+    assert cosine(5) == pytest.approx(0.505)  # halfway down: (1 + lrf) / 2
+    assert cosine(2) == pytest.approx(0.01 + 0.99 * (1 + math.cos(0.2 * math.pi)) / 2)
+    values = [cosine(e) for e in range(11)]
+    assert values == sorted(values, reverse=True)
+
+
+def test_warmup_length() -> None:
+    lf = LrCurve(10, 0.01)
+    assert WarmupSchedule.from_hyp(HYP, n_batches=50, batch_size=16, lf=lf).iterations == 150  # 3 epochs × 50
+    assert WarmupSchedule.from_hyp(HYP, n_batches=20, batch_size=16, lf=lf).iterations == 100  # at least 100
+    assert WarmupSchedule.from_hyp({**HYP, "warmup_epochs": 0}, 20, 16, lf).iterations == 0  # switched off
+
+
+def test_warmup_settings_hand_worked() -> None:
+    schedule = WarmupSchedule.from_hyp(HYP, n_batches=50, batch_size=16, lf=LrCurve(10, 0.01))
+    base = [0.01, 0.01, 0.01]
+    start = schedule.settings(0, 0, base)
+    assert start.lrs == pytest.approx((0.1, 0.0, 0.0))
+    assert start.momentum == pytest.approx(0.8) and start.accumulate == 1
+    # iteration 75 of 150 (t = 0.5) in epoch 1: target lr = 0.01 · lf(1) = 0.00901
+    mid = schedule.settings(75, 1, base)
+    assert mid.lrs == pytest.approx((0.1 + (0.00901 - 0.1) / 2, 0.00901 / 2, 0.00901 / 2))
+    assert mid.momentum == pytest.approx((0.8 + 0.937) / 2)
+    assert mid.accumulate == 2  # round(1 + (64/16 − 1)·0.5) = round(2.5), Python rounds to even
+    late = schedule.settings(149, 2, base)  # just before the end: almost at the scheduled values
+    assert late.lrs[BIAS] == pytest.approx(0.01 * LrCurve(10, 0.01)(2), rel=0.1)
+    assert late.accumulate == 4
+    done = schedule.settings(150, 3, base)
+    assert done.lrs is None and done.momentum is None and done.accumulate == accumulation_steps(16) == 4
+
+
+def test_warmup_step_writes_into_the_optimizer() -> None:
+    opt = build_optimizer([DetectionModel(tiny_cfg())], "SGD", lr=0.01, momentum=0.937, weight_decay=5e-4)
+    lf = LrCurve(10, 0.01)
+    torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=lf)  # sets initial_lr, as in training
+    schedule = WarmupSchedule.from_hyp(HYP, n_batches=50, batch_size=64, lf=lf)
+    assert schedule.step(opt, 30, 0) == 1  # nominal batch reached: never accumulate
+    t = 30 / 150
+    assert opt.param_groups[BIAS]["lr"] == pytest.approx(0.1 + (0.01 - 0.1) * t)
+    assert opt.param_groups[SCALE]["lr"] == opt.param_groups[WEIGHT]["lr"] == pytest.approx(0.01 * t)
+    assert all(g["momentum"] == pytest.approx(0.8 + 0.137 * t) for g in opt.param_groups)
+    opt.param_groups[0]["lr"] = 123.0
+    schedule.step(opt, 150, 3)  # after warm-up the scheduler's values are left alone
+    assert opt.param_groups[0]["lr"] == 123.0
