@@ -81,14 +81,18 @@ def _download_hint(cfg: dict) -> str:
 def _generate_into(root: Path, kind: str, seed: int) -> None:
     """Build a generated dataset at ``root`` atomically: write a sibling temp folder, then rename,
     so concurrent processes (DDP ranks) never see a half-written set."""
-    if kind != "demo":
-        raise ValueError(f"unknown 'generate: {kind}' (supported: demo)")
-    from utils.demo_data import generate_demo  # local: only needed on first use
+    # local imports: a generator is only needed on first use
+    if kind == "demo":
+        from utils.demo_data import generate_demo as generate
+    elif kind == "aerial":
+        from utils.aerial_data import generate_aerial as generate
+    else:
+        raise ValueError(f"unknown 'generate: {kind}' (supported: demo, aerial)")
 
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    LOGGER.info("generating the demo dataset into %s", root)
-    generate_demo(tmp, seed=seed)
+    LOGGER.info("generating the %s dataset into %s", kind, root)
+    generate(tmp, seed=seed)
     try:
         os.replace(tmp, root)
     except OSError:  # another process finished first (root now exists and is non-empty)
