@@ -138,9 +138,9 @@ def test_perfect_box_gives_zero_box_loss() -> None:
     _, items = loss(preds, targets)
     assert items[0].item() == pytest.approx(0.0, abs=1e-6)
     # Objectness target is CIoU = 1 at that one cell, 0 elsewhere.
-    tobj = torch.zeros(p.shape[:4])
-    tobj[1, 0, 2, 3] = 1.0
-    want = F.binary_cross_entropy_with_logits(p[..., 4], tobj) * 4.0 * HYP["obj"]  # balance[0] = 4 (nl=1)
+    obj_target = torch.zeros(p.shape[:4])
+    obj_target[1, 0, 2, 3] = 1.0
+    want = F.binary_cross_entropy_with_logits(p[..., 4], obj_target) * 4.0 * HYP["obj"]  # balance[0] = 4 (nl=1)
     assert items[1].item() == pytest.approx(want.item(), rel=1e-5)
 
 
@@ -208,7 +208,7 @@ def _cells(pos) -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize(
-    ("gxy", "cells"),
+    ("centre", "cells"),
     [
         ((5.3, 5.3), {(5, 5), (5, 4), (4, 5)}),  # leans left and up
         ((5.7, 5.7), {(5, 5), (5, 6), (6, 5)}),  # leans right and down
@@ -221,18 +221,18 @@ def _cells(pos) -> list[tuple[int, int]]:
         ((GRID - 1.2, GRID - 0.7), {(GRID - 1, GRID - 2), (GRID - 1, GRID - 1), (GRID - 2, GRID - 2)}),
     ],
 )
-def test_neighbour_cells(gxy: tuple[float, float], cells: set) -> None:
+def test_neighbour_cells(centre: tuple[float, float], cells: set) -> None:
     model = _Model(ONE_LEVEL)
     loss = DetectionLoss(model, HYP)
-    t = torch.tensor([_target(0, 0, gxy[0], gxy[1], 1.2, 0.9)])
+    t = torch.tensor([_target(0, 0, centre[0], centre[1], 1.2, 0.9)])
     (pos,) = loss.assign(_preds(), t)
     assert pos.count == len(cells)  # one anchor matches, so the count equals the cells
     assert set(_cells(pos)) == cells
     assert (pos.anchor == 0).all() and (pos.img == 0).all() and (pos.cls == 0).all()
     # The box target's xy is the centre relative to each assigned cell's corner, within (−0.5, 1.5).
-    centre = torch.tensor(gxy, dtype=torch.float32)
-    assert torch.allclose(pos.box[:, 0] + pos.gx, centre[0].expand(pos.count))
-    assert torch.allclose(pos.box[:, 1] + pos.gy, centre[1].expand(pos.count))
+    xy = torch.tensor(centre, dtype=torch.float32)
+    assert torch.allclose(pos.box[:, 0] + pos.gx, xy[0].expand(pos.count))
+    assert torch.allclose(pos.box[:, 1] + pos.gy, xy[1].expand(pos.count))
     assert ((pos.box[:, :2] > -0.5) & (pos.box[:, :2] < 1.5)).all()
     assert torch.allclose(pos.box[:, 2:], torch.tensor([1.2, 0.9]).expand(pos.count, 2))
     assert torch.allclose(pos.anchor_wh, torch.tensor([1.0, 1.0]).expand(pos.count, 2))
@@ -294,9 +294,9 @@ def test_shared_cell_objectness_goes_to_the_neighbour_listed_last() -> None:
         return complete_iou(decode_cell_boxes(p[0, 5, cell_x, :4][None], anchor), box).clamp(min=0).item()
 
     def obj_loss(at4: float, at5: float) -> float:
-        tobj = torch.zeros(p.shape[:3])
-        tobj[0, 5, 4], tobj[0, 5, 5] = at4, at5
-        return F.binary_cross_entropy_with_logits(p[..., 4], tobj).item() * 4.0 * HYP["obj"]
+        obj_target = torch.zeros(p.shape[:3])
+        obj_target[0, 5, 4], obj_target[0, 5, 5] = at4, at5
+        return F.binary_cross_entropy_with_logits(p[..., 4], obj_target).item() * 4.0 * HYP["obj"]
 
     neighbour_wins = obj_loss(ciou_at(4, b), ciou_at(5, a))
     own_wins = obj_loss(ciou_at(4, a), ciou_at(5, b))

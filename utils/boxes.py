@@ -91,19 +91,18 @@ def scale_boxes(
 ) -> ArrayLike:
     """Map xyxy boxes from a letterboxed image (``img1_shape`` = (h, w)) back to the original (``img0_shape``).
 
-    A letterbox maps original pixels p0 to p1 = p0·gain + pad, so p0 = (p1 − pad) / gain, then the
-    result is clipped to the original image. ``ratio_pad`` = ((gain_h, gain_w), (padw, padh)) as the
-    loader records it; when omitted the letterbox is recomputed from the two shapes: one uniform
-    gain = min(h1/h0, w1/w0) and the padding split evenly on both sides. Returns new boxes.
+    A letterbox maps original pixels p0 to p1 = p0·scale + pad, so p0 = (p1 − pad) / scale, then the
+    result is clipped to the original image. ``ratio_pad`` = ((scale_y, scale_x), (pad_x, pad_y)) as
+    the loader records it; when omitted the letterbox is recomputed from the two shapes: one scale
+    min(h1/h0, w1/w0) and the padding split evenly on both sides. Returns new boxes.
     """
-    if ratio_pad is None:
-        gain = min(img1_shape[0] / img0_shape[0], img1_shape[1] / img0_shape[1])
-        (gain_h, gain_w) = (gain, gain)
-        pad = ((img1_shape[1] - img0_shape[1] * gain) / 2, (img1_shape[0] - img0_shape[0] * gain) / 2)
-    else:
-        (gain_h, gain_w), pad = ratio_pad
-    unpadded = boxes - _per_axis(boxes, pad[0], pad[1])
-    return clip_boxes(unpadded / _per_axis(boxes, gain_w, gain_h), img0_shape)
+    if ratio_pad is None:  # a letterbox keeps the aspect ratio: one scale for both axes
+        (h1, w1), (h0, w0) = img1_shape[:2], img0_shape[:2]
+        scale = min(h1 / h0, w1 / w0)
+        ratio_pad = ((scale, scale), ((w1 - w0 * scale) / 2, (h1 - h0 * scale) / 2))
+    (scale_y, scale_x), (pad_x, pad_y) = ratio_pad
+    unpadded = boxes - _per_axis(boxes, pad_x, pad_y)
+    return clip_boxes(unpadded / _per_axis(boxes, scale_x, scale_y), img0_shape)
 
 
 def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
