@@ -297,9 +297,9 @@ class Distiller(nn.Module):
 
     def _bounded_box(self, s_out: list[torch.Tensor], t_out: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         s32 = [p.float() for p in s_out]
-        anchors = self._assigner.anchors.to(s32[0].device)
-        _, tbox, indices, anch = self._assigner.build_targets(s32, targets.to(s32[0].device).float(), anchors)
-        return chen_bounded_box(s32, t_out, tbox, indices, anch, margin=self.cfg.chen_margin)
+        positives = self._assigner.assign(s32, targets.to(s32[0].device).float())
+        return chen_bounded_box(s32, t_out, [p.box for p in positives], [p.cell_index() for p in positives],
+                                [p.anchor_wh for p in positives], margin=self.cfg.chen_margin)
 
     def _confident_cells(self, t_out: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """Per level (B, ny, nx) bool: the teacher's best anchor objectness > ``mimic_conf``."""

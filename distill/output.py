@@ -194,7 +194,7 @@ def chen_bounded_box(
     """:func:`bounded_regression` on the positive cells of every level, summed over levels.
 
     Positives, their ground-truth boxes and matched anchors come from
-    ``utils.loss.DetectionLoss.build_targets`` (the detection loss's own assignment, so KD and the
+    ``utils.loss.DetectionLoss.assign`` (the detection loss's own assignment, so KD and the
     hard loss agree on which cells hold objects): per level ``indices`` = (b, a, gj, gi),
     ``tbox`` (n, 4) xywh with xy relative to the cell corner and wh in grid units, ``anchors``
     (n, 2) grid units. Student and teacher rows are decoded the same way (:func:`decode_cells`), and

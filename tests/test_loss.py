@@ -11,7 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.loss import DetectionLoss, _assign_last, scale_hyp, smooth_bce_targets
+from utils.loss import (
+    DetectionLoss,
+    complete_iou,
+    decode_cell_boxes,
+    match_anchors,
+    put_last_wins,
+    scale_hyp,
+    smooth_bce_targets,
+    training_cells,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NPZ = FIXTURES / "yolov5n_nc80.npz"
@@ -129,9 +138,9 @@ def test_perfect_box_gives_zero_box_loss() -> None:
     _, items = loss(preds, targets)
     assert items[0].item() == pytest.approx(0.0, abs=1e-6)
     # Objectness target is CIoU = 1 at that one cell, 0 elsewhere.
-    tobj = torch.zeros(p.shape[:4])
-    tobj[1, 0, 2, 3] = 1.0
-    want = F.binary_cross_entropy_with_logits(p[..., 4], tobj) * 4.0 * HYP["obj"]  # balance[0] = 4 (nl=1)
+    obj_target = torch.zeros(p.shape[:4])
+    obj_target[1, 0, 2, 3] = 1.0
+    want = F.binary_cross_entropy_with_logits(p[..., 4], obj_target) * 4.0 * HYP["obj"]  # balance[0] = 4 (nl=1)
     assert items[1].item() == pytest.approx(want.item(), rel=1e-5)
 
 
@@ -175,51 +184,124 @@ def test_anchor_ratio_rule_rejects_mismatched_shapes() -> None:
     loss = DetectionLoss(model, HYP)
     preds = _preds()
     # 7.0 × 0.2 cells: worst ratios 7 (anchor 1×1), 25 (5×5), 125 (25×25), all beyond anchor_t = 4.
-    tcls, tbox, indices, _ = loss.build_targets(
-        preds, torch.tensor([_target(0, 1, 3.5, 2.5, 7.0, 0.2)]), model.detect.anchors
-    )
-    assert indices[0][0].numel() == 0
+    (pos,) = loss.assign(preds, torch.tensor([_target(0, 1, 3.5, 2.5, 7.0, 0.2)]))
+    assert pos.count == 0
     _, items = loss(preds, torch.tensor([_target(0, 1, 3.5, 2.5, 7.0, 0.2)]))
     assert items[0].item() == 0.0 and items[2].item() == 0.0
     # A looser anchor_t = 30 admits the 1×1 and 5×5 anchors (7, 25 < 30), not the 25×25 one.
     loose = DetectionLoss(model, {**HYP, "anchor_t": 30.0})
-    _, _, indices, _ = loose.build_targets(
-        preds, torch.tensor([_target(0, 1, 3.5, 2.5, 7.0, 0.2)]), model.detect.anchors
-    )
-    assert sorted(indices[0][1].tolist()) == [0, 1]
+    (pos,) = loose.assign(preds, torch.tensor([_target(0, 1, 3.5, 2.5, 7.0, 0.2)]))
+    assert sorted(pos.anchor.tolist()) == [0, 1]
+
+
+def test_anchor_ratio_threshold_is_strict_and_symmetric() -> None:
+    anchors = torch.tensor([[2.0, 2.0]])
+    # ratio exactly anchor_t on either side (8/2 = 4, 2/0.5 = 4) is rejected; just inside is kept
+    wh = torch.tensor([[8.0, 2.0], [2.0, 0.5], [7.9, 2.0], [2.0, 0.51]])
+    t_idx, a_idx = match_anchors(wh, anchors, 4.0)
+    assert t_idx.tolist() == [2, 3] and a_idx.tolist() == [0, 0]
+
+
+def _cells(pos) -> list[tuple[int, int]]:
+    """(gy, gx) pairs of one level's positives, in listing order."""
+    return list(zip(pos.gy.tolist(), pos.gx.tolist()))
 
 
 @pytest.mark.parametrize(
-    ("gxy", "cells"),
+    ("centre", "cells"),
     [
         ((5.3, 5.3), {(5, 5), (5, 4), (4, 5)}),  # leans left and up
         ((5.7, 5.7), {(5, 5), (5, 6), (6, 5)}),  # leans right and down
-        ((5.3, 5.7), {(5, 5), (5, 4), (6, 5)}),  # (gj, gi) pairs: left in x, down in y
-        ((0.3, 0.3), {(0, 0)}),  # x, y ≤ 1: no neighbour outside the grid
+        ((5.3, 5.7), {(5, 5), (5, 4), (6, 5)}),  # (gy, gx) pairs: left in x, down in y
+        ((5.5, 5.5), {(5, 5)}),  # exactly centred: leans nowhere
+        ((5.5, 5.2), {(5, 5), (4, 5)}),  # centred in x only: one neighbour
+        ((0.3, 0.3), {(0, 0)}),  # leans out of the grid: no neighbour
+        ((1.2, 0.7), {(0, 1), (0, 0), (1, 1)}),  # lower-x neighbour is column 0, upper-y is row 1
         ((GRID - 0.3, GRID - 0.3), {(GRID - 1, GRID - 1)}),  # far edge likewise
+        ((GRID - 1.2, GRID - 0.7), {(GRID - 1, GRID - 2), (GRID - 1, GRID - 1), (GRID - 2, GRID - 2)}),
     ],
 )
-def test_neighbour_cells(gxy: tuple[float, float], cells: set) -> None:
+def test_neighbour_cells(centre: tuple[float, float], cells: set) -> None:
     model = _Model(ONE_LEVEL)
     loss = DetectionLoss(model, HYP)
-    t = torch.tensor([_target(0, 0, gxy[0], gxy[1], 1.2, 0.9)])
-    _, tbox, indices, _ = loss.build_targets(_preds(), t, model.detect.anchors)
-    b, a, gj, gi = indices[0]
-    assert len(b) == len(cells)  # one anchor matches, so the count equals the cells
-    assert set(zip(gj.tolist(), gi.tolist())) == cells
-    assert (a == 0).all()
+    t = torch.tensor([_target(0, 0, centre[0], centre[1], 1.2, 0.9)])
+    (pos,) = loss.assign(_preds(), t)
+    assert pos.count == len(cells)  # one anchor matches, so the count equals the cells
+    assert set(_cells(pos)) == cells
+    assert (pos.anchor == 0).all() and (pos.img == 0).all() and (pos.cls == 0).all()
     # The box target's xy is the centre relative to each assigned cell's corner, within (−0.5, 1.5).
-    assert torch.allclose(tbox[0][:, 0] + gi, torch.full_like(tbox[0][:, 0], gxy[0]))
-    assert ((tbox[0][:, :2] > -0.5) & (tbox[0][:, :2] < 1.5)).all()
+    xy = torch.tensor(centre, dtype=torch.float32)
+    assert torch.allclose(pos.box[:, 0] + pos.gx, xy[0].expand(pos.count))
+    assert torch.allclose(pos.box[:, 1] + pos.gy, xy[1].expand(pos.count))
+    assert ((pos.box[:, :2] > -0.5) & (pos.box[:, :2] < 1.5)).all()
+    assert torch.allclose(pos.box[:, 2:], torch.tensor([1.2, 0.9]).expand(pos.count, 2))
+    assert torch.allclose(pos.anchor_wh, torch.tensor([1.0, 1.0]).expand(pos.count, 2))
+
+
+def test_centre_on_a_cell_border_leans_to_the_lower_cell() -> None:
+    # f = 0 exactly: the lower neighbour is the other cell that touches the centre, no duplicate
+    row, cell = training_cells(torch.tensor([[3.0, 1.0], [0.0, 0.0]]), (GRID, GRID))
+    got = sorted(zip(row.tolist(), map(tuple, cell.tolist())))
+    assert got == [(0, (2, 1)), (0, (3, 0)), (0, (3, 1)), (1, (0, 0))]
 
 
 def test_indices_are_clamped_on_the_border() -> None:
     model = _Model(ONE_LEVEL)
     loss = DetectionLoss(model, HYP)
     t = torch.tensor([_target(0, 0, float(GRID), float(GRID), 1.2, 0.9)])  # centre exactly on the edge
-    _, _, indices, _ = loss.build_targets(_preds(), t, model.detect.anchors)
-    gj, gi = indices[0][2], indices[0][3]
-    assert gi.max().item() == GRID - 1 and gj.max().item() == GRID - 1
+    (pos,) = loss.assign(_preds(), t)
+    # the last cell, the centre 1.0 from its corner (reachable: decoded xy < 1.5), no neighbour
+    assert _cells(pos) == [(GRID - 1, GRID - 1)]
+    assert pos.box[0, :2].tolist() == [1.0, 1.0]
+
+
+def test_listing_order_own_cells_then_neighbours_by_side_and_axis() -> None:
+    # rows: 0 leans lower-x and upper-y; 1 leans upper-x and lower-y
+    row, cell = training_cells(torch.tensor([[3.2, 3.7], [5.8, 5.1]]), (GRID, GRID))
+    assert row.tolist() == [0, 1, 0, 1, 1, 0]
+    assert cell.tolist() == [[3, 3], [5, 5], [2, 3], [5, 4], [6, 5], [3, 4]]
+
+
+def test_target_matching_two_anchors_trains_both() -> None:
+    model = _Model(ONE_LEVEL)
+    # side 2.2: ratios 2.2 (1×1 anchor) and 2.27 (5×5) pass anchor_t = 4; 25/2.2 = 11.4 does not
+    (pos,) = DetectionLoss(model, HYP).assign(_preds(), torch.tensor([_target(1, 2, 4.3, 4.6, 2.2, 2.2)]))
+    assert pos.count == 6  # 2 anchors × (own + lower-x + upper-y)
+    assert sorted(zip(pos.anchor.tolist(), _cells(pos))) == sorted(
+        (a, c) for a in (0, 1) for c in ((4, 4), (4, 3), (5, 4))
+    )
+    assert torch.equal(pos.anchor_wh, model.detect.anchors[0][pos.anchor])
+    assert (pos.img == 1).all() and (pos.cls == 2).all()
+
+
+def test_shared_cell_objectness_goes_to_the_neighbour_listed_last() -> None:
+    """Two targets, same image and anchor, each one's neighbour is the other's own cell.
+
+    Own cells are listed before neighbours, so in each cell the neighbour's CIoU sets the objectness
+    target (the reference's rule); the other way round gives a different loss.
+    """
+    model = _Model(ONE_LEVEL)
+    preds = _preds(bs=1)
+    a = _target(0, 0, 4.7, 5.5, 1.2, 0.9)  # own (y5, x4), upper-x neighbour (5, 5)
+    b = _target(0, 0, 5.2, 5.5, 1.4, 1.1)  # own (5, 5), lower-x neighbour (5, 4)
+    _, items = DetectionLoss(model, HYP)(preds, torch.tensor([a, b]))
+
+    p = preds[0][0]  # (na, ny, nx, no) of the one image
+    anchor = torch.tensor([[1.0, 1.0]])
+
+    def ciou_at(cell_x: int, t: list[float]) -> float:
+        box = torch.tensor([[t[2] * GRID - cell_x, t[3] * GRID - 5, t[4] * GRID, t[5] * GRID]])
+        return complete_iou(decode_cell_boxes(p[0, 5, cell_x, :4][None], anchor), box).clamp(min=0).item()
+
+    def obj_loss(at4: float, at5: float) -> float:
+        obj_target = torch.zeros(p.shape[:3])
+        obj_target[0, 5, 4], obj_target[0, 5, 5] = at4, at5
+        return F.binary_cross_entropy_with_logits(p[..., 4], obj_target).item() * 4.0 * HYP["obj"]
+
+    neighbour_wins = obj_loss(ciou_at(4, b), ciou_at(5, a))
+    own_wins = obj_loss(ciou_at(4, a), ciou_at(5, b))
+    assert abs(neighbour_wins - own_wins) > 1e-4  # the case does tell the two rules apart
+    assert items[1].item() == pytest.approx(neighbour_wins, rel=1e-6)
 
 
 def test_gradient_flows_and_ddp_unwrap() -> None:
@@ -264,9 +346,55 @@ def test_focal_loss_reduces_easy_negatives() -> None:
 
 def test_duplicate_positions_last_value_wins() -> None:
     dst = torch.zeros(1, 1, 2, 2)
-    idx = tuple(torch.tensor(v) for v in ([0, 0, 0], [0, 0, 0], [1, 1, 0], [0, 0, 1]))
-    _assign_last(dst, idx, torch.tensor([0.2, 0.7, 0.4]))
-    assert dst[0, 0, 1, 0].item() == pytest.approx(0.7) and dst[0, 0, 0, 1].item() == pytest.approx(0.4)
+    idx = tuple(torch.tensor(v) for v in ([0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 1], [0, 0, 1, 0]))
+    put_last_wins(dst, idx, torch.tensor([0.2, 0.7, 0.4, 0.9]))
+    assert dst[0, 0, 1, 0].item() == pytest.approx(0.9) and dst[0, 0, 0, 1].item() == pytest.approx(0.4)
+    assert dst[0, 0, 0, 0].item() == 0.0 and dst[0, 0, 1, 1].item() == 0.0
+    # many repeats in a larger tensor: the same as assigning one by one in order
+    g = torch.Generator().manual_seed(3)
+    idx = tuple(torch.randint(0, s, (500,), generator=g) for s in (2, 3, 4, 4))
+    vals = torch.rand(500, generator=g)
+    want = torch.zeros(2, 3, 4, 4)
+    for k in range(500):
+        want[idx[0][k], idx[1][k], idx[2][k], idx[3][k]] = vals[k]
+    got = torch.zeros(2, 3, 4, 4)
+    put_last_wins(got, idx, vals)
+    assert torch.equal(got, want)
+
+
+def test_complete_iou_limiting_cases() -> None:
+    """CIoU = IoU − ρ²/c² − α·v (Zheng et al. 2020), on boxes worked by hand."""
+    box = torch.tensor([[0.5, 0.5, 1.0, 2.0]])
+    assert complete_iou(box, box).item() == pytest.approx(1.0, abs=1e-6)
+    # same shape, disjoint, centres 2 apart in x: IoU 0, v 0, enclosing box 3×2 → −4/13
+    other = torch.tensor([[2.5, 0.5, 1.0, 2.0]])
+    assert complete_iou(box, other).item() == pytest.approx(-4 / 13, rel=1e-5)
+    # same centre, 1×1 inside 2×2: IoU 1/4, ρ = 0, v = 0 (same aspect)
+    a, b = torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.tensor([[0.0, 0.0, 2.0, 2.0]])
+    assert complete_iou(a, b).item() == pytest.approx(0.25, rel=1e-5)
+    # same centre, 2×1 vs 1×1: IoU 1/2, v = 4/π²·(atan 2 − π/4)², α = v / (1 − IoU + v)
+    a, b = torch.tensor([[0.0, 0.0, 2.0, 1.0]]), torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    v = 4 / np.pi**2 * (np.arctan(2.0) - np.pi / 4) ** 2
+    assert complete_iou(a, b).item() == pytest.approx(0.5 - v * v / (0.5 + v), rel=1e-5)
+
+
+def test_ciou_gradient_treats_alpha_as_constant() -> None:
+    # d(α·v)/dw with α held fixed: the gradient of −CIoU equals that of −(IoU − α_const·v)
+    a = torch.tensor([[0.1, -0.2, 2.0, 1.3]], requires_grad=True)
+    b = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    complete_iou(a, b).sum().backward()
+    a2 = a.detach().clone().requires_grad_()
+    x1, y1, w, h = a2[0]
+    inter = (torch.minimum(x1 + w / 2, torch.tensor(0.5)) - torch.maximum(x1 - w / 2, torch.tensor(-0.5))) * (
+        torch.minimum(y1 + h / 2, torch.tensor(0.5)) - torch.maximum(y1 - h / 2, torch.tensor(-0.5)))
+    iou = inter / (w * h + 1 - inter)
+    rho2 = x1**2 + y1**2
+    c2 = (torch.maximum(x1 + w / 2, torch.tensor(0.5)) - torch.minimum(x1 - w / 2, torch.tensor(-0.5))) ** 2 + (
+        torch.maximum(y1 + h / 2, torch.tensor(0.5)) - torch.minimum(y1 - h / 2, torch.tensor(-0.5))) ** 2
+    v = 4 / np.pi**2 * (np.pi / 4 - torch.atan(w / h)) ** 2
+    alpha = (v / (1 - iou + v)).detach()
+    (iou - rho2 / c2 - alpha * v).backward()
+    assert torch.allclose(a.grad, a2.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_missing_hyp_key_is_a_clear_error() -> None:

@@ -1,42 +1,58 @@
-"""YOLOv5 detection loss: CIoU box regression, objectness BCE and class BCE over three levels.
+"""YOLOv5 detection loss: CIoU box regression, objectness BCE and class BCE over the levels.
 
-Notation used below: ``bs`` batch size, ``na`` anchors per level, ``nl`` levels, ``nc`` classes,
-``no = nc + 5`` outputs per anchor, ``(ny, nx)`` the grid of a level, ``nt`` the number of targets.
+Notation: ``bs`` batch size, ``na`` anchors per level, ``nl`` levels, ``nc`` classes, ``no = nc + 5``
+outputs per anchor, ``(ny, nx)`` the grid of a level, ``nt`` targets, ``n`` positives of a level.
 
-For each level i with raw logits p_i (bs, na, ny, nx, no):
+Two stages, each its own function:
 
-* positives come from :meth:`DetectionLoss.build_targets` (anchor-ratio rule + neighbour cells);
-* box:  decoded pxy = 2σ(t_xy) − 0.5, pwh = (2σ(t_wh))²·anchor (grid units);
-  lbox += mean(1 − CIoU(pbox, tbox)) over the positives;
-* obj:  target 0 everywhere except CIoU.detach().clamp(0) at the positives;
-  lobj += balance_i · BCE(p_obj, target) averaged over all bs·na·ny·nx cells;
-* cls:  (only when nc > 1) BCE over the positives with targets cp = 1 − ε/2 at the true class and
-  cn = ε/2 elsewhere (ε = label smoothing).
+1. Assignment (:meth:`DetectionLoss.assign`): per level, the (target, anchor) pairs whose shapes
+   agree (:func:`match_anchors`), then the grid cells each pair trains (:func:`training_cells`),
+   giving one :class:`LevelPositives` per level.
+2. The loss (:meth:`DetectionLoss.__call__`), per level with raw logits p (bs, na, ny, nx, no):
 
-Finally lbox·box, lobj·obj, lcls·cls (hyp gains) and total = (lbox + lobj + lcls) · bs.
+   * box:  decoded pxy = 2σ(t_xy) − 0.5, pwh = (2σ(t_wh))²·anchor (grid units, relative to the cell);
+     box term = mean over positives of 1 − CIoU(pred, target) (``torchvision.ops.complete_box_iou_loss``);
+   * obj:  target 0 everywhere except CIoU.detach().clamp(0) at the positives;
+     obj term = balance_level · mean BCE over all bs·na·ny·nx cells;
+   * cls:  (only when nc > 1) mean BCE over the positives against cp = 1 − ε/2 at the true class and
+     cn = ε/2 elsewhere (ε = label smoothing).
+
+   Then lbox·box, lobj·obj, lcls·cls (hyp gains) and total = (lbox + lobj + lcls) · bs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision import ops
 
-from utils.boxes import bbox_ciou
 from utils.torch_utils import unwrap_model
-
-# Objectness weights per level, large grids (small objects) first. Three levels use YOLOv5's
-# [4.0, 1.0, 0.4]; other depths (P3-P6 / P3-P7 models) use the same table extended downwards.
-_BALANCE = {3: [4.0, 1.0, 0.4]}
-_BALANCE_DEFAULT = [4.0, 1.0, 0.25, 0.06, 0.02]
-
-# The neighbour-cell offset: a target also trains the adjacent cell on the side its centre leans to.
-_NEIGHBOUR_G = 0.5
 
 # hyp keys the loss needs; the rest of a training hyp dict is ignored here.
 _REQUIRED_KEYS = ("box", "obj", "cls", "anchor_t")
+
+# CIoU's small constant (denominators of IoU, the enclosing diagonal and α), as in the reference.
+_CIOU_EPS = 1e-7
+
+
+def objectness_balance(nl: int) -> list[float]:
+    """Objectness weight per level, finest grid first: [4.0, 1.0, 0.4] for the usual three levels.
+
+    Models with other depths (P3-P6, P3-P7) use YOLOv5's longer list 4.0, 1.0, 0.25, 0.06, 0.02
+    cut to ``nl`` entries; more than five levels has no reference value and is an error.
+    """
+    if nl == 3:
+        return [4.0, 1.0, 0.4]
+    other_depths = [4.0, 1.0, 0.25, 0.06, 0.02]
+    if nl > len(other_depths):
+        raise ValueError(f"DetectionLoss: {nl} detection levels, objectness balance has only "
+                         f"{len(other_depths)} entries")
+    return other_depths[:nl]
 
 
 def scale_hyp(hyp: dict[str, Any], nl: int, nc: int, imgsz: int) -> dict[str, Any]:
@@ -82,6 +98,157 @@ def _bce(
     return (loss * alpha_t * (1.0 - p_t) ** gamma).mean()
 
 
+# ------------------------------------------------------------------------------------ assignment
+@dataclass(frozen=True)
+class LevelPositives:
+    """The positive samples of one level, one row per (target, anchor, cell) triple.
+
+    All index tensors are (n,) long on the targets' device:
+        img, anchor, gy, gx: where the prediction sits in the level's (bs, na, ny, nx) grid.
+        cls: the target's class.
+    box: (n, 4) xywh target in grid units, its centre measured from the top-left corner of cell
+        (gy, gx), so within (−0.5, 1.5) like the decoded prediction 2σ − 0.5.
+    anchor_wh: (n, 2) the matched anchor's size in grid units.
+    """
+
+    img: torch.Tensor
+    anchor: torch.Tensor
+    gy: torch.Tensor
+    gx: torch.Tensor
+    box: torch.Tensor
+    anchor_wh: torch.Tensor
+    cls: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return int(self.img.shape[0])
+
+    def cell_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(img, anchor, gy, gx): advanced index of the positives in a (bs, na, ny, nx, ...) tensor."""
+        return self.img, self.anchor, self.gy, self.gx
+
+
+def match_anchors(wh: torch.Tensor, anchor_wh: torch.Tensor, anchor_t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target, anchor) index pairs whose shapes agree within a factor ``anchor_t`` on both sides.
+
+    For target size (w, h) and anchor (aw, ah), both in grid units, the pair matches when
+    max(w/aw, aw/w, h/ah, ah/h) < anchor_t. ``wh`` (nt, 2), ``anchor_wh`` (na, 2).
+    Returns two (m,) long tensors, pairs in target order (a target's anchors in anchor order).
+    """
+    ratio = wh[:, None, :] / anchor_wh[None, :, :]  # (nt, na, 2)
+    worst = torch.maximum(ratio, ratio.reciprocal()).amax(dim=2)
+    target_idx, anchor_idx = torch.nonzero(worst < anchor_t, as_tuple=True)
+    return target_idx, anchor_idx
+
+
+def training_cells(centre: torch.Tensor, grid_wh: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid cells that learn a box centred at ``centre``: its own cell and up to two neighbours.
+
+    ``centre`` (m, 2) xy in grid units of a (ny, nx) grid, ``grid_wh`` = (nx, ny).
+
+    own cell c = ⌊centre⌋ clamped into the grid; f = centre − c, in [0, 1] (1 only on the far edge).
+    On each axis the centre leans toward the lower neighbour when f < 0.5 and toward the upper one
+    when f > 0.5 (neither at exactly 0.5); the neighbour on that side trains the box too, when it
+    lies inside the grid. Those are the cells whose decoded offset range (−0.5, 1.5) still reaches
+    the centre with a margin: the centre is < 0.5 away from their edge.
+
+    Returns ``(row, cell)``: for each listed cell the row of ``centre`` it serves (k,) and the cell
+    (k, 2) long xy. Listing order: every own cell first (rows ascending), then the neighbours
+    grouped by side and axis: lower-x, lower-y, upper-x, upper-y, rows ascending in each group.
+    The order only matters for the objectness target of a cell claimed by two different targets
+    with the same anchor (the one listed last sets it, :func:`put_last_wins`); this one gives the
+    same winner as YOLOv5, which keeps the loss values identical in crowded scenes.
+
+    Deviation, on purpose: a coordinate exactly on a cell border (f = 0; integer grid coordinates,
+    e.g. a normalised centre of 0.5) leans to the lower neighbour, and a cell is never listed twice
+    for one match. YOLOv5's rule there lists the own cell a second time (its half-cell shift toward
+    the upper side lands back in the own cell; at the far edge, x = nx, all shifts clamp into it)
+    and skips the lower neighbour at coordinate 1.0; those duplicates weigh the target twice in the
+    box and class means. Off the borders the two agree exactly (non-integer coordinates).
+    """
+    m = centre.shape[0]
+    upper = torch.tensor(grid_wh, device=centre.device) - 1  # last cell index per axis, xy
+    own = centre.floor().long().clamp_(min=torch.zeros_like(upper), max=upper)
+    frac = centre - own
+    step = (frac > 0.5).long() - (frac < 0.5).long()  # (m, 2): −1 lower, +1 upper, 0 centred
+    # candidate j of row i: the own cell moved by step[i, j] along axis j only → (m, 2 axes, 2 coords)
+    moved = own[:, None, :] + torch.diag_embed(step)
+    target = moved.diagonal(dim1=1, dim2=2)  # (m, 2): the moved coordinate of each candidate
+    inside = (step != 0) & (target >= 0) & (target <= upper)
+    rows, axis = torch.nonzero(inside, as_tuple=True)
+    group = (step[rows, axis] > 0).long() * 2 + axis  # lower-x 0, lower-y 1, upper-x 2, upper-y 3
+    order = torch.argsort(group, stable=True)
+    rows, axis = rows[order], axis[order]
+    own_rows = torch.arange(m, device=centre.device)
+    return torch.cat((own_rows, rows)), torch.cat((own, moved[rows, axis]))
+
+
+def level_positives(
+    targets: torch.Tensor, anchor_wh: torch.Tensor, grid_wh: tuple[int, int], anchor_t: float
+) -> LevelPositives:
+    """Positives of one level for ``targets`` (nt, 6) [img, cls, xc, yc, w, h] normalised to 0-1.
+
+    ``anchor_wh`` (na, 2) grid units; ``grid_wh`` = (nx, ny). Target boxes are scaled to grid units
+    (x, w by nx; y, h by ny), matched to anchors (:func:`match_anchors`) and each match spread over
+    its training cells (:func:`training_cells`).
+    """
+    scale = targets.new_tensor(grid_wh)
+    xy, wh = targets[:, 2:4] * scale, targets[:, 4:6] * scale
+    t_idx, a_idx = match_anchors(wh, anchor_wh, anchor_t)
+    row, cell = training_cells(xy[t_idx], grid_wh)
+    t_idx, a_idx = t_idx[row], a_idx[row]
+    return LevelPositives(
+        img=targets[t_idx, 0].long(),
+        anchor=a_idx,
+        gy=cell[:, 1],
+        gx=cell[:, 0],
+        box=torch.cat((xy[t_idx] - cell, wh[t_idx]), dim=1),
+        anchor_wh=anchor_wh[a_idx],
+        cls=targets[t_idx, 1].long(),
+    )
+
+
+# ------------------------------------------------------------------------------------ loss terms
+def decode_cell_boxes(raw: torch.Tensor, anchor_wh: torch.Tensor) -> torch.Tensor:
+    """Raw box logits (n, 4) → xywh (n, 4) in grid units relative to their cell's corner.
+
+    xy = 2σ(t) − 0.5 ∈ (−0.5, 1.5); wh = (2σ(t))² · anchor ∈ (0, 4·anchor).
+    """
+    doubled = raw.sigmoid() * 2
+    return torch.cat((doubled[:, :2] - 0.5, doubled[:, 2:].square() * anchor_wh), dim=1)
+
+
+def complete_iou(pred_xywh: torch.Tensor, target_xywh: torch.Tensor) -> torch.Tensor:
+    """Element-wise CIoU (Zheng et al., AAAI 2020) of two (n, 4) xywh box sets → (n,).
+
+    CIoU = IoU − ρ²/c² − α·v with v = 4/π²·(atan(w_t/h_t) − atan(w_p/h_p))², α = v/(1 − IoU + v),
+    α held constant (no gradient). Computed by ``torchvision.ops.complete_box_iou_loss`` (= 1 − CIoU)
+    on xyxy corners; its ε placement (in the IoU, diagonal and α denominators, none inside atan)
+    differs from YOLOv5's by O(1e-7) relative, well inside the 1e-5 parity of the tests.
+    """
+    to_xyxy = (ops.box_convert(b, "cxcywh", "xyxy") for b in (pred_xywh, target_xywh))
+    return 1.0 - ops.complete_box_iou_loss(*to_xyxy, reduction="none", eps=_CIOU_EPS)
+
+
+def put_last_wins(dst: torch.Tensor, index: Sequence[torch.Tensor], values: torch.Tensor) -> None:
+    """``dst[index] = values`` in place, where a position listed more than once takes its LAST value.
+
+    ``index_put_`` leaves the winner of repeated positions unspecified; here each position is
+    written once: positions are flattened (row-major over ``dst``'s leading dims), stably sorted,
+    and only the last entry of each run of equal positions is kept. ``index`` holds one (n,) long
+    tensor per leading dim of the contiguous ``dst``; ``values`` is (n,).
+    """
+    flat = torch.zeros_like(index[0])
+    for idx, size in zip(index, dst.shape):
+        flat = flat * size + idx
+    order = torch.argsort(flat, stable=True)
+    flat = flat[order]
+    last_of_run = torch.ones_like(flat, dtype=torch.bool)
+    last_of_run[:-1] = flat[1:] != flat[:-1]
+    dst.view(-1)[flat[last_of_run]] = values[order[last_of_run]].to(dst.dtype)
+
+
+# ------------------------------------------------------------------------------------ the loss
 class DetectionLoss:
     """The YOLOv5 detection loss (see the module docstring for the formulas).
 
@@ -107,8 +274,8 @@ class DetectionLoss:
         self.nl: int = int(det.nl)
         self.na: int = int(det.na)
         self.nc: int = int(det.nc)
-        # Anchors are a buffer of the Detect layer; read it at call time from this reference so a
-        # later model.to(device) is followed (buffers move in place of the attribute, so re-read).
+        # Keep the Detect layer, not its anchors: model.to(device) replaces the buffer, so the
+        # anchors are read at call time.
         self._detect = det
         self.gains = (float(hyp["box"]), float(hyp["obj"]), float(hyp["cls"]))
         self.anchor_t = float(hyp["anchor_t"])
@@ -116,15 +283,20 @@ class DetectionLoss:
         self.obj_pw = float(hyp.get("obj_pw", 1.0))
         self.fl_gamma = float(hyp.get("fl_gamma", 0.0))
         self.cp, self.cn = smooth_bce_targets(float(hyp.get("label_smoothing", 0.0)))
-        self.balance = _BALANCE.get(self.nl, _BALANCE_DEFAULT)
-        if self.nl > len(self.balance):
-            raise ValueError(f"DetectionLoss: {self.nl} detection levels, objectness balance has only "
-                             f"{len(self.balance)} entries")
+        self.balance = objectness_balance(self.nl)
 
     @property
     def anchors(self) -> torch.Tensor:
         """Detect anchors (nl, na, 2) in grid units, fp32."""
         return self._detect.anchors.float()
+
+    def assign(self, preds: Sequence[torch.Tensor], targets: torch.Tensor) -> list[LevelPositives]:
+        """Per level, the positives of ``targets`` (nt, 6) normalised; ``preds`` only give grid sizes."""
+        anchors = self.anchors.to(targets.device)
+        return [
+            level_positives(targets, anchors[i], (int(p.shape[3]), int(p.shape[2])), self.anchor_t)
+            for i, p in enumerate(preds)
+        ]
 
     def __call__(self, preds: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss of raw per-level predictions against normalised targets; see the class docstring."""
@@ -136,111 +308,26 @@ class DetectionLoss:
         # fp32 math even when the forward ran under autocast: cast the inputs and switch autocast
         # off here, so no op below is silently downcast (exp/atan/BCE lose too much in fp16).
         with torch.autocast(device_type=device.type, enabled=False):
-            return self._compute([p.float() for p in preds], targets.to(device=device, dtype=torch.float32))
+            preds32 = [p.float() for p in preds]
+            targets32 = targets.to(device=device, dtype=torch.float32)
+            levels = zip(preds32, self.assign(preds32, targets32), self.balance)
+            box, obj, cls = (torch.stack(t).sum() for t in zip(*(self._level_terms(*lv) for lv in levels)))
+            weighted = torch.stack((box * self.gains[0], obj * self.gains[1], cls * self.gains[2]))
+            return weighted.sum().reshape(1) * preds32[0].shape[0], weighted.detach()
 
-    def _compute(self, preds: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss proper, on fp32 inputs already on one device (see the class docstring)."""
-        device = preds[0].device
-        anchors = self.anchors.to(device)
-        tcls, tbox, indices, anch = self.build_targets(preds, targets, anchors)
-
-        cls_pw = torch.tensor([self.cls_pw], device=device)
-        obj_pw = torch.tensor([self.obj_pw], device=device)
-        zero = torch.zeros(1, device=device)
-        lbox, lobj, lcls = zero.clone(), zero.clone(), zero.clone()
-        for i, p in enumerate(preds):
-            b, a, gj, gi = indices[i]
-            tobj = torch.zeros(p.shape[:4], device=device)
-            n = b.shape[0]
-            if n:
-                ps = p[b, a, gj, gi]  # (n, no) the positive cells
-                pxy = ps[:, :2].sigmoid() * 2 - 0.5
-                pwh = (ps[:, 2:4].sigmoid() * 2) ** 2 * anch[i]
-                iou = bbox_ciou(torch.cat((pxy, pwh), 1), tbox[i])  # (n,)
-                lbox = lbox + (1.0 - iou).mean()
-                _assign_last(tobj, (b, a, gj, gi), iou.detach().clamp(0))
-                if self.nc > 1:  # a single class is learnt by objectness alone
-                    t = torch.full_like(ps[:, 5:], self.cn)
-                    t[torch.arange(n, device=device), tcls[i]] = self.cp
-                    lcls = lcls + _bce(ps[:, 5:], t, cls_pw, self.fl_gamma)
-            lobj = lobj + _bce(p[..., 4], tobj, obj_pw, self.fl_gamma) * self.balance[i]
-
-        lbox = lbox * self.gains[0]
-        lobj = lobj * self.gains[1]
-        lcls = lcls * self.gains[2]
-        bs = preds[0].shape[0]
-        return (lbox + lobj + lcls) * bs, torch.cat((lbox, lobj, lcls)).detach()
-
-    def build_targets(
-        self, preds: list[torch.Tensor], targets: torch.Tensor, anchors: torch.Tensor
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[torch.Tensor, ...]], list[torch.Tensor]]:
-        """Assign targets to (image, anchor, cell) positives on every level.
-
-        A target matches anchor k when max(r, 1/r) < anchor_t for both w and h, r = gt_wh / anchor_wh
-        (shape match, not IoU). Each match trains its own cell and up to two neighbours: the left
-        (top) cell when the centre's fractional x (y) is < 0.5 and x (y) > 1, the right (bottom) cell
-        when the same holds measured from the far edge (nx − x). This triples positives and lets the
-        decoded offset 2σ − 0.5 ∈ (−0.5, 1.5) reach centres in the adjacent cell.
-
-        Returns per level: ``tcls`` (n,) long, ``tbox`` (n, 4) xywh with xy relative to the cell
-        corner (in [−0.5, 1.5]) and wh in grid units, ``indices`` (b, a, gj, gi) each (n,) long,
-        clamped to the grid, and ``anch`` (n, 2) the matched anchors in grid units.
-        """
-        na, nt = self.na, targets.shape[0]
-        device = targets.device
-        g = _NEIGHBOUR_G
-        # (na, nt, 7): every target repeated once per anchor with the anchor index appended.
-        ai = torch.arange(na, device=device, dtype=torch.float32).view(na, 1).expand(na, nt)
-        tga = torch.cat((targets.unsqueeze(0).expand(na, nt, 6), ai.unsqueeze(2)), 2)
-        # Cell offsets for: self, left, top, right, bottom (subtracted from the centre, then floored).
-        off = torch.tensor([[0, 0], [1, 0], [0, 1], [-1, 0], [0, -1]], device=device, dtype=torch.float32) * g
-
-        tcls, tbox, indices, anch = [], [], [], []
-        for i, p in enumerate(preds):
-            ny, nx = p.shape[2], p.shape[3]
-            gain = torch.tensor([1, 1, nx, ny, nx, ny, 1], device=device, dtype=torch.float32)
-            t = tga * gain  # normalised → grid units on this level
-            if nt:
-                r = t[..., 4:6] / anchors[i][:, None]  # (na, nt, 2)
-                t = t[torch.max(r, 1 / r).amax(2) < self.anchor_t]  # (m, 7)
-                gxy = t[:, 2:4]
-                gxi = gain[[2, 3]] - gxy  # distance from the far edge
-                left, top = ((gxy % 1 < g) & (gxy > 1)).T
-                right, bottom = ((gxi % 1 < g) & (gxi > 1)).T
-                sel = torch.stack((torch.ones_like(left), left, top, right, bottom))  # (5, m)
-                t = t.unsqueeze(0).expand(5, -1, -1)[sel]
-                offsets = off[:, None].expand(5, sel.shape[1], 2)[sel]
-            else:
-                t = tga[0]  # (0, 7)
-                offsets = torch.zeros_like(t[:, 2:4])
-
-            b, c = t[:, 0].long(), t[:, 1].long()
-            gxy, gwh, a = t[:, 2:4], t[:, 4:6], t[:, 6].long()
-            gij = (gxy - offsets).long()
-            # Clamp so a centre on the far border (x == nx) still indexes the last cell.
-            gi = gij[:, 0].clamp(0, nx - 1)
-            gj = gij[:, 1].clamp(0, ny - 1)
-            indices.append((b, a, gj, gi))
-            tbox.append(torch.cat((gxy - torch.stack((gi, gj), 1), gwh), 1))
-            anch.append(anchors[i][a])
-            tcls.append(c)
-        return tcls, tbox, indices, anch
-
-
-def _assign_last(dst: torch.Tensor, index: tuple[torch.Tensor, ...], values: torch.Tensor) -> None:
-    """``dst[index] = values`` where, for repeated positions, the LAST listed value wins.
-
-    Plain advanced-index assignment leaves duplicates unspecified (CUDA may pick any). YOLOv5's
-    reference numbers come from CPU, where the last write wins; doing it explicitly keeps CPU and
-    CUDA identical. ``dst`` (bs, na, ny, nx); ``index`` four (n,) long tensors; ``values`` (n,).
-    """
-    lin = torch.zeros_like(index[0])
-    for idx, size in zip(index, dst.shape):
-        lin = lin * size + idx
-    uniq, inv = torch.unique(lin, return_inverse=True)
-    order = torch.arange(lin.shape[0], device=lin.device)
-    last = torch.zeros_like(uniq).scatter_reduce(0, inv, order, reduce="amax", include_self=False)
-    dst.view(-1)[uniq] = values[last].to(dst.dtype)
-
-
-__all__ = ["DetectionLoss", "scale_hyp", "smooth_bce_targets"]
+    def _level_terms(
+        self, p: torch.Tensor, pos: LevelPositives, balance: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(box, obj, cls) terms of one level before the hyp gains; ``p`` (bs, na, ny, nx, no) fp32."""
+        obj_target = torch.zeros_like(p[..., 4])
+        box = cls = p.new_zeros(())
+        if pos.count:
+            rows = p[pos.cell_index()]  # (n, no)
+            ciou = complete_iou(decode_cell_boxes(rows[:, :4], pos.anchor_wh), pos.box)
+            box = (1.0 - ciou).mean()
+            put_last_wins(obj_target, pos.cell_index(), ciou.detach().clamp(min=0))
+            if self.nc > 1:
+                cls_target = F.one_hot(pos.cls, self.nc).to(p.dtype) * (self.cp - self.cn) + self.cn
+                cls = _bce(rows[:, 5:], cls_target, p.new_tensor(self.cls_pw), self.fl_gamma)
+        obj = _bce(p[..., 4], obj_target, p.new_tensor(self.obj_pw), self.fl_gamma) * balance
+        return box, obj, cls

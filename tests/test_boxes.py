@@ -1,0 +1,123 @@
+"""Box converters, clipping, letterbox undo and the NMS candidate rules, on hand-worked boxes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from utils.boxes import (
+    clip_boxes,
+    non_max_suppression,
+    scale_boxes,
+    xywh2xyxy,
+    xywhn2xyxy,
+    xyxy2xywh,
+    xyxy2xywhn,
+)
+
+XYWH = [[50.0, 40.0, 20.0, 10.0], [5.0, 6.0, 4.0, 8.0]]
+XYXY = [[40.0, 35.0, 60.0, 45.0], [3.0, 2.0, 7.0, 10.0]]
+
+
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_converters_hand_worked_and_inverse(kind: str) -> None:
+    make = torch.tensor if kind == "torch" else (lambda v: np.array(v, dtype=np.float32))
+    xywh = make(XYWH)
+    xyxy = xywh2xyxy(xywh)
+    assert type(xyxy) is type(xywh) and xyxy.dtype == xywh.dtype
+    np.testing.assert_allclose(np.asarray(xyxy), XYXY)
+    np.testing.assert_allclose(np.asarray(xyxy2xywh(xyxy)), XYWH)
+    np.testing.assert_allclose(np.asarray(xywh), XYWH)  # input untouched
+    # leading dimensions pass through
+    batch = make([XYWH, XYWH, XYWH])
+    assert tuple(xywh2xyxy(batch).shape) == (3, 2, 4)
+    np.testing.assert_allclose(np.asarray(xywh2xyxy(batch))[2], XYXY)
+
+
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_normalised_converters(kind: str) -> None:
+    make = torch.tensor if kind == "torch" else np.array
+    w, h = 100.0, 80.0
+    n = make([[0.5, 0.5, 0.2, 0.25]])
+    px = xywhn2xyxy(n, w, h, padw=3.0, padh=-2.0)
+    np.testing.assert_allclose(np.asarray(px), [[43.0, 28.0, 63.0, 48.0]])
+    back = xyxy2xywhn(xywhn2xyxy(n, w, h), w, h)
+    np.testing.assert_allclose(np.asarray(back), np.asarray(n), rtol=1e-6)
+    # clip: a box hanging over the right/bottom edge is cut to (w − eps, h − eps) first
+    over = make([[90.0, 70.0, 120.0, 95.0]])
+    got = np.asarray(xyxy2xywhn(over, w, h, clip=True, eps=1e-3))
+    np.testing.assert_allclose(got, [[(90 + 99.999) / 2 / w, (70 + 79.999) / 2 / h, 9.999 / w, 9.999 / h]], rtol=1e-5)
+    assert np.asarray(over)[0, 2] == 120.0  # input untouched
+
+
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_clip_boxes(kind: str) -> None:
+    make = torch.tensor if kind == "torch" else np.array
+    boxes = make([[-5.0, -1.0, 30.0, 50.0], [2.0, 3.0, 4.0, 5.0]])
+    got = clip_boxes(boxes, (40, 25))  # (h, w)
+    np.testing.assert_allclose(np.asarray(got), [[0.0, 0.0, 25.0, 40.0], [2.0, 3.0, 4.0, 5.0]])
+    assert np.asarray(boxes)[0, 0] == -5.0  # a new object, the input is untouched
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_scale_boxes_undoes_a_letterbox(given: bool) -> None:
+    h0, w0 = 300, 400  # original image
+    h1, w1 = 320, 320  # letterboxed: gain 0.8, picture 320×240 centred, 40 px bands top and bottom
+    gain, pad = 0.8, (0.0, 40.0)
+    orig = torch.tensor([[10.0, 20.0, 200.0, 290.0], [350.0, 0.0, 400.0, 300.0]])
+    boxed = orig * gain + torch.tensor([pad[0], pad[1], pad[0], pad[1]])
+    ratio_pad = ((gain, gain), pad) if given else None
+    got = scale_boxes((h1, w1), boxed.clone(), (h0, w0), ratio_pad)
+    assert torch.allclose(got, orig, atol=1e-4)
+    # a box reaching into the padding band is clipped to the original image
+    band = torch.tensor([[0.0, 0.0, 20.0, 50.0]])
+    assert scale_boxes((h1, w1), band, (h0, w0), ratio_pad)[0].tolist() == pytest.approx([0.0, 0.0, 25.0, 12.5])
+    # numpy takes the same path
+    np.testing.assert_allclose(scale_boxes((h1, w1), boxed.numpy(), (h0, w0), ratio_pad), orig.numpy(), atol=1e-4)
+
+
+def _pred(rows: list[list[float]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32)[None]
+
+
+def test_nms_single_label_takes_the_best_class_before_the_class_filter() -> None:
+    # one box, class 1 scores 0.72, class 0 0.45: single-label proposes only class 1
+    rows = [[50, 50, 20, 20, 0.9, 0.5, 0.8]]
+    (out,) = non_max_suppression(_pred(rows), 0.25, 0.45)
+    assert out[:, 5].tolist() == [1.0] and out[0, 4].item() == pytest.approx(0.72)
+    # asking for class 0 only: its best class is 1, so single-label gives nothing ...
+    assert non_max_suppression(_pred(rows), 0.25, 0.45, classes=[0])[0].shape == (0, 6)
+    # ... while multi-label still proposes (box, class 0)
+    (multi,) = non_max_suppression(_pred(rows), 0.25, 0.45, classes=[0], multi_label=True)
+    assert multi[:, 5].tolist() == [0.0] and multi[0, 4].item() == pytest.approx(0.45)
+
+
+def test_nms_threshold_is_on_obj_times_cls_and_strict() -> None:
+    rows = [[50, 50, 20, 20, 0.5, 0.5, 0.2], [150, 50, 20, 20, 0.9, 0.3, 0.2]]  # scores 0.25 and 0.27
+    (out,) = non_max_suppression(_pred(rows), 0.25, 0.45, multi_label=True)
+    assert out.shape == (1, 6) and out[0, 4].item() == pytest.approx(0.27)
+    assert torch.allclose(out[0, :4], torch.tensor([140.0, 40.0, 160.0, 60.0]))
+
+
+def test_nms_empty_and_single_class_and_list_input() -> None:
+    nothing = _pred([[50, 50, 20, 20, 0.1, 0.9]])
+    (out,) = non_max_suppression(nothing, 0.25, 0.45)
+    assert out.shape == (0, 6)
+    one_class = _pred([[50, 50, 20, 20, 0.8, 0.5], [52, 50, 20, 20, 0.9, 0.9]])
+    (out,) = non_max_suppression((one_class, []), 0.25, 0.45, multi_label=True)  # eval-mode (decoded, raw)
+    assert out.shape == (1, 6) and out[0, 4].item() == pytest.approx(0.81) and out[0, 5].item() == 0
+
+
+def test_nms_caps_candidates_at_max_nms_by_score() -> None:
+    rows = [[10 + 30 * i, 10, 20, 20, 0.3 + 0.01 * i, 1.0] for i in range(30)]  # disjoint boxes
+    (out,) = non_max_suppression(_pred(rows), 0.25, 0.45, max_nms=5)
+    assert out.shape[0] == 5
+    assert out[:, 4].tolist() == pytest.approx([0.59, 0.58, 0.57, 0.56, 0.55])
+
+
+def test_nms_batch_keeps_images_apart() -> None:
+    a = [[50, 50, 20, 20, 0.9, 0.9, 0.1]]
+    b = [[50, 50, 20, 20, 0.8, 0.1, 0.9]]
+    outs = non_max_suppression(torch.cat((_pred(a), _pred(b))), 0.25, 0.45)
+    assert [o[:, 5].tolist() for o in outs] == [[0.0], [1.0]]
