@@ -1,7 +1,8 @@
-"""Export a trained detector to ONNX and check the file against PyTorch.
+"""Export a trained detector to ONNX or to YOLOv5's own .pt format, and check the file.
 
 Usage:
     python export.py --weights runs/train/exp/weights/best.pt --include onnx --imgsz 640
+    python export.py --weights best.pt --include yolov5              # best_yolov5.pt for YOLOv5's tools
     python export.py --weights best.pt --dynamic --simplify          # dynamic batch, height, width
     python export.py --weights best.pt --half --device 0             # fp16 file (CUDA only)
     python export.py --weights best.pt --int8 --data data/VisDrone.yaml  # + best.int8.onnx (static INT8)
@@ -13,7 +14,14 @@ decoded tensor YOLOv5's ONNX files carry (NMS is left to the caller). ``stride``
 are stored as JSON strings in the file's ``metadata_props`` (also readable with
 ``ast.literal_eval``), with ``imgsz``, ``nc``, ``dynamic`` and ``format``.
 
-After writing, the file is run in onnxruntime on one letterboxed image (``--check-image``, or a
+``--include yolov5`` writes ``<name>_yolov5.pt`` beside the weights (or ``--output``): the model as
+an official YOLOv5 v7.0 release checkpoint (pickled ``models.yolo.DetectionModel`` tree in fp16,
+epoch -1; :mod:`models.yolov5_format`), which YOLOv5's detect.py, val.py, export.py (TensorRT,
+CoreML, TFLite, OpenVINO, ...) and ``torch.hub.load(..., 'custom', path=...)`` load as one of
+theirs. It is read back through our restricted unpickler and compared with the source model on
+one image (fp16 rounding: held to the fp16 tolerance).
+
+After writing, the ONNX file is run in onnxruntime on one letterboxed image (``--check-image``, or a
 generated test picture) and compared with the PyTorch model; see :func:`parity`.
 
 ``--int8`` then quantises the fp32 file to ``<name>.int8.onnx`` (onnxruntime static QDQ INT8,
@@ -40,7 +48,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from models import load_model
+from models import load_checkpoint, load_model
+from models.yolov5_format import save_yolov5
 from utils.augment import letterbox
 from utils.torch_utils import select_device
 
@@ -154,6 +163,66 @@ def _ort_providers(ort, device: torch.device) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+FORMATS = ("onnx", "yolov5")
+DEFAULT_HYP = Path(__file__).resolve().parent / "data" / "hyps" / "hyp.scratch-low.yaml"
+
+
+def _checkpoint_hyp(ckpt: dict) -> dict:
+    """The training hyper-parameters a checkpoint carries (ours: 'hyp'; YOLOv5's: model.hyp), else
+    YOLOv5's defaults (hyp.scratch-low). YOLOv5 keeps them on the model; only its training reads them."""
+    raw = ckpt.get("raw") if isinstance(ckpt.get("raw"), dict) else {}
+    found = [raw.get("hyp")]
+    for key in ("ema", "model"):  # official files: an attribute of the pickled model (a record)
+        m = raw.get(key)
+        if m is not None and not isinstance(m, dict) and callable(getattr(m, "get", None)):
+            found.append(m.get("hyp"))
+    for hyp in found:
+        if isinstance(hyp, dict) and hyp:
+            return dict(hyp)
+    import yaml
+
+    return yaml.safe_load(DEFAULT_HYP.read_text()) if DEFAULT_HYP.is_file() else {}
+
+
+def export_yolov5(
+    weights: str | Path,
+    output: str | Path | None = None,
+    imgsz: int | list[int] | tuple[int, ...] = 640,
+    check_image: str | Path | None = None,
+    tol: float = TOL_FP16,
+) -> tuple[Path, float]:
+    """Write ``weights`` as a YOLOv5 v7.0 release checkpoint; return ``(path, parity)``.
+
+    ``path``: ``output`` or ``<weights stem>_yolov5.pt`` beside the weights. ``parity``: the
+    :func:`parity` figure between the source model (fp32) and the written file read back through
+    :func:`models.load_model` (the restricted unpickler), on one letterboxed image at ``imgsz``;
+    above ``tol`` (fp16 rounding stays far below) a RuntimeError is raised.
+    """
+    weights = Path(weights)
+    out = Path(output) if output else weights.with_name(f"{weights.stem}_yolov5.pt")
+    if out.resolve() == weights.resolve():
+        raise ValueError(f"--output {out} would overwrite the weights; choose another name")
+    model = load_model(str(weights))
+    hyp = _checkpoint_hyp(load_checkpoint(str(weights)))
+    t0 = time.perf_counter()
+    save_yolov5(model, out, hyp=hyp)
+    print(f"saved {out} (YOLOv5 v7.0 release format, fp16, {out.stat().st_size / 1e6:.1f} MB) "
+          f"in {time.perf_counter() - t0:.1f}s")
+    shape = check_imgsz(imgsz, int(model.stride.max()))
+    im0 = cv2.imread(str(check_image)) if check_image else synthetic_image()
+    if im0 is None:
+        raise FileNotFoundError(f"--check-image {check_image}: cannot read the image")
+    x = torch.from_numpy(preprocess(im0, shape))
+    back = load_model(str(out))
+    with torch.no_grad():
+        stats = parity(model(x)[0].numpy(), back(x)[0].numpy(), shape)
+    print(f"read back through the restricted unpickler: max diff {stats['max']:.3g} vs the fp32 source "
+          f"(scores {stats['scores']:.3g}, xywh {stats['xywh_px']:.3g} px); tolerance {tol:g}")
+    if not stats["max"] <= tol:
+        raise RuntimeError(f"{out}: read back, its output differs from the source by {stats['max']:.3g} > {tol:g}")
+    return out, stats["max"]
+
+
 def run(
     weights: str | Path,
     imgsz: int | list[int] | tuple[int, ...] = 640,
@@ -172,22 +241,31 @@ def run(
     calib_images: int = 64,
     calib_split: str = "train",
 ) -> tuple[Path, float]:
-    """Export ``weights`` to ONNX, verify it in onnxruntime, and return ``(onnx_path, parity)``.
+    """Export ``weights`` to each format of ``include`` (``onnx``, ``yolov5``); return the ONNX
+    file's ``(path, parity)``, or the yolov5 file's when ONNX is not included.
 
-    ``parity`` is the ``max`` figure of :func:`parity` (scores absolute, xywh relative to the input
-    size) on one image; it must not exceed ``tol`` (default 1e-3 for fp32, 1e-2 for ``half``), or
-    a RuntimeError is raised after the file is written. The file goes to ``output`` or next to
-    the weights with the suffix ``.onnx``. With ``int8`` the INT8 file is written next to it as
-    ``<name>.int8.onnx`` (:func:`utils.onnx_int8.int8_path`), calibrated on images of ``data``.
+    ONNX: ``parity`` is the ``max`` figure of :func:`parity` (scores absolute, xywh relative to
+    the input size) on one image; it must not exceed ``tol`` (default 1e-3 for fp32, 1e-2 for
+    ``half``), or a RuntimeError is raised after the file is written. The file goes to ``output``
+    or next to the weights with the suffix ``.onnx``. With ``int8`` the INT8 file is written next
+    to it as ``<name>.int8.onnx`` (:func:`utils.onnx_int8.int8_path`), calibrated on images of
+    ``data``. yolov5: see :func:`export_yolov5` (``output`` names it when it is the only format).
     """
-    formats = [f.lower().lstrip(".") for f in include]
-    unknown = [f for f in formats if f != "onnx"]
-    if unknown:
-        raise ValueError(f"--include {unknown}: only 'onnx' is supported")
-    onnx, ort = _require_onnx()
+    formats = list(dict.fromkeys(f.lower().lstrip(".") for f in include))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ValueError(f"--include {unknown or formats}: choose from {', '.join(FORMATS)}")
+    if output and len(formats) > 1:
+        raise ValueError("--output names one file: give a single --include format with it")
     weights = Path(weights)
     if not weights.is_file():
         raise FileNotFoundError(f"--weights {weights}: file not found")
+    result = None
+    if "yolov5" in formats:
+        result = export_yolov5(weights, output, imgsz, check_image)
+    if "onnx" not in formats:
+        return result
+    onnx, ort = _require_onnx()
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size} must be >= 1")
     dev = select_device(device)
@@ -307,8 +385,9 @@ CLI_FLAGS: dict[str, list[tuple[str | tuple[str, ...], str, dict]]] = {
         ("--half", "fp16 export (needs a CUDA device)", _SWITCH),
     ],
     "exported file": [
-        ("--include", "formats to export (onnx)", {"nargs": "+", "default": ["onnx"]}),
-        ("--output", "output file (default: weights with .onnx)", {}),
+        ("--include", "formats to export: onnx, yolov5 (YOLOv5's own .pt, for its tools)",
+         {"nargs": "+", "default": ["onnx"]}),
+        ("--output", "output file (default: weights with .onnx, or <name>_yolov5.pt)", {}),
         (("--imgsz", "--img", "--img-size"), "h w, or one size", {"nargs": "+", "type": int, "default": [640]}),
         ("--batch-size", "batch size of the exported input", {"type": int, "default": 1}),
         ("--dynamic", "dynamic batch, height and width axes", _SWITCH),

@@ -28,6 +28,7 @@ from torch import nn
 
 from engine.evaluate import evaluate, results_table
 from models import CheckpointError, load_model
+from utils.data_download import DatasetUnavailableError
 from utils.dataset import create_dataloader, load_data_config
 from utils.files import find_data_yaml, find_weights, increment_path
 from utils.torch_utils import select_device
@@ -228,6 +229,10 @@ def main(argv: list[str] | None = None) -> dict:
     kwargs["plots"] = not kwargs.pop("noplots")
     try:
         return run(**kwargs)
+    except DatasetUnavailableError as e:
+        # Data missing and not fetched: what to fetch and where, exit status 2 (as train_distill.py).
+        print(f"val.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         # Bad input is the user's to fix: one line, no traceback.
         raise SystemExit(f"val.py: error: {e}") from None

@@ -49,6 +49,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="", help="cuda device, e.g. 0 or 0,1, or cpu ('' = auto)")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP")
     g.add_argument("--noval", action="store_true", help="validate only after the final epoch")
+    g.add_argument("--noautoanchor", action="store_true",
+                   help="keep the model's anchors (no AutoAnchor check/search; placeholder 'anchors: N' are "
+                        "still fitted)")
     g.add_argument("--max-nonfinite", type=int, default=20,
                    help="stop the run after this many consecutive steps with a non-finite loss")
 

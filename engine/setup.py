@@ -27,6 +27,7 @@ from engine.logger import ResultsLog, save_yaml
 from engine.optim import LrCurve, WarmupSchedule, accumulation_steps, build_optimizer
 from models.checkpoint import CheckpointError, load_checkpoint, transfer_weights
 from models.yolo import DetectionModel
+from utils.autoanchor import check_anchors
 from utils.dataset import create_dataloader, load_data_config
 from utils.files import find_data_yaml, find_weights, increment_path
 from utils.loss import DetectionLoss, scale_hyp
@@ -157,6 +158,8 @@ def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device) -
             rect=True, workers=opt.workers, shuffle=False, seed=opt.seed, cache=opt.cache,
             single_cls=opt.single_cls, pad=0.5, nc=data["nc"])
 
+    if ckpt is None:  # a resumed run keeps the anchors it was trained with
+        _fit_anchors(opt, model, train_set, hyp, imgsz, info)
     teacher, distiller = _build_distiller(opt, model, loss_hyp, device)
     nbs = opt.nominal_batch
     weight_decay = hyp["weight_decay"] * opt.batch_size * accumulation_steps(opt.batch_size, nbs) / nbs
@@ -260,6 +263,19 @@ def _freeze(model: DetectionModel, freeze: list[int]) -> None:
     prefixes = tuple(f"model.{i}." for i in layers)
     for name, p in model.named_parameters():
         p.requires_grad_(not name.startswith(prefixes))
+
+
+def _fit_anchors(opt: argparse.Namespace, model: DetectionModel, train_set, hyp: dict, imgsz: int,
+                 info: DistInfo) -> None:
+    """AutoAnchor (utils.autoanchor.check_anchors) on rank 0; every rank then holds rank 0's anchors.
+
+    `--noautoanchor` keeps the model's anchors, except placeholders from a yaml's `anchors: N`.
+    """
+    if info.is_main:
+        check_anchors(model, train_set.labels, train_set.shapes, imgsz, threshold=float(hyp.get("anchor_t", 4.0)),
+                      enabled=not getattr(opt, "noautoanchor", False), seed=opt.seed)
+    if info.distributed:
+        dist.broadcast(model.detect.anchors, src=0)
 
 
 def _build_distiller(opt: argparse.Namespace, student: DetectionModel, loss_hyp: dict,

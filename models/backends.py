@@ -6,9 +6,11 @@ pre- and post-processing whatever the file format.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,11 +43,45 @@ class TorchBackend:
         return self.model(x)[0].float()
 
 
-class OnnxBackend:
-    """onnxruntime inference on a file written by export.py (decoded output ``output0``).
+def metadata_value(text: str | None) -> Any:
+    """A metadata string as a Python value: JSON (our export.py) or a Python literal (YOLOv5's
+    export.py writes ``str()`` of its values, e.g. ``"{0: 'person', 1: 'bicycle'}"`` and ``"32"``).
 
-    Reads ``stride`` and ``names`` from the file's metadata (defaults 32 and class0..); a static
-    input shape becomes ``fixed_shape``. See :class:`TorchBackend` for the interface.
+    Parsed with json.loads, then ast.literal_eval (literals only: nothing is evaluated); None when
+    neither reads it.
+    """
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+
+
+def names_list(value: Any, nc: int) -> list[str]:
+    """Class names from a list or an {id: name} dict (ids as ints or digit strings); 'class{i}'
+    for anything else. ``nc`` (from the output shape; 0 if unknown) only sizes the default."""
+    if isinstance(value, dict):
+        try:
+            return [str(value[k]) for k in sorted(value, key=int)]
+        except (TypeError, ValueError):
+            return [str(v) for v in value.values()]
+    if isinstance(value, (list, tuple)) and value:
+        return [str(v) for v in value]
+    return [f"class{i}" for i in range(nc)]
+
+
+class OnnxBackend:
+    """onnxruntime inference on a file written by export.py or by YOLOv5's export.py (decoded
+    output, first output of the graph).
+
+    Reads ``stride`` and ``names`` from the file's metadata (see :func:`metadata_value`; defaults
+    32 and class0..); a static input shape becomes ``fixed_shape``. See :class:`TorchBackend` for
+    the interface.
     """
 
     def __init__(self, weights: str | Path, device: torch.device) -> None:
@@ -62,10 +98,13 @@ class OnnxBackend:
         self.input_name = inp.name
         self.dtype = np.float16 if "float16" in inp.type else np.float32
         meta = self.session.get_modelmeta().custom_metadata_map
-        self.stride = int(json.loads(meta.get("stride", "32")))
+        stride = metadata_value(meta.get("stride"))
+        # A stride may come as an int, a float or a per-level list: the largest is what counts.
+        stride = max(stride) if isinstance(stride, (list, tuple)) and stride else stride
+        self.stride = int(stride) if isinstance(stride, (int, float)) and stride > 0 else 32
         nc = self.session.get_outputs()[0].shape[-1]
         nc = nc - 5 if isinstance(nc, int) else 0
-        self.names = list(json.loads(meta["names"])) if "names" in meta else [f"class{i}" for i in range(nc)]
+        self.names = names_list(metadata_value(meta.get("names")), nc)
         h, w = inp.shape[2], inp.shape[3]
         # Symbolic (dynamic) axes come back as strings; only integers pin the input size.
         self.fixed_shape = (h, w) if isinstance(h, int) and isinstance(w, int) else None

@@ -14,7 +14,15 @@ import torch
 import yaml
 from torch.utils.data import DistributedSampler
 
-from utils.dataset import YoloDataset, collate_fn, create_dataloader, img2label_paths, load_data_config
+from utils.data_download import DatasetUnavailableError, zip_urls
+from utils.dataset import (
+    YoloDataset,
+    collate_fn,
+    create_dataloader,
+    img2label_paths,
+    load_data_config,
+    parse_label_file,
+)
 
 
 def write_image(path: Path, h: int = 48, w: int = 64, colour: tuple[int, int, int] = (90, 90, 90)) -> Path:
@@ -85,7 +93,7 @@ def test_yaml_errors(tmp_path: Path) -> None:
         load_data_config(write_yaml(tmp_path / "a.yaml", {**base, "names": ["a", "b"], "nc": 3}))
     with pytest.raises(ValueError, match="ids must be 0..1"):
         load_data_config(write_yaml(tmp_path / "b.yaml", {**base, "names": {0: "a", 2: "b"}}))
-    with pytest.raises(FileNotFoundError, match=r"'val' path .*images.val not found.*get it from the moon"):
+    with pytest.raises(DatasetUnavailableError, match=r"images.val is missing.*not run.*: get it from the moon$"):
         load_data_config(write_yaml(tmp_path / "c.yaml", {
             **base, "val": "images/val", "names": ["a"], "download": "get it from the moon\nsecond line"}))
     with pytest.raises(ValueError, match="missing 'train'"):
@@ -98,24 +106,52 @@ def test_yaml_errors(tmp_path: Path) -> None:
     assert cfg["train"] == [str(root / "gone")]
 
 
-def test_yaml_relative_path_cwd_then_yaml_parent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_yaml_relative_path_repo_root_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """YOLOv5's rule first (relative to the repository folder), then cwd, yaml parent, yaml folder."""
+    import utils.dataset
+
     repo = tmp_path / "repo"
-    make_split(repo / "datasets" / "x", "train", 1)
-    y = write_yaml(repo / "data" / "x.yaml", {"path": "datasets/x", "train": "images/train",
-                                              "val": "images/train", "names": ["a"]})
+    monkeypatch.setattr(utils.dataset, "project_root", lambda: repo)
+    y = write_yaml(tmp_path / "cfg" / "data" / "x.yaml", {"path": "datasets/x", "train": "images/train",
+                                                          "val": "images/train", "names": ["a"]})
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)  # not found under cwd → the yaml folder's parent
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(FileNotFoundError, match=r"'train' path .*repo.datasets.x.images.train not found"):
+        load_data_config(y)  # nothing anywhere: the message names YOLOv5's location first
+    make_split(tmp_path / "cfg" / "data" / "datasets" / "x", "train", 1)  # beside the yaml
+    assert load_data_config(y)["path"] == tmp_path / "cfg" / "data" / "datasets" / "x"
+    make_split(tmp_path / "cfg" / "datasets" / "x", "train", 1)  # the yaml folder's parent beats it
+    assert load_data_config(y)["path"] == tmp_path / "cfg" / "datasets" / "x"
+    make_split(elsewhere / "datasets" / "x", "train", 1)  # the current directory beats both
+    assert load_data_config(y)["path"] == elsewhere / "datasets" / "x"
+    make_split(repo / "datasets" / "x", "train", 1)  # the repository folder beats everything
     assert load_data_config(y)["path"] == repo / "datasets" / "x"
-    make_split(elsewhere / "datasets" / "x", "train", 1)  # found under cwd → cwd wins
+    # a folder that exists but lacks the split does not win over one that has it
+    (repo / "datasets" / "x" / "images" / "train").rename(repo / "datasets" / "x" / "images" / "old")
     assert load_data_config(y)["path"] == elsewhere / "datasets" / "x"
 
 
+def test_yaml_without_path_inside_the_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exporter's data.yaml inside the dataset folder, splits relative to it, no `path`."""
+    import utils.dataset
+
+    monkeypatch.setattr(utils.dataset, "project_root", lambda: tmp_path / "repo")
+    monkeypatch.chdir(tmp_path)
+    make_split(tmp_path / "export", "train", 1)
+    y = write_yaml(tmp_path / "export" / "data.yaml", {"train": "images/train", "val": "images/train",
+                                                       "names": ["a"]})
+    cfg = load_data_config(y)
+    assert cfg["path"] == tmp_path / "export" and cfg["val"] == [str(tmp_path / "export" / "images" / "train")]
+
+
 def test_yaml_generate_demo_and_val_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import utils.dataset
     import utils.demo_data
 
     small = functools.partial(utils.demo_data.generate_demo, n_train=4, n_val=2)
     monkeypatch.setattr(utils.demo_data, "generate_demo", small)
+    monkeypatch.setattr(utils.dataset, "project_root", lambda: tmp_path)  # YOLOv5's rule: repo/datasets/demo
     y = write_yaml(tmp_path / "data" / "demo.yaml", {
         "path": "datasets/demo", "train": "images/train", "val": "images/val", "generate": "demo",
         "val_json": "annotations/instances_val.json", "names": ["r", "g", "b", "y"]})
@@ -135,8 +171,12 @@ def test_repo_yamls_parse() -> None:
     assert yaml.safe_load((root / "VisDrone.yaml").read_text())["names"][7] == "awning-tricycle"
     if (root.parent.parent / "datasets" / "coco" / "val2017.txt").exists():
         pytest.skip("COCO is present on this machine")
-    with pytest.raises(FileNotFoundError, match="'val' path .*Nothing is downloaded"):
+    with pytest.raises(DatasetUnavailableError, match="not run the yaml's 'download'.*YOLO-format labels"):
         load_data_config(root / "coco.yaml", require=("val",))
+    c128 = yaml.safe_load((root / "coco128.yaml").read_text())
+    assert c128["names"] == yaml.safe_load((root / "coco.yaml").read_text())["names"]
+    assert c128["path"] == "../datasets/coco128" and c128["train"] == c128["val"] == "images/train2017"
+    assert zip_urls(c128["download"]) == ["https://ultralytics.com/assets/coco128.zip"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +228,8 @@ def test_nothing_usable_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_cache_built_reused_rebuilt(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     ims = make_split(tmp_path, "train", 3)
-    cache = tmp_path / "labels" / "train.cache"
+    cache = tmp_path / "labels" / "train.yolokd.npz"  # never YOLOv5's labels/train.cache
+    (tmp_path / "labels" / "train.cache").write_bytes(b"YOLOv5's pickle")  # left alone by us
     ds = YoloDataset(tmp_path / "images" / "train", imgsz=64)
     assert not ds.scan_from_cache and cache.is_file()
     with np.load(cache, allow_pickle=False) as z:  # plain arrays, loadable without pickle
@@ -208,6 +249,32 @@ def test_cache_built_reused_rebuilt(tmp_path: Path, caplog: pytest.LogCaptureFix
     with caplog.at_level(logging.WARNING, logger="utils.dataset"):
         assert len(YoloDataset(tmp_path / "images" / "train", imgsz=64)) == 4
     assert any("cache not saved" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "labels" / "train.cache").read_bytes() == b"YOLOv5's pickle"
+
+
+def test_polygon_rows_become_their_boxes(tmp_path: Path) -> None:
+    """Segment rows (cls x1 y1 ... xn yn) -> bounding box of the points; 5-column rows stay boxes."""
+    lb = tmp_path / "a.txt"
+    lb.write_text("2 0.1 0.2 0.5 0.1 0.3 0.6 0.2 0.4\n"  # 4 points: x 0.1..0.5, y 0.1..0.6
+                  "0 0.5 0.5 0.2 0.2\n"  # a box in the same file
+                  "1 0.9 0.9 0.95 0.8 1.0004 0.99\n")  # 3 points, one a hair outside → clipped
+    labels, err, note, found = parse_label_file(str(lb))
+    assert err == "" and found and "clipped" in note
+    np.testing.assert_allclose(labels, [[2, 0.3, 0.35, 0.4, 0.5], [0, 0.5, 0.5, 0.2, 0.2],
+                                        [1, 0.95, 0.895, 0.1, 0.19]], atol=1e-6)
+    for text, why in (("0 0.1 0.1 0.2 0.2 0.3\n", "6 columns"),  # 2.5 points
+                      ("0 0.1 0.1 0.2 0.2 0.3 0.3 0.4 0.4\n0 0.1 0.2\n", "line 2 has 3 columns"),
+                      ("0 0.1 0.1 0.2 0.1 0.3 0.1\n", "zero width or height"),  # collinear, flat
+                      ("0 0.1 0.1 0.2 0.2 1.7 0.3\n", "outside"),
+                      ("0 0.1 0.1 0.2 x 0.3 0.3\n", "non-numeric")):
+        lb.write_text(text)
+        labels, err, _, _ = parse_label_file(str(lb))
+        assert why in err and labels.shape == (0, 5), text
+    # through the dataset: the polygon image trains with its box
+    im = write_image(tmp_path / "images" / "train" / "p.png")
+    write_label(im, "0 0.25 0.25 0.5 0.25 0.5 0.5 0.25 0.5\n")
+    ds = YoloDataset(tmp_path / "images" / "train", imgsz=64)
+    np.testing.assert_allclose(ds.labels[0], [[0, 0.375, 0.375, 0.25, 0.25]], atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -159,7 +159,7 @@ def _self_labelled_demo(root: Path, pt: Path) -> Path:
                                     "names": list(DEMO_NAMES)}))
     r = val.run(pt, data, imgsz=96, batch_size=4, device="cpu", workers=0, plots=False, project=root / "runs",
                 conf_thres=0.4, save_txt=True)
-    for f in (root / "labels").glob("*.cache"):
+    for f in (root / "labels").glob("*.yolokd.npz"):
         f.unlink()
     for f in (root / "labels" / "val").glob("*.txt"):
         found = Path(r["save_dir"]) / "labels" / f.name

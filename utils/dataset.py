@@ -12,8 +12,11 @@ whose label file has an out-of-range class is dropped as a whole rather than tra
 its objects missing (which would teach the model that those objects are background). Exact
 duplicate rows are removed; coordinates a hair outside [0, 1] (float round-off) are clipped.
 
-Scan results are cached beside the labels (``<labels dir>.cache``, e.g. ``labels/train.cache``)
-as a plain ``.npz`` archive (no pickle) keyed by a hash of the file list, sizes and mtimes.
+Scan results are cached beside the labels (``<labels dir>.yolokd.npz``, e.g.
+``labels/train.yolokd.npz``; YOLOv5's own ``labels/train.cache`` is left alone) as a plain ``.npz``
+archive (no pickle) keyed by a hash of the file list, sizes and mtimes.
+
+Label rows in YOLOv5's segment format (``cls x1 y1 ... xn yn``) are read as their bounding boxes.
 """
 
 from __future__ import annotations
@@ -38,11 +41,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker
 
 from utils.augment import augment_hsv, letterbox, mixup, mosaic4, random_perspective
 from utils.boxes import xywhn2xyxy, xyxy2xywhn
+from utils.data_download import fetch_dataset
 
 LOGGER = logging.getLogger(__name__)
 
 IMG_FORMATS = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: polygon rows parsed as boxes
+CACHE_SUFFIX = ".yolokd.npz"  # never YOLOv5's ".cache" (see cache_path_for)
 COORD_TOL = 1e-3  # label coordinates this far outside [0, 1] are round-off and get clipped
 MAX_LISTED = 5  # problem files named in the summary warning
 
@@ -56,26 +61,61 @@ AUG_DEFAULTS: dict[str, float] = {
 # --------------------------------------------------------------------------------------------
 # Dataset yaml
 # --------------------------------------------------------------------------------------------
-def _resolve_root(value: str | None, yaml_file: Path) -> tuple[Path, list[Path]]:
-    """Dataset root from the yaml's ``path``: absolute as is; relative → the current directory
-    first, then the yaml folder's parent (so ``data/x.yaml`` with ``path: datasets/x`` works from
-    the repo root and from anywhere else). Returns (chosen, candidates tried)."""
+def project_root() -> Path:
+    """This repository's folder (holding ``data/``, ``models/``).
+
+    YOLOv5 resolves a relative dataset ``path`` against its own repository folder (measured with
+    YOLOv5 7.0: neither the current directory nor the yaml's folder is consulted), so shipped yamls
+    say ``path: ../datasets/<name>``: a ``datasets/`` folder beside the checkout. We use ours alike.
+    """
+    return Path(__file__).resolve().parents[1]
+
+
+def root_candidates(value: str | None, yaml_file: Path) -> list[Path]:
+    """Folders a yaml's ``path`` may mean, in order of preference (see :func:`load_data_config`).
+
+    Absolute: itself. Relative (or absent, i.e. ``.``): under :func:`project_root` (YOLOv5's rule),
+    then under the current directory, the yaml folder's parent and the yaml's own folder (where
+    dataset exporters put ``data.yaml``). Duplicates are dropped.
+    """
     p = Path(value if value not in (None, "") else ".").expanduser()
     if p.is_absolute():
-        return p, [p]
-    candidates = [(Path.cwd() / p).resolve(), (yaml_file.parent.parent / p).resolve()]
+        return [p]
+    here = yaml_file.resolve().parent
+    out: list[Path] = []
+    for base in (project_root(), Path.cwd(), here.parent, here):
+        c = (base / p).resolve()
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def _split_paths(value: Any, root: Path) -> list[Path]:
+    """A yaml split entry (str or list) as normalised paths, relative ones under ``root``."""
+    entries = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for e in entries:
+        q = Path(str(e)).expanduser()
+        out.append(Path(os.path.normpath(q if q.is_absolute() else root / q)))
+    return out
+
+
+def _choose_root(cfg: dict, candidates: list[Path], require: Iterable[str]) -> Path:
+    """The first candidate under which every required split exists; else the first existing one
+    when the yaml names a ``path``; else the first (YOLOv5's, where a download or generator puts it)."""
+    needed = [k for k in require if cfg.get(k)]
     for c in candidates:
-        if c.exists():
-            return c, candidates
-    return candidates[-1], candidates  # nothing exists yet: the yaml-relative one is stable
+        if all(q.exists() for k in needed for q in _split_paths(cfg[k], c)):
+            return c
+    if cfg.get("path"):
+        for c in candidates:
+            if c.exists():
+                return c
+    return candidates[0]
 
 
-def _download_hint(cfg: dict) -> str:
-    note = cfg.get("download")
-    if not note:
-        return ""
-    first = str(note).strip().splitlines()[0] if str(note).strip() else ""
-    return f" Nothing is downloaded automatically; see the yaml's 'download' note: {first}"
+def _missing_splits(cfg: dict, root: Path, require: Iterable[str]) -> list[Path]:
+    return [q for k in require if cfg.get(k) for q in _split_paths(cfg[k], root) if not q.exists()]
 
 
 def _generate_into(root: Path, kind: str, seed: int) -> None:
@@ -106,13 +146,26 @@ def _generate_into(root: Path, kind: str, seed: int) -> None:
 def load_data_config(path: str | Path, require: Iterable[str] = ("train", "val")) -> dict[str, Any]:
     """Read a YOLOv5-style dataset yaml.
 
-    Keys: ``path`` (dataset root; relative → tried against the current directory, then against the
-    yaml folder's parent), ``train``/``val``/``test`` (each a folder of images, a ``.txt`` list of
-    image paths, or a list of those; relative to the root), ``names`` (list, or {id: name} with ids
-    0..nc-1), optional ``nc`` (must equal len(names)), optional ``val_json`` (COCO annotation json
-    for val, relative to the root), optional ``download`` (a note on where to get the data; never
-    acted on), optional ``generate: demo`` (build the synthetic demo set into ``path`` when it is
-    missing; ``generate_seed`` picks its seed).
+    Keys: ``path`` (dataset root), ``train``/``val``/``test`` (each a folder of images, a ``.txt``
+    list of image paths, or a list of those; relative to the root), ``names`` (list, or {id: name}
+    with ids 0..nc-1), optional ``nc`` (must equal len(names)), optional ``val_json`` (COCO
+    annotation json for val, relative to the root), optional ``download``, optional ``generate:
+    demo`` (build the synthetic demo set into the root when it is missing; ``generate_seed`` picks
+    its seed).
+
+    Where a relative ``path`` points (no ``path`` means ``.``): YOLOv5 7.0 takes it relative to its
+    repository folder, whatever the current directory or the yaml's location (measured with the
+    real YOLOv5), so a shipped ``path: ../datasets/coco128`` means ``datasets/`` beside the
+    checkout. We take it relative to THIS repository (:func:`project_root`) first, so a yaml used
+    with both tools finds the same folder; when the required splits are not there, the current
+    directory, the yaml folder's parent and the yaml's own folder are tried in that order
+    (:func:`root_candidates`), and the first under which every required split exists is used.
+
+    ``download``: when the required splits are missing everywhere and the entry is a URL of a
+    ``.zip`` (or a list of them), it is downloaded and unzipped into the dataset root's parent
+    (YOLOv5's convention; see :mod:`utils.data_download` for the checks); any other entry (code,
+    prose) is never run: a one-line :class:`DatasetUnavailableError` says what to fetch and where, as does
+    a failed or offline download (the CLIs exit with status 2).
 
     Splits named in ``require`` must exist, others are resolved but checked only when a dataset is
     built from them (so evaluating on val does not need the train images downloaded).
@@ -152,29 +205,23 @@ def load_data_config(path: str | Path, require: Iterable[str] = ("train", "val")
         if key in require and not cfg.get(key):
             raise ValueError(f"{yaml_file}: missing '{key}' split")
 
-    root, tried = _resolve_root(cfg.get("path"), yaml_file)
+    tried = root_candidates(cfg.get("path"), yaml_file)
+    root = _choose_root(cfg, tried, require)
     gen = cfg.get("generate")
     if gen and not root.exists():
         _generate_into(root, str(gen), int(cfg.get("generate_seed", 0)))
+    missing = _missing_splits(cfg, root, require)
+    if missing and cfg.get("download"):
+        # YOLOv5 unzips into the dataset root's parent (path: ../datasets/x, archive holding x/).
+        fetch_dataset(cfg["download"], root.parent, f"{yaml_file}: dataset not found ({missing[0]} is missing)")
+        missing = _missing_splits(cfg, root, require)
+    if missing:
+        where = f" (dataset root {root}; tried {', '.join(map(str, tried))})" if len(tried) > 1 else ""
+        key = next(k for k in require if cfg.get(k) and missing[0] in _split_paths(cfg[k], root))
+        raise FileNotFoundError(f"{yaml_file}: '{key}' path {missing[0]} not found{where}")
     cfg["path"] = root
-    hint = _download_hint(cfg)
-
     for key in ("train", "val", "test"):
-        value = cfg.get(key)
-        if not value:
-            cfg[key] = None
-            continue
-        entries = value if isinstance(value, (list, tuple)) else [value]
-        resolved = []
-        for e in entries:
-            p = Path(str(e)).expanduser()
-            p = p if p.is_absolute() else (root / p)
-            p = Path(os.path.normpath(p))
-            if key in require and not p.exists():
-                where = f" (dataset root {root}; tried {', '.join(map(str, tried))})" if len(tried) > 1 else ""
-                raise FileNotFoundError(f"{yaml_file}: '{key}' path {p} not found{where}.{hint}")
-            resolved.append(str(p))
-        cfg[key] = resolved
+        cfg[key] = [str(q) for q in _split_paths(cfg[key], root)] if cfg.get(key) else None
 
     vj = cfg.get("val_json")
     if vj:
@@ -261,12 +308,49 @@ def _verify_image(path: str) -> tuple[tuple[int, int], str]:
         return (0, 0), f"corrupt image ({type(e).__name__}: {e})"
 
 
+def _polygon_boxes(rows: list[list[str]]) -> np.ndarray:
+    """Rows ``cls x1 y1 ... xn yn`` (segment format) -> (n, 5) float64 ``[cls, xc, yc, w, h]``.
+
+    The box of a polygon is the axis-aligned hull of its points: [min x, max x] × [min y, max y],
+    points clipped to the image first (the caller rejects points beyond round-off). Rows must all
+    have the same odd length (the caller groups them).
+    """
+    arr = np.array(rows, dtype=np.float64)
+    pts = arr[:, 1:].reshape(len(arr), -1, 2).clip(0, 1)  # (n, points, xy)
+    lo, hi = pts.min(1), pts.max(1)  # (n, 2) each
+    return np.concatenate((arr[:, :1], (lo + hi) / 2, hi - lo), 1)
+
+
+def _rows_to_boxes(rows: list[list[str]]) -> tuple[np.ndarray, str]:
+    """Label rows of either kind -> ((n, 5) float64 in file order, error).
+
+    5 columns: a box ``cls xc yc w h``; 7, 9, 11, ... columns: a polygon ``cls x1 y1 ... xn yn`` with
+    n >= 3 points (YOLOv5's segment labels), reduced to its bounding box. A file may mix both.
+    """
+    out = np.zeros((len(rows), 5), dtype=np.float64)
+    by_width: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_width.setdefault(len(r), []).append(i)
+    for width, idx in by_width.items():
+        if width != 5 and (width < 7 or width % 2 == 0):
+            return out[:0], (f"line {idx[0] + 1} has {width} columns, expected 5 (cls xc yc w h) "
+                             "or an odd number >= 7 (cls x1 y1 x2 y2 x3 y3 ... polygon)")
+        group = [rows[i] for i in idx]
+        try:
+            out[idx] = np.array(group, dtype=np.float64) if width == 5 else _polygon_boxes(group)
+        except ValueError:
+            return out[:0], "non-numeric value"
+    return out, ""
+
+
 def parse_label_file(path: str) -> tuple[np.ndarray, str, str, bool]:
     """Parse one YOLO label file.
 
     Returns ``(labels (n, 5) float32 [cls, xc, yc, w, h], error, note, found)``: ``error`` non-empty
     means the file is malformed (the image will be skipped); ``note`` records repairs (duplicates
     removed, round-off clipped); ``found`` is False when the file does not exist (background).
+    Rows may be boxes (5 columns) or polygons (``cls x1 y1 ... xn yn``, n >= 3, normalised), which
+    become their bounding boxes as in YOLOv5; polygon points are range-checked like box values.
     Class range against nc is checked later, so the cache does not depend on nc.
     """
     empty = np.zeros((0, 5), dtype=np.float32)
@@ -279,26 +363,26 @@ def parse_label_file(path: str) -> tuple[np.ndarray, str, str, bool]:
         return empty, f"unreadable label file ({type(e).__name__})", "", True
     if not rows:
         return empty, "", "", True
-    bad = [i for i, r in enumerate(rows) if len(r) != 5]
-    if bad:
-        return empty, f"line {bad[0] + 1} has {len(rows[bad[0]])} columns, expected 5 (cls xc yc w h)", "", True
+    # Range checks run on every coordinate as written (box values or polygon points).
     try:
-        lb = np.array(rows, dtype=np.float64)
+        coords = np.array([float(v) for r in rows for v in r[1:]], dtype=np.float64)
     except ValueError:
         return empty, "non-numeric value", "", True
-    if not np.isfinite(lb).all():
+    lb, err = _rows_to_boxes(rows)
+    if err:
+        return empty, err, "", True
+    if not (np.isfinite(lb).all() and np.isfinite(coords).all()):
         return empty, "non-finite value", "", True
     cls = lb[:, 0]
     bad_cls = (cls < 0) | (cls != np.round(cls))
     if bad_cls.any():
         return empty, f"class must be a non-negative integer, got {cls[bad_cls][0]:g}", "", True
-    xywh = lb[:, 1:]
-    if (xywh < -COORD_TOL).any() or (xywh > 1 + COORD_TOL).any():
+    if (coords < -COORD_TOL).any() or (coords > 1 + COORD_TOL).any():
         return empty, "coordinates outside [0, 1] (labels must be normalised xc yc w h)", "", True
     notes = []
-    if ((xywh < 0) | (xywh > 1)).any():
+    if ((coords < 0) | (coords > 1)).any():
         notes.append("coordinates clipped to [0, 1]")
-        lb[:, 1:] = xywh.clip(0, 1)
+        lb[:, 1:] = lb[:, 1:].clip(0, 1)
     if ((lb[:, 3] <= 0) | (lb[:, 4] <= 0)).any():
         return empty, "box with zero width or height", "", True
     _, first = np.unique(lb, axis=0, return_index=True)
@@ -330,8 +414,13 @@ def _scan_one(args: tuple[str, str]) -> tuple[tuple[int, int], np.ndarray, str, 
 
 
 def cache_path_for(label_files: Sequence[str]) -> Path:
-    """Where the scan cache lives: ``<folder of the first label file>.cache``."""
-    return Path(label_files[0]).parent.with_suffix(".cache")
+    """Where the scan cache lives: ``<folder of the first label file>`` + :data:`CACHE_SUFFIX`.
+
+    E.g. ``labels/train2017.yolokd.npz``. YOLOv5 keeps its own (pickled) cache at
+    ``labels/train2017.cache``; a different name lets both tools keep theirs side by side.
+    """
+    folder = Path(label_files[0]).parent
+    return folder.with_name(folder.name + CACHE_SUFFIX)
 
 
 def _save_cache(path: Path, scan: dict[str, Any]) -> None:
