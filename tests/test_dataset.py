@@ -21,7 +21,9 @@ from utils.dataset import (
     create_dataloader,
     img2label_paths,
     load_data_config,
+    long_side_hw,
     parse_label_file,
+    rect_batch_shapes,
 )
 
 
@@ -302,6 +304,51 @@ def test_rect_batch_shapes(tmp_path: Path) -> None:
     loader, _ = create_dataloader(tmp_path / "images" / "val", 128, 2, 32, rect=True, pad=0.5, workers=0)
     imgs, targets, paths, shapes = next(iter(loader))
     assert imgs.shape == (2, 3, 96, 160) and len(shapes) == 2
+
+
+def test_rect_batch_shapes_hand_worked() -> None:
+    # 640 px, stride 32, validation pad 0.5; batches of two sorted aspects h/w
+    shapes = rect_batch_shapes(np.array([0.5, 0.75, 1.5, 2.0, 0.5, 2.0, 0.8]), 2, 640, 32, 0.5)
+    # wide pair: tallest is 0.75·640 = 480 → 480/32 + 0.5 = 15.5 → 16 strides = 512; width 640 → 20.5 → 672
+    # tall pair: height 640 → 672; widest is 640/1.5 = 426.7 → 13.33 + 0.5 → 14 strides = 448
+    # mixed pair: both sides full → 672 × 672; last (single) image 0.8: 512 → 16.5 → 17 strides = 544
+    assert shapes.tolist() == [[512, 672], [672, 448], [672, 672], [544, 672]]
+    # no pad: an exact multiple stays (480 = 15·32), anything above goes to the next one
+    assert rect_batch_shapes(np.array([0.75, 0.76]), 1, 640, 32, 0.0).tolist() == [[480, 640], [512, 640]]
+    assert rect_batch_shapes(np.array([0.5]), 4, 128, 32, 0.5).tolist() == [[96, 160]]
+
+
+def test_rect_batch_shapes_smallest_holding_every_image() -> None:
+    rng = np.random.default_rng(0)
+    aspect = np.sort(np.exp(rng.uniform(-1.2, 1.2, 200)))
+    bs, imgsz, stride, pad = 8, 320, 32, 0.5
+    shapes = rect_batch_shapes(aspect, bs, imgsz, stride, pad)
+    assert shapes.shape == (25, 2) and (shapes % stride == 0).all()
+    for b, (bh, bw) in enumerate(shapes):
+        hw = np.array([long_side_hw((a * 1000, 1000), imgsz) for a in aspect[b * bs:(b + 1) * bs]])
+        need = hw.max(0) + pad * stride  # every image of the batch plus the margin
+        assert (np.array([bh, bw]) >= need - 0.5).all()  # (±0.5: rounding of the scaled sides)
+        assert (np.array([bh, bw]) - stride < need + 0.5).all()  # and one stride less would not do
+
+
+def test_rect_order_is_numpy_default_argsort(tmp_path: Path) -> None:
+    """Equal aspects keep numpy's default (not stable) sort order, as YOLOv5's rect batches do."""
+    sizes = [(8, 16), (16, 8), (12, 12)]
+    for i in range(20):
+        h, w = sizes[i % 3]
+        im = write_image(tmp_path / "images" / "val" / f"{i:03d}.png", h, w)
+        write_label(im, f"0 0.5 0.5 0.{10 + i} 0.2\n")  # the width tells the file
+    listed = YoloDataset(tmp_path / "images" / "val", imgsz=32)
+    aspect = listed.shapes[:, 1] / listed.shapes[:, 0]
+    expected = [Path(listed.im_files[i]).name for i in np.argsort(aspect)]
+    ds = YoloDataset(tmp_path / "images" / "val", imgsz=32, batch_size=4, rect=True, stride=8, pad=0.5)
+    assert [Path(f).name for f in ds.im_files] == expected
+    if (np.argsort(aspect) != np.argsort(aspect, kind="stable")).any():  # true with numpy 2.x here
+        assert [Path(f).name for f in ds.im_files] != sorted(expected, key=lambda n: (aspect[int(n[:3])], n))
+    # labels and shapes moved with their images
+    assert [round(float(lb[0, 3]) * 100) - 10 for lb in ds.labels] == [int(n[:3]) for n in expected]
+    assert [tuple(wh) for wh in ds.shapes] == [tuple(listed.shapes[int(n[:3])]) for n in expected]
+    assert ds.batch_shapes.shape == (5, 2)
 
 
 def test_collate_batch_index(tmp_path: Path) -> None:
