@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from engine.cli import require
+
 DEMO_PRESET = [
     "--data", "data/demo.yaml",
     "--cfg", "models/yolov5p.yaml",
@@ -64,3 +66,25 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--demo", action="store_true",
                    help="distil the demo student from the shipped demo teacher on the generated demo data "
                         "(what running the script without arguments does)")
+
+
+def check_options(opt: argparse.Namespace) -> argparse.Namespace:
+    """Reject flag values no run can use, each with a one-line ValueError naming the flag.
+
+    Called once at the start of `engine.trainer.fit`, before anything is built or written. Files
+    named by flags are checked where they are read (they may be official names fetched on demand).
+    """
+    from utils.torch_utils import parse_device  # deferred: this module must import without torch
+
+    require(opt.epochs >= 1, f"--epochs {opt.epochs}: train at least 1 epoch")
+    require(opt.batch_size >= 1, f"--batch-size {opt.batch_size}: must be at least 1")
+    require(opt.nominal_batch >= 1, f"--nominal-batch {opt.nominal_batch}: must be at least 1 (YOLOv5: 64)")
+    require(opt.imgsz >= 1, f"--imgsz {opt.imgsz}: give a positive image size in pixels, e.g. 640")
+    require(opt.workers >= 0, f"--workers {opt.workers}: must be 0 (load in the main process) or more")
+    require(opt.patience >= 0, f"--patience {opt.patience}: must be 0 or more")
+    require(opt.max_nonfinite >= 1, f"--max-nonfinite {opt.max_nonfinite}: must be at least 1")
+    require(0.0 <= opt.label_smoothing < 1.0, f"--label-smoothing {opt.label_smoothing}: must be in [0, 1)")
+    require(all(i >= 0 for i in opt.freeze), f"--freeze {' '.join(map(str, opt.freeze))}: layer numbers are >= 0")
+    require(bool(opt.name) and opt.name not in (".", ".."), f"--name {opt.name!r}: give a folder name, e.g. exp")
+    parse_device(opt.device)  # raises its own one-line ValueError naming --device
+    return opt
