@@ -11,7 +11,6 @@ Hand-written analysis is kept in --notes and embedded in the report, so regenera
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shlex
@@ -21,6 +20,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from engine.logger import read_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,13 +87,13 @@ def run_one(args: argparse.Namespace, label: str, seed: int) -> Path:
 
 
 def read_run(folder: Path) -> dict:
-    with open(folder / "results.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_results(folder / "results.csv")
     summary = json.loads((folder / "summary.json").read_text())
     return {
         "map50": summary["student"]["map50"],
         "map": summary["student"]["map"],
-        "map_per_epoch": [float(r["metrics/mAP50-95"]) for r in rows],
+        # runs made before results.csv took YOLOv5's column names still read (--report-only)
+        "map_per_epoch": [float(r.get("metrics/mAP_0.5:0.95", r.get("metrics/mAP50-95"))) for r in rows],
         "epoch_s": statistics.median(float(r["time/epoch_s"]) for r in rows),
         "kd_terms": sorted(k for k in rows[0] if k.startswith("train/kd/")),
     }
