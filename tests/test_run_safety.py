@@ -298,3 +298,20 @@ def test_defect9_ctrl_c_prints_how_to_resume_and_exits_130(tiny_data: Path, tmp_
 
 def test_training_interrupted_message_without_checkpoint() -> None:
     assert "nothing to resume" in str(TrainingInterrupted(0, 5, None))
+
+
+def test_resume_of_a_checkpoint_from_before_run_ids_and_histories(tiny_data: Path, tmp_path: Path) -> None:
+    from models.checkpoint import save_checkpoint
+
+    last = _interrupted_run(tiny_data, tmp_path, "old", 3, stop_after=0)
+    raw = torch.load(last, map_location="cpu", weights_only=True)
+    del raw["history"], raw["opt"]["run_id"]
+    save_checkpoint(raw, last)
+    record = yaml.safe_load((tmp_path / "old" / "opt.yaml").read_text())
+    del record["run_id"]
+    (tmp_path / "old" / "opt.yaml").write_text(yaml.safe_dump(record))
+
+    fit(parse_options(["--resume", str(last)]))  # same folder on both records: still its owner
+    assert _epochs(tmp_path / "old") == [1, 2]  # rows from the resume on; the earlier file is kept aside
+    assert [int(r["epoch"]) for r in read_results(tmp_path / "old" / "results.before-epoch1.csv")] == [0]
+    assert yaml.safe_load((tmp_path / "old" / "opt.yaml").read_text())["run_id"]
