@@ -257,9 +257,10 @@ def _require_labels(train_set, sources: list[str]) -> None:
     a set of background images (YOLOv5's rule: images/... -> labels/..., see utils.dataset)."""
     if any(os.path.isfile(f) for f in train_set.label_files):
         return
-    expected = Path(train_set.label_files[0]).parent
-    raise FileNotFoundError(f"--data train split {', '.join(sources)}: no label files at all; expected YOLO "
-                            f"labels such as {expected / Path(train_set.label_files[0]).name} (labels/ beside images/)")
+    folders = sorted({str(Path(f).parent) for f in train_set.label_files})
+    shown = ", ".join(folders[:3]) + (f" (+{len(folders) - 3} more)" if len(folders) > 3 else "")
+    raise FileNotFoundError(f"--data train split {', '.join(sources)}: not a single label file; YOLO labels are "
+                            f"expected in {shown} (one .txt per image, named like the image)")
 
 
 def _check_imgsz(imgsz: int, gs: int) -> int:

@@ -243,7 +243,7 @@ TRAIN_CASES = {
     "device_foo": (["--device", "foo"], "--device foo"),
     "yaml_syntax": (["--data", "{syntax}"], "syntax.yaml: YAML syntax error at line"),
     "names_empty": (["--data", "{empty}"], "empty_names.yaml: 'names' is empty"),
-    "no_labels_folder": (["--data", "{nolabels}"], "no label files"),
+    "no_labels_folder": (["--data", "{nolabels}"], "not a single label file"),
 }
 
 
