@@ -98,7 +98,10 @@ def archive_previous_run(folder: Path) -> Path | None:
     """
     if not folder.is_dir():
         return None
-    leftovers = [p for p in folder.iterdir() if not (p.is_dir() and p.name.startswith(ARCHIVE_PREFIX))]
+    def left_by_a_run(p: Path) -> bool:  # earlier archives stay where they are; empty folders hold nothing
+        return not (p.is_dir() and (p.name.startswith(ARCHIVE_PREFIX) or not any(p.iterdir())))
+
+    leftovers = [p for p in folder.iterdir() if left_by_a_run(p)]
     if not leftovers:
         return None
     archive = _stamp(folder)

@@ -315,3 +315,28 @@ def test_resume_of_a_checkpoint_from_before_run_ids_and_histories(tiny_data: Pat
     assert _epochs(tmp_path / "old") == [1, 2]  # rows from the resume on; the earlier file is kept aside
     assert [int(r["epoch"]) for r in read_results(tmp_path / "old" / "results.before-epoch1.csv")] == [0]
     assert yaml.safe_load((tmp_path / "old" / "opt.yaml").read_text())["run_id"]
+
+
+def test_run_folder_housekeeping_touches_only_what_is_ours(tmp_path: Path) -> None:
+    from engine.runfolder import archive_previous_run, remove_stale_temps
+
+    run = tmp_path / "exp"
+    (run / "weights").mkdir(parents=True)
+    ours = [run / "weights" / ".last.pt.k3j_x9a2.tmp", run / "weights" / ".best.pt.abcdefgh.tmp",
+            run / "opt.tmp", run / ".results.csv.1234.tmp"]
+    theirs = [run / "weights" / "last.pt", run / "weights" / "notes.tmp", run / "weights" / ".last.pt.tmp",
+              run / "weights" / ".last.pt.toolong123.tmp", run / "data.tmp"]
+    for p in ours + theirs:
+        p.write_text("x")
+    assert sorted(remove_stale_temps(run)) == sorted(ours)
+    assert all(p.exists() for p in theirs)
+
+    empty = tmp_path / "fresh"
+    (empty / "weights").mkdir(parents=True)
+    assert archive_previous_run(empty) is None  # an empty weights/ is nothing to keep
+    first = archive_previous_run(run)
+    assert first is not None and sorted(p.name for p in run.iterdir()) == [first.name]
+    (run / "results.csv").write_text("epoch\n0\n")
+    second = archive_previous_run(run)
+    assert second != first and sorted(p.name for p in run.iterdir()) == sorted([first.name, second.name])
+    assert (second / "results.csv").read_text() == "epoch\n0\n" and (first / "weights" / "last.pt").exists()
