@@ -31,12 +31,13 @@ import cv2
 import numpy as np
 import torch
 
+from engine.cli import require, run_guarded
 from models.backends import load_backend
 from utils.augment import letterbox
 from utils.boxes import non_max_suppression, scale_boxes, xyxy2xywhn
 from utils.files import increment_path
 from utils.plots import class_color
-from utils.torch_utils import select_device
+from utils.torch_utils import parse_device, select_device
 
 IMG_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}
 VID_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".wmv", ".mpg", ".mpeg"}
@@ -77,18 +78,27 @@ class Frame:
     fps: float = 30.0
 
 
+def _skip(path: Path, why: str) -> None:
+    """One warning for a source file that cannot be read; the rest of the source is still processed."""
+    print(f"detect.py: warning: skipped {path}: {why}", file=sys.stderr)
+
+
 def iter_frames(files: list[Path]) -> Iterator[Frame]:
-    """Yield every image, and every frame of every video, in order."""
+    """Yield every image, and every frame of every video, in order; unreadable files are skipped
+    with one warning each."""
     for f in files:
         if f.suffix.lower() in IMG_SUFFIXES:
             im = cv2.imread(str(f))
             if im is None:
-                raise ValueError(f"--source {f}: cannot read the image (corrupt or unsupported)")
+                _skip(f, "cannot decode the image (corrupt, truncated or unsupported)")
+                continue
             yield Frame(f, im)
             continue
         cap = cv2.VideoCapture(str(f))
         if not cap.isOpened():
-            raise ValueError(f"--source {f}: cannot open the video")
+            cap.release()
+            _skip(f, "cannot open the video")
+            continue
         n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
         fps = cap.get(cv2.CAP_PROP_FPS) or 30.0
         try:
@@ -328,7 +338,9 @@ def run(
         sink.close()
         if view_img:
             cv2.destroyAllWindows()
-    if verbose and out.results:
+    if not out.results:
+        raise ValueError(f"--source {source}: none of its {len(files)} file(s) could be read")
+    if verbose:
         n = len(out.results)
         print("speed per image: " + ", ".join(f"{t / n * 1e3:.1f}ms {stage}" for stage, t in clock.total.items()))
         print(f"results saved to {save_dir}")
@@ -376,15 +388,22 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_options(opt: argparse.Namespace) -> argparse.Namespace:
+    """One-line ValueError naming the flag for values no detection run can use."""
+    require(all(s >= 1 for s in opt.imgsz), f"--imgsz {' '.join(map(str, opt.imgsz))}: sizes must be positive")
+    require(0.0 <= opt.conf_thres <= 1.0, f"--conf-thres {opt.conf_thres}: a score threshold in [0, 1]")
+    require(0.0 <= opt.iou_thres <= 1.0, f"--iou-thres {opt.iou_thres}: an IoU threshold in [0, 1]")
+    require(opt.max_det >= 1, f"--max-det {opt.max_det}: must be at least 1")
+    require(opt.line_width is None or opt.line_width >= 1, f"--line-width {opt.line_width}: must be at least 1")
+    parse_device(opt.device)
+    return opt
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry: returns the exit status (0 ok, 1 with a one-line message on bad input)."""
+    """CLI entry: returns the exit status (0 ok, 2 with a one-line message on bad input, 130 on Ctrl-C)."""
     opt = parse_opt(argv)
-    try:
-        run(**vars(opt))
-    except (ImportError, ValueError, FileNotFoundError) as e:
-        print(f"detect.py: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    status, _ = run_guarded("detect.py", lambda: run(**vars(check_options(opt))), extra_errors=(ImportError,))
+    return status
 
 
 if __name__ == "__main__":

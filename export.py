@@ -48,10 +48,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.cli import require, run_guarded
 from models import load_checkpoint, load_model
 from models.yolov5_format import save_yolov5
 from utils.augment import letterbox
-from utils.torch_utils import select_device
+from utils.torch_utils import parse_device, select_device
 
 # Default largest difference allowed between onnxruntime and PyTorch (see `parity`). fp16 files
 # keep ~3 significant digits, so they are held to a looser bound.
@@ -415,31 +416,28 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_options(opt: argparse.Namespace) -> argparse.Namespace:
+    """One-line ValueError naming the flag for values no export can use."""
+    require(all(s >= 1 for s in opt.imgsz), f"--imgsz {' '.join(map(str, opt.imgsz))}: sizes must be positive")
+    require(opt.batch_size >= 1, f"--batch-size {opt.batch_size}: must be at least 1")
+    require(opt.calib_images >= 1, f"--calib-images {opt.calib_images}: must be at least 1")
+    parse_device(opt.device)
+    return opt
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry: returns the exit status (0 ok, 1 on an error, with a one-line message)."""
+    """CLI entry: returns the exit status (0 ok, 2 on an error, with a one-line message, 130 on Ctrl-C)."""
     opt = parse_opt(argv)
-    try:
-        run(
-            opt.weights,
-            imgsz=opt.imgsz,
-            batch_size=opt.batch_size,
-            include=opt.include,
-            dynamic=opt.dynamic,
-            half=opt.half,
-            opset=opt.opset,
-            simplify=opt.simplify,
-            device=opt.device,
-            output=opt.output,
-            check_image=opt.check_image,
-            int8=opt.int8,
-            data=opt.data,
-            calib_images=opt.calib_images,
-            calib_split=opt.calib_split,
-        )
-    except (ImportError, ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"export.py: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    status, _ = run_guarded("export.py", lambda: _run_from(check_options(opt)),
+                            extra_errors=(ImportError, RuntimeError))
+    return status
+
+
+def _run_from(opt: argparse.Namespace) -> tuple[Path, float]:
+    return run(opt.weights, imgsz=opt.imgsz, batch_size=opt.batch_size, include=opt.include, dynamic=opt.dynamic,
+               half=opt.half, opset=opt.opset, simplify=opt.simplify, device=opt.device, output=opt.output,
+               check_image=opt.check_image, int8=opt.int8, data=opt.data, calib_images=opt.calib_images,
+               calib_split=opt.calib_split)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.cli import require, run_guarded
 from engine.evaluate import evaluate, results_table
-from models import CheckpointError, load_model
-from utils.data_download import DatasetUnavailableError
+from models import load_model
 from utils.dataset import create_dataloader, load_data_config
 from utils.files import find_data_yaml, find_weights, increment_path
-from utils.torch_utils import select_device
+from utils.torch_utils import parse_device, select_device
 
 TASKS = ("val", "test", "speed")
 
@@ -223,19 +223,31 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_options(opt: argparse.Namespace) -> argparse.Namespace:
+    """One-line ValueError naming the flag for values no evaluation can use."""
+    require(opt.imgsz >= 1, f"--imgsz {opt.imgsz}: give a positive image size in pixels, e.g. 640")
+    require(opt.batch_size >= 1, f"--batch-size {opt.batch_size}: must be at least 1")
+    require(0.0 <= opt.conf_thres <= 1.0, f"--conf-thres {opt.conf_thres}: a score threshold in [0, 1]")
+    require(0.0 <= opt.iou_thres <= 1.0, f"--iou-thres {opt.iou_thres}: an IoU threshold in [0, 1]")
+    require(opt.max_det >= 1, f"--max-det {opt.max_det}: must be at least 1")
+    require(opt.workers >= 0, f"--workers {opt.workers}: must be 0 or more")
+    parse_device(opt.device)
+    return opt
+
+
 def main(argv: list[str] | None = None) -> dict:
+    """CLI entry: the metrics dict; bad input exits with status 2 and one line on stderr, no traceback."""
     opt = parse_opt(argv)
-    kwargs = vars(opt)
-    kwargs["plots"] = not kwargs.pop("noplots")
-    try:
+
+    def work() -> dict:
+        kwargs = vars(check_options(opt))
+        kwargs["plots"] = not kwargs.pop("noplots")
         return run(**kwargs)
-    except DatasetUnavailableError as e:
-        # Data missing and not fetched: what to fetch and where, exit status 2 (as train_distill.py).
-        print(f"val.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except (FileNotFoundError, CheckpointError, ValueError) as e:
-        # Bad input is the user's to fix: one line, no traceback.
-        raise SystemExit(f"val.py: error: {e}") from None
+
+    status, results = run_guarded("val.py", work)
+    if status:
+        raise SystemExit(status)
+    return results
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Hand-written analysis is kept in --notes and embedded in the report, so regenera
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shlex
@@ -21,6 +20,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from engine.logger import read_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,13 +87,13 @@ def run_one(args: argparse.Namespace, label: str, seed: int) -> Path:
 
 
 def read_run(folder: Path) -> dict:
-    with open(folder / "results.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_results(folder / "results.csv")
     summary = json.loads((folder / "summary.json").read_text())
     return {
         "map50": summary["student"]["map50"],
         "map": summary["student"]["map"],
-        "map_per_epoch": [float(r["metrics/mAP50-95"]) for r in rows],
+        # runs made before results.csv took YOLOv5's column names still read (--report-only)
+        "map_per_epoch": [float(r.get("metrics/mAP_0.5:0.95", r.get("metrics/mAP50-95"))) for r in rows],
         "epoch_s": statistics.median(float(r["time/epoch_s"]) for r in rows),
         "kd_terms": sorted(k for k in rows[0] if k.startswith("train/kd/")),
     }
@@ -171,25 +172,36 @@ def _plot(results: dict[str, list[dict]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+# The study's flags: (name, default, help); the type follows the default (a list default takes
+# several values of its items' type).
+STUDY_FLAGS: tuple[tuple[str, object, str], ...] = (
+    ("--teacher", "weights/demo_teacher.pt", "teacher checkpoint"),
+    ("--student-cfg", "models/yolov5p.yaml", "student model yaml"),
+    ("--data", "data/demo.yaml", "dataset yaml"),
+    ("--imgsz", 160, "image size"),
+    ("--epochs", 20, "epochs per run"),
+    ("--batch-size", 16, "batch size"),
+    ("--nominal-batch", 16, "nominal batch (gradient accumulation)"),
+    ("--workers", 1, "dataloader workers per run"),
+    ("--threads", 1, "torch threads per run (OMP_NUM_THREADS)"),
+    ("--jobs", 2, "runs in parallel"),
+    ("--device", "cpu", "device for every run"),
+    ("--seeds", [0, 1], "seeds (at least two for a spread)"),
+    ("--runs", "runs/kd_study", "folder for the run folders"),
+    ("--out", "docs/RESULTS.md", "report to write"),
+    ("--notes", "docs/results/notes.md", "hand-written analysis embedded in the report"),
+)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", default="weights/demo_teacher.pt", help="teacher checkpoint")
-    p.add_argument("--student-cfg", default="models/yolov5p.yaml", help="student model yaml")
-    p.add_argument("--data", default="data/demo.yaml", help="dataset yaml")
-    p.add_argument("--imgsz", type=int, default=160, help="image size")
-    p.add_argument("--epochs", type=int, default=20, help="epochs per run")
-    p.add_argument("--batch-size", type=int, default=16, help="batch size")
-    p.add_argument("--nominal-batch", type=int, default=16, help="nominal batch (gradient accumulation)")
-    p.add_argument("--workers", type=int, default=1, help="dataloader workers per run")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
-    p.add_argument("--jobs", type=int, default=2, help="runs in parallel")
-    p.add_argument("--device", default="cpu", help="device for every run")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (at least two for a spread)")
+    for flag, default, text in STUDY_FLAGS:
+        if isinstance(default, list):
+            p.add_argument(flag, type=type(default[0]), nargs="+", default=default, help=text)
+        else:
+            p.add_argument(flag, type=type(default), default=default, help=text)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="LABEL",
                    help="rows to run (default: all)")
-    p.add_argument("--runs", default="runs/kd_study", help="folder for the run folders")
-    p.add_argument("--out", default="docs/RESULTS.md", help="report to write")
-    p.add_argument("--notes", default="docs/results/notes.md", help="hand-written analysis embedded in the report")
     p.add_argument("--include", nargs="*", default=[], help="generated markdown sections to append")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
     args = p.parse_args(argv)

@@ -38,8 +38,10 @@ def training_checkpoint(
     hyp: dict,
     epoch: int,
     best_fitness: float,
+    history: list[dict] | None = None,
 ) -> dict:
-    """The full state after `epoch` (0-based) finished."""
+    """The full state after `epoch` (0-based) finished. ``history``: the results.csv rows of epochs
+    0..epoch (dicts of str -> int/float), so results.csv can be rebuilt exactly on --resume."""
     student = unwrap_model(model)
     return {
         "format": FORMAT,
@@ -57,6 +59,7 @@ def training_checkpoint(
         "opt": namespace_to_dict(opt),
         "hyp": dict(hyp),
         "rng": rng_state(),
+        "history": [dict(row) for row in (history or [])],
         "date": datetime.now(timezone.utc).isoformat(),
     }
 

@@ -1,6 +1,6 @@
 """Optimizer, learning-rate curve and warm-up, with YOLOv5's conventions (REFERENCE §3, "Training plumbing").
 
-Parameter groups, in optimizer order (results.csv's ``lr/pg0..2`` columns follow it):
+Parameter groups, in optimizer order:
 
 ====  ===================================================  ============  =======================
  #    parameters                                           weight decay  warm-up LR starts at
@@ -11,6 +11,10 @@ Parameter groups, in optimizer order (results.csv's ``lr/pg0..2`` columns follow
 ====  ===================================================  ============  =======================
 
 Every group ends its warm-up at ``lr0 · lf(epoch)``, so groups 1 and 2 always carry the same LR.
+
+YOLOv5 orders the same three groups biases, decayed weights, scales (seen in a YOLOv5 7.0 training
+checkpoint: group 0 no decay, warm-up from ``warmup_bias_lr``; group 1 decayed; group 2 no decay),
+and its results.csv's ``x/lr0..2`` follow its order: `YOLOV5_GROUP_ORDER` maps them onto ours.
 
 Membership is decided from the parameter itself, not from its module class: a tensor registered as
 ``bias`` is a bias; any other tensor of at most one dimension is a per-channel scale (what
@@ -30,6 +34,7 @@ import torch.nn as nn
 
 NOMINAL_BATCH = 64  # YOLOv5's default: gradients are accumulated to about this many images per step
 BIAS, SCALE, WEIGHT = 0, 1, 2  # parameter-group indices, see the module docstring
+YOLOV5_GROUP_ORDER = (BIAS, WEIGHT, SCALE)  # our group index of YOLOv5's x/lr0, x/lr1, x/lr2
 
 
 def group_of(name: str, param: torch.Tensor) -> int:

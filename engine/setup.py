@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +24,9 @@ from distill.teacher import load_teacher
 from engine.checkpointing import find_last_checkpoint, namespace_to_dict
 from engine.criterion import TrainingCriterion
 from engine.evaluate import evaluate
-from engine.logger import ResultsLog, save_yaml
-from engine.optim import LrCurve, WarmupSchedule, accumulation_steps, build_optimizer
+from engine.logger import save_yaml, write_results
+from engine.optim import YOLOV5_GROUP_ORDER, LrCurve, WarmupSchedule, accumulation_steps, build_optimizer
+from engine.runfolder import archive_previous_run, new_run_id, owning_run_folder, remove_stale_temps
 from models.checkpoint import CheckpointError, load_checkpoint, transfer_weights
 from models.yolo import DetectionModel
 from utils.autoanchor import check_anchors
@@ -57,12 +59,13 @@ class Run:
     distiller: nn.Module | None = None
     teacher_metrics: dict | None = None
     start_epoch: int = 0
+    epoch: int = 0  # the epoch being trained
     best_fitness: float = 0.0
     best_epoch: int = -1
     last_step: int = -1
     nonfinite_streak: int = 0
     resume_rng: dict | None = None
-    results: ResultsLog | None = None
+    history: list[dict] = field(default_factory=list)  # one results.csv row per finished epoch
     trainable_parameters: list = field(default_factory=list)
 
     @property
@@ -83,29 +86,44 @@ class Run:
             self.train_loader.generator.manual_seed(self.opt.seed + epoch)
         self.train_loader.dataset.set_epoch(epoch)
 
-    def epoch_row(self, epoch: int, losses: dict, metrics: dict | None, seconds: float) -> dict:
-        """One results.csv row; metrics of an epoch that was not validated (--noval) are NaN."""
+    def learning_rates(self) -> list[float]:
+        """The groups' current LRs in YOLOv5's group order (results.csv's x/lr0..2)."""
+        groups = self.optimizer.param_groups
+        return [float(groups[g]["lr"]) for g in YOLOV5_GROUP_ORDER if g < len(groups)]
+
+    def epoch_row(self, epoch: int, losses: dict, metrics: dict | None, lrs: list[float], seconds: float) -> dict:
+        """One results.csv row (see `engine.logger` for the columns); plain floats, so the history
+        stays loadable with ``torch.load(weights_only=True)``. Metrics of an epoch that was not
+        validated (--noval) are NaN."""
         nan = float("nan")
         metrics = metrics or {}
-        row: dict = {"epoch": epoch + 1}
-        row.update({f"train/{k}": v for k, v in losses.items()})
-        for column, key in (("precision", "precision"), ("recall", "recall"), ("mAP50", "map50"),
-                            ("mAP50-95", "map"), ("fitness", "fitness")):
-            row[f"metrics/{column}"] = metrics.get(key, nan)
+        det = {"det/box": "train/box_loss", "det/obj": "train/obj_loss", "det/cls": "train/cls_loss"}
+        row: dict = {"epoch": int(epoch)}
+        row.update({det.get(k, f"train/{k}"): float(v) for k, v in losses.items()})
+        for column, key in (("precision", "precision"), ("recall", "recall"), ("mAP_0.5", "map50"),
+                            ("mAP_0.5:0.95", "map"), ("fitness", "fitness")):
+            row[f"metrics/{column}"] = float(metrics.get(key, nan))
         val_loss = metrics.get("loss")
         for j, name in enumerate(("box", "obj", "cls")):
-            row[f"val/det/{name}"] = float(val_loss[j]) if val_loss is not None else nan
-        row.update({f"lr/pg{j}": g["lr"] for j, g in enumerate(self.optimizer.param_groups)})
-        row["time/epoch_s"] = seconds
+            row[f"val/{name}_loss"] = float(val_loss[j]) if val_loss is not None else nan
+        row.update({f"x/lr{j}": lr for j, lr in enumerate(lrs)})
+        row["time/epoch_s"] = float(seconds)
         return row
 
-    def log_epoch(self, row: dict) -> None:
-        self.results.append(row)
+    @property
+    def results_csv(self) -> Path:
+        return self.save_dir / "results.csv"
+
+    def write_results(self) -> None:
+        """results.csv (and results.png) from the whole history, atomically."""
+        write_results(self.results_csv, self.history)
         if not self.opt.noplots:
-            plot_results(self.results.path, self.save_dir / "results.png")
+            plot_results(self.results_csv, self.save_dir / "results.png")
+
+    def print_epoch(self, epoch: int, row: dict) -> None:
         shown = {k: v for k, v in row.items() if (k.startswith("metrics/") and v == v) or k == "time/epoch_s"}
-        print(f"epoch {row['epoch']}/{self.opt.epochs}: " + "  ".join(f"{k.split('/')[-1]} {v:.4g}"
-                                                                   for k, v in shown.items()))
+        print(f"epoch {epoch + 1}/{self.opt.epochs}: " + "  ".join(f"{k.split('/')[-1]} {v:.4g}"
+                                                                  for k, v in shown.items()))
 
     def write_summary(self, summary: dict) -> None:
         with open(self.save_dir / "summary.json", "w") as f:
@@ -115,7 +133,9 @@ class Run:
             print(f"Student (best.pt): mAP50 {student['map50']:.4f}  mAP50-95 {student['map']:.4f}")
         if teacher:
             print(f"Teacher          : mAP50 {teacher['map50']:.4f}  mAP50-95 {teacher['map']:.4f}")
-        print(f"Results saved to {self.save_dir} (weights/best.pt, weights/last.pt, results.csv, summary.json)")
+        files = ("weights/best.pt", "weights/last.pt", "results.csv", "summary.json")
+        written = [f for f in files if (self.save_dir / f).is_file()]  # never claim a file that is not there
+        print(f"Results saved to {self.save_dir} ({', '.join(written) or 'no files'})")
 
 
 def setup_distributed(opt: argparse.Namespace) -> tuple[DistInfo, torch.device]:
@@ -139,8 +159,9 @@ def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device) -
     seed_everything(opt.seed + max(info.rank, 0))
     hyp = _load_hyp(opt)
     data = load_data_config(opt.data)
+    if not data["names"]:
+        raise ValueError(f"--data {opt.data}: 'names' is empty; list the class names (e.g. names: [person, car])")
     names = ["item"] if opt.single_cls else list(data["names"])
-    save_dir = _save_dir(opt, info, resumed=ckpt is not None)
 
     model = _build_student(opt, len(names), device, info, ckpt)
     model.names = names
@@ -151,6 +172,7 @@ def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device) -
         data["train"], imgsz, opt.batch_size // info.world_size, gs, hyp=hyp, augment=True, rect=opt.rect,
         workers=opt.workers, shuffle=not opt.rect, rank=info.rank, world_size=info.world_size, seed=opt.seed,
         cache=opt.cache, single_cls=opt.single_cls, nc=data["nc"])
+    _require_labels(train_set, data["train"])
     val_loader = None
     if info.is_main:
         val_loader, _ = create_dataloader(
@@ -169,13 +191,13 @@ def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device) -
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
     ema = WeightEMA(model)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    save_dir = _save_dir(opt, info, resumed=ckpt is not None)  # only now: bad data has been refused
 
     run = Run(opt=opt, info=info, device=device, save_dir=save_dir, hyp=hyp, names=names, model=model, ema=ema,
               optimizer=optimizer, scheduler=scheduler, scaler=scaler,
               warmup=WarmupSchedule.from_hyp(hyp, len(train_loader), opt.batch_size, lf, nbs),
               criterion=TrainingCriterion(DetectionLoss(model, loss_hyp), distiller),
               train_loader=train_loader, val_loader=val_loader, distiller=distiller,
-              results=ResultsLog(save_dir),
               trainable_parameters=[p for m in trainable for p in m.parameters() if p.requires_grad])
     if ckpt is not None:
         _restore(run, ckpt)
@@ -211,19 +233,37 @@ def _load_hyp(opt: argparse.Namespace) -> dict:
 
 
 def _save_dir(opt: argparse.Namespace, info: DistInfo, resumed: bool) -> Path:
+    """The run folder. A resumed run keeps its own (checked by `_resume_options`); a new run gets
+    project/name (numbered unless --exist-ok) and a fresh run id. Whatever an earlier run left in a
+    reused folder is moved into prev-<time>/ first, and stale temp files of a killed run go."""
     if resumed:
-        return Path(opt.save_dir)
-    save_dir = Path(opt.save_dir) if getattr(opt, "save_dir", None) else None
-    if save_dir is None:
+        save_dir = Path(opt.save_dir)
+    else:
         save_dir = increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok)
         if info.distributed:  # every rank must agree on the folder chosen by rank 0
             holder = [str(save_dir)]
             dist.broadcast_object_list(holder, src=0)
             save_dir = Path(holder[0])
-    opt.save_dir = str(save_dir)
+        opt.save_dir, opt.run_id = str(save_dir), new_run_id()
+        if info.is_main:
+            archive = archive_previous_run(save_dir)
+            if archive is not None:
+                print(f"--exist-ok: moved the earlier run's files in {save_dir} to {archive}")
     if info.is_main:
+        remove_stale_temps(save_dir)
         (save_dir / "weights").mkdir(parents=True, exist_ok=True)
     return save_dir
+
+
+def _require_labels(train_set, sources: list[str]) -> None:
+    """Refuse a train split without a single label file: that is a misplaced labels/ folder, not
+    a set of background images (YOLOv5's rule: images/... -> labels/..., see utils.dataset)."""
+    if any(os.path.isfile(f) for f in train_set.label_files):
+        return
+    folders = sorted({str(Path(f).parent) for f in train_set.label_files})
+    shown = ", ".join(folders[:3]) + (f" (+{len(folders) - 3} more)" if len(folders) > 3 else "")
+    raise FileNotFoundError(f"--data train split {', '.join(sources)}: not a single label file; YOLO labels are "
+                            f"expected in {shown} (one .txt per image, named like the image)")
 
 
 def _check_imgsz(imgsz: int, gs: int) -> int:
@@ -304,15 +344,19 @@ def _record_run(run: Run, train_set) -> None:
 
 
 def _resume_options(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
-    """The saved flags of the run being resumed (only --device/--workers may change), and its state."""
+    """The saved flags of the run being resumed (only --device/--workers may change), and its state.
+
+    Only the run folder that owns the checkpoint is written to (`engine.runfolder`)."""
     path = find_last_checkpoint(opt.project) if opt.resume is True else Path(opt.resume)
     ckpt = load_checkpoint(path)["raw"]
     if ckpt.get("optimizer") is None or ckpt.get("opt") is None:
         raise CheckpointError(f"--resume {path}: not a resumable training checkpoint (no optimizer state); "
                               "use --weights to start a new run from it")
+    run_folder = owning_run_folder(path, ckpt["opt"])
     saved = argparse.Namespace(**{**vars(opt), **ckpt["opt"]})  # flags newer than the checkpoint keep defaults
     saved.resume, saved.device, saved.workers = str(path), opt.device, opt.workers
-    saved.save_dir = str(Path(path).parent.parent)
+    saved.save_dir = str(run_folder)
+    saved.run_id = ckpt["opt"].get("run_id") or new_run_id()  # checkpoints from before run ids get one now
     if ckpt["epoch"] + 1 >= saved.epochs:
         raise ValueError(f"--resume {path}: the run already finished all {saved.epochs} epochs")
     return saved, ckpt
@@ -330,6 +374,25 @@ def _restore(run: Run, ckpt: dict) -> None:
     run.scheduler.last_epoch = ckpt["epoch"] + 1  # the optimizer state already holds that epoch's LR
     run.last_step = run.start_epoch * len(run.train_loader) - 1
     run.resume_rng = ckpt.get("rng")
+    _restore_history(run, ckpt.get("history"))
     if run.info.is_main:
         print(f"Resuming {run.save_dir} from epoch {run.start_epoch + 1}/{run.opt.epochs}")
+
+
+def _restore_history(run: Run, history: list[dict] | None) -> None:
+    """Rows of the epochs the checkpoint holds; results.csv is rewritten from them, so rows a kill
+    kept out of it (or rows of epochs after the checkpoint) are made right."""
+    if history is None:  # a checkpoint from before histories: keep the old file aside, start a new one
+        history = []
+        if run.info.is_main and run.results_csv.exists():
+            kept = run.results_csv.with_name(f"results.before-epoch{run.start_epoch}.csv")
+            run.results_csv.rename(kept)
+            print(f"WARNING: {run.opt.resume} carries no epoch history; earlier rows are in {kept}")
+    run.history = [dict(row) for row in history if int(row["epoch"]) < run.start_epoch]
+    scored = [(row.get("metrics/fitness", float("nan")), int(row["epoch"])) for row in run.history]
+    scored = [(f, e) for f, e in scored if f == f]
+    if scored:  # --patience counts from the (first) best epoch so far
+        run.best_epoch = max(scored, key=lambda fe: (fe[0], -fe[1]))[1]
+    if run.info.is_main:
+        run.write_results()
 

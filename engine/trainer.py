@@ -17,8 +17,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from engine.checkpointing import deployable, training_checkpoint
+from engine.cli import TrainingInterrupted
 from engine.evaluate import evaluate
 from engine.logger import progress_line
+from engine.options import check_options
 from engine.setup import Run, prepare_run, setup_distributed
 from models import load_model
 from models.checkpoint import save_checkpoint
@@ -121,12 +123,18 @@ def validate(run: Run, model: torch.nn.Module, plots: bool = False) -> dict:
 def fit(opt: argparse.Namespace, on_epoch_end: EpochHook | None = None) -> dict:
     """Train (and distil, when `opt.t_weights` is set) for `opt.epochs`; returns the final summary.
 
-    `on_epoch_end(epoch, row)` is called on rank 0 after each epoch's checkpoint is on disk.
+    `on_epoch_end(epoch, row)` is called on rank 0 after each epoch's checkpoint and results.csv
+    are on disk. Bad flags raise a one-line ValueError before anything is written; Ctrl-C raises
+    `engine.cli.TrainingInterrupted`, naming the last.pt to resume from.
     """
+    check_options(opt)
     info, device = setup_distributed(opt)
     try:
         run = prepare_run(opt, info, device)
-        return _train_loop(run, on_epoch_end)
+        try:
+            return _train_loop(run, on_epoch_end)
+        except KeyboardInterrupt:
+            raise _interrupted(run) from None
     finally:
         if info.distributed and dist.is_initialized():
             dist.destroy_process_group()
@@ -138,19 +146,23 @@ def _train_loop(run: Run, on_epoch_end: EpochHook | None) -> dict:
         set_rng_state(run.resume_rng)
     epoch = run.start_epoch - 1
     for epoch in range(run.start_epoch, opt.epochs):
+        run.epoch = epoch
         t0 = time.time()
         losses = train_one_epoch(run, epoch)
+        lrs = run.learning_rates()  # those of the epoch's last step, as YOLOv5 records them
         run.scheduler.step()
         stop = False
         if run.info.is_main:
             final = epoch + 1 == opt.epochs
             metrics = validate(run, run.ema.module) if (not opt.noval or final) else None
-            row = run.epoch_row(epoch, losses, metrics, time.time() - t0)
+            row = run.epoch_row(epoch, losses, metrics, lrs, time.time() - t0)
             improved = metrics is not None and metrics["fitness"] > run.best_fitness
             if improved:
                 run.best_fitness, run.best_epoch = metrics["fitness"], epoch
-            _save(run, epoch, improved, final)
-            run.log_epoch(row)
+            run.history.append(row)
+            _save(run, epoch, improved, final)  # the checkpoint carries the history, row included ...
+            run.write_results()  # ... so a kill between these two lines loses nothing on --resume
+            run.print_epoch(epoch, row)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, row)
             stop = metrics is not None and epoch - run.best_epoch >= opt.patience
@@ -165,12 +177,18 @@ def _save(run: Run, epoch: int, improved: bool, final: bool) -> None:
     if run.opt.nosave and not final:
         return
     ckpt = training_checkpoint(run.model, run.ema, run.optimizer, run.scaler, run.distiller, run.opt, run.hyp,
-                               epoch, run.best_fitness)
+                               epoch, run.best_fitness, run.history)
     save_checkpoint(ckpt, run.weights_dir / "last.pt")
     if improved or not (run.weights_dir / "best.pt").exists():
         save_checkpoint(deployable(ckpt), run.weights_dir / "best.pt")
     if run.opt.save_period > 0 and (epoch + 1) % run.opt.save_period == 0:
         save_checkpoint(deployable(ckpt), run.weights_dir / f"epoch{epoch + 1}.pt")
+
+
+def _interrupted(run: Run) -> TrainingInterrupted:
+    """Ctrl-C: the atomic saves leave last.pt at the last finished epoch (or absent)."""
+    last = run.weights_dir / "last.pt"
+    return TrainingInterrupted(run.epoch, run.opt.epochs, last if last.is_file() else None)
 
 
 def _finish(run: Run, last_epoch: int) -> dict:

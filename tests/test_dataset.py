@@ -210,11 +210,14 @@ def test_label_edge_cases_and_one_summary_warning(tmp_path: Path, caplog: pytest
     assert len(names["empty.png"]) == 0 and len(names["nolabel.png"]) == 0
     np.testing.assert_allclose(names["dup.png"], [[1, 0.5, 0.5, 0.2, 0.2], [0, 0.3, 0.3, 0.1, 0.1]])
     assert names["round.png"][0, 1] == 1.0
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1  # ONE summary, however many problems
-    msg = warnings[0].getMessage()
-    assert "skipped 5 of 10 images" in msg and "out of range (nc=2)" in msg and "columns" in msg
-    assert "corrupt image" in msg and "duplicate" in msg
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    # one warning per undecodable image (each needs fixing), ONE summary for the label problems
+    assert len(warnings) == 3
+    assert sorted(Path(m.split()[2].rstrip(":")).name for m in warnings[:2]) == ["corrupt.jpg", "trunc.png"]
+    assert all("corrupt image" in m for m in warnings[:2])
+    msg = warnings[2]
+    assert "skipped 3 of 10 images" in msg and "out of range (nc=2)" in msg and "columns" in msg
+    assert "duplicate" in msg and "corrupt image" not in msg
     # without nc the class range is unknown, so badcls.png is kept
     assert len(YoloDataset(d, imgsz=64)) == 6
 

@@ -159,5 +159,5 @@ def test_bad_sources_and_weights(tiny_pt: Path, tmp_path: Path, capsys) -> None:
     bad.write_bytes(b"")
     with pytest.raises(ValueError, match="unsupported format"):
         load_backend(bad, torch.device("cpu"))
-    assert detect.main(["--weights", str(tiny_pt), "--source", str(tmp_path / "nope.jpg")]) == 1
+    assert detect.main(["--weights", str(tiny_pt), "--source", str(tmp_path / "nope.jpg")]) == 2
     assert "--source" in capsys.readouterr().err

@@ -144,14 +144,14 @@ def test_parity_measure() -> None:
 
 
 def test_errors_are_one_line(tiny_pt: Path, tmp_path: Path, capsys, monkeypatch) -> None:
-    assert export.main(["--weights", str(tmp_path / "missing.pt")]) == 1
+    assert export.main(["--weights", str(tmp_path / "missing.pt")]) == 2
     assert "file not found" in capsys.readouterr().err
-    assert export.main(["--weights", str(tiny_pt), "--include", "tflite"]) == 1
+    assert export.main(["--weights", str(tiny_pt), "--include", "tflite"]) == 2
     assert "choose from onnx, yolov5" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        assert export.main(["--weights", str(tiny_pt), "--half", "--device", "cpu"]) == 1
+        assert export.main(["--weights", str(tiny_pt), "--half", "--device", "cpu"]) == 2
         assert "--half needs a CUDA device" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
-    assert export.main(["--weights", str(tiny_pt), "--output", str(tmp_path / "x.onnx")]) == 1
+    assert export.main(["--weights", str(tiny_pt), "--output", str(tmp_path / "x.onnx")]) == 2
     err = capsys.readouterr().err
     assert "pip install onnx onnxruntime" in err and len(err.strip().splitlines()) == 1

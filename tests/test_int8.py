@@ -130,10 +130,10 @@ def test_export_cli_int8(pt3: Path, demo: Path, tmp_path: Path, capsys):
 
 
 def test_int8_errors(pt3: Path, fp32: Path, demo: Path, tmp_path: Path, capsys):
-    assert export.main(["--weights", str(pt3), "--int8", "--output", str(tmp_path / "a.onnx")]) == 1
+    assert export.main(["--weights", str(pt3), "--int8", "--output", str(tmp_path / "a.onnx")]) == 2
     assert "--int8 needs --data" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        assert export.main(["--weights", str(pt3), "--int8", "--half", "--data", str(demo)]) == 1
+        assert export.main(["--weights", str(pt3), "--int8", "--half", "--data", str(demo)]) == 2
         assert "drop --half" in capsys.readouterr().err
     files = q.calibration_images(demo, "train", 3)
     assert len(files) == 3 and files[0].endswith("000001.png") and files[-1].endswith("000008.png")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -178,17 +179,23 @@ def test_val_official_yolov5_checkpoint(demo, tmp_path):
     assert (Path(res["save_dir"]) / "metrics.json").is_file()
 
 
-def test_val_cli_errors(checkpoint, demo, tmp_path):
+def test_val_cli_errors(checkpoint, demo, tmp_path, capsys):
     cfg = yaml.safe_load(demo["without_json"].read_text())
     cfg["names"] = [*NAMES, "extra"]
     five = tmp_path / "five.yaml"
     five.write_text(yaml.safe_dump(cfg))
-    with pytest.raises(SystemExit, match="predicts 4 classes but --data .*five.yaml has 5"):
-        val.main(["--weights", str(checkpoint), "--data", str(five), "--device", "cpu", "--project", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--weights .*missing.pt not found"):
-        val.main(["--weights", str(tmp_path / "missing.pt"), "--data", str(demo["with_json"])])
-    with pytest.raises(SystemExit, match="--data .*nope.yaml not found"):
-        val.main(["--weights", str(checkpoint), "--data", str(tmp_path / "nope.yaml")])
+    for argv, message in (
+        (["--weights", str(checkpoint), "--data", str(five), "--device", "cpu", "--project", str(tmp_path)],
+         "predicts 4 classes but --data .*five.yaml has 5"),
+        (["--weights", str(tmp_path / "missing.pt"), "--data", str(demo["with_json"])],
+         "--weights .*missing.pt not found"),
+        (["--weights", str(checkpoint), "--data", str(tmp_path / "nope.yaml")], "--data .*nope.yaml not found"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            val.main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.match(f"val.py: error: .*{message}", err[0]), err
     with pytest.raises(FileNotFoundError):
         val.run(tmp_path / "missing.pt", demo["with_json"])
     # standalone script: one line on stderr, no traceback

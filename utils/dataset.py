@@ -46,10 +46,11 @@ from utils.data_download import fetch_dataset
 LOGGER = logging.getLogger(__name__)
 
 IMG_FORMATS = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}
-CACHE_VERSION = 2  # 2: polygon rows parsed as boxes
+CACHE_VERSION = 3  # 2: polygon rows parsed as boxes; 3: images are decoded during the scan (1 only verified them)
 CACHE_SUFFIX = ".yolokd.npz"  # never YOLOv5's ".cache" (see cache_path_for)
 COORD_TOL = 1e-3  # label coordinates this far outside [0, 1] are round-off and get clipped
 MAX_LISTED = 5  # problem files named in the summary warning
+STAND_IN_TRIES = 8  # other images tried in place of one that cannot be read at load time
 
 # Augmentation defaults = data/hyps/hyp.scratch-low.yaml, used for keys a given hyp lacks.
 AUG_DEFAULTS: dict[str, float] = {
@@ -291,21 +292,84 @@ def list_image_files(sources: str | Path | Sequence[str | Path]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Scanning (image verification + label parsing) and the scan cache
 # --------------------------------------------------------------------------------------------
-def _verify_image(path: str) -> tuple[tuple[int, int], str]:
-    """((w, h) as displayed, '' if fine else the reason). Reads the header and verifies the file."""
+class UnreadableImageError(OSError):
+    """An image file no decoder can read (its compressed data is missing or corrupt)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"cannot read image {path} ({reason})")
+        self.path = path
+
+
+def _jpeg_scan_start(data: bytes) -> int | None:
+    """Offset just past the first SOS (start of scan) header of a JPEG, found by walking the marker
+    segments from SOI (so an EXIF thumbnail's own SOS inside APP1 is skipped); None if malformed."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        segment_end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xDA:
+            return segment_end
+        pos = segment_end
+    return None
+
+
+def _jpeg_scan_is_blank(data: bytes) -> bool:
+    """Whether a JPEG's entropy-coded data is nothing but zero bytes (lost data that a disk or a copy
+    zero-filled). Decoders accept such a file and return a flat grey picture; an encoder never writes
+    it (the last byte of a scan is padded with one-bits)."""
+    start = _jpeg_scan_start(data)
+    if start is None:
+        return False
+    scan = data[start:]
+    scan = scan[:-2] if scan.endswith(b"\xff\xd9") else scan  # the EOI marker
+    return not scan.strip(b"\x00")
+
+
+def decode_check(path: str) -> tuple[tuple[int, int], str]:
+    """((w, h) as displayed, '' if the image decodes, else why not).
+
+    A structure check alone (PIL ``verify``) passes files whose headers survived but whose compressed
+    data did not (a JPEG cut after its headers): those pass the scan and then fail when an epoch
+    reads them. So the data is decoded here too: JPEGs at 1/8 scale (PIL ``draft``: the entropy
+    decoder still reads every byte, only the inverse DCT is skipped, about 4 ms for a 640x480 file),
+    other formats fully. A JPEG whose scan data is all zero bytes is refused as well (see
+    `_jpeg_scan_is_blank`).
+    """
     try:
-        with Image.open(path) as im:
-            im.verify()  # structure/CRC check without a full decode (fast); must come first
-        with Image.open(path) as im:  # verify() leaves the object unusable: reopen for metadata
+        data = Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()  # chunk CRCs and structure; leaves the object unusable, so reopen below
+        with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
             orientation = im.getexif().get(0x0112, 1)
-        if orientation in (5, 6, 7, 8):  # EXIF rotation by ±90°: OpenCV applies it when reading
-            w, h = h, w
-        if w < 2 or h < 2:
-            return (w, h), f"image too small ({w}x{h})"
-        return (w, h), ""
+            is_jpeg = im.format == "JPEG"
+            if is_jpeg:
+                im.draft(im.mode, (max(w // 8, 1), max(h // 8, 1)))
+            im.load()  # raises on truncated or undecodable data
     except Exception as e:  # any decoder error means the file is unusable
         return (0, 0), f"corrupt image ({type(e).__name__}: {e})"
+    if is_jpeg and _jpeg_scan_is_blank(data):
+        return (w, h), "corrupt image (JPEG data is all zero bytes: the file lost its content)"
+    if orientation in (5, 6, 7, 8):  # EXIF rotation by ±90°: OpenCV applies it when reading
+        w, h = h, w
+    if w < 2 or h < 2:
+        return (w, h), f"image too small ({w}x{h})"
+    return (w, h), ""
+
+
+IMAGE_PROBLEMS = ("corrupt image", "image too small")  # how `decode_check`'s reasons begin
+
+
+def _warn_each_unreadable(problems: Sequence[tuple[str, str]]) -> None:
+    """One warning per image the scan found undecodable: each needs the user's attention (fix or
+    remove the file), unlike label repairs, which are summarised."""
+    for path, why in problems:
+        LOGGER.warning("skipped image %s: %s", path, why)
 
 
 def _polygon_boxes(rows: list[list[str]]) -> np.ndarray:
@@ -406,7 +470,7 @@ def _files_hash(im_files: Sequence[str], label_files: Sequence[str]) -> str:
 
 def _scan_one(args: tuple[str, str]) -> tuple[tuple[int, int], np.ndarray, str, str, bool]:
     im_file, lb_file = args
-    shape, err = _verify_image(im_file)
+    shape, err = decode_check(im_file)
     if err:
         return shape, np.zeros((0, 5), np.float32), err, "", os.path.isfile(lb_file)
     labels, lerr, note, found = parse_label_file(lb_file)
@@ -500,7 +564,7 @@ def scan_dataset(im_files: Sequence[str], label_files: Sequence[str], cache_path
         "found": [r[4] for r in results],
         "from_cache": False,
     }
-    if cache_path is not None:
+    if cache_path is not None and cache_path.parent.is_dir():  # no labels folder: nothing to cache beside
         _save_cache(cache_path, scan)
     return scan
 
@@ -516,7 +580,7 @@ def load_bgr(path: str) -> np.ndarray:
             with Image.open(path) as pil:
                 im = cv2.cvtColor(np.asarray(pil.convert("RGB")), cv2.COLOR_RGB2BGR)
         except Exception as e:
-            raise OSError(f"cannot read image {path} ({type(e).__name__}: {e})") from e
+            raise UnreadableImageError(path, f"{type(e).__name__}: {e}") from e
     return im
 
 
@@ -615,11 +679,14 @@ class YoloDataset(Dataset):
             cache = "ram"
         if cache not in (None, False, "ram"):
             raise ValueError(f"cache={cache!r} is not supported (use 'ram' or None)")
+        # One flag per image, in shared memory so that every loader worker sees it: set when the
+        # image was found unreadable and warned about (once per file, not once per worker or epoch).
+        self._warned_unreadable = torch.zeros(self.n, dtype=torch.uint8).share_memory_()
         self.ims: list[tuple | None] = [None] * self.n
         if cache == "ram":
             with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-                self.ims = list(pool.map(self._read_resized, range(self.n)))
-            mb = sum(x[0].nbytes for x in self.ims) / 2**20
+                self.ims = list(pool.map(self._read_resized_or_none, range(self.n)))
+            mb = sum(x[0].nbytes for x in self.ims if x is not None) / 2**20
             LOGGER.info("cached %d images in RAM (%.0f MB)", self.n, mb)
 
     # ---- construction helpers
@@ -645,6 +712,9 @@ class YoloDataset(Dataset):
         nbg = sum(1 for i in keep if not len(scan["labels"][i]))
         src = "cache" if scan["from_cache"] else "scan"
         LOGGER.info("%d images (%d background), %d boxes, %d skipped [%s]", len(keep), nbg, nbox, len(skipped), src)
+        unreadable = [(f, why) for f, why in skipped if why.startswith(IMAGE_PROBLEMS)]
+        _warn_each_unreadable(unreadable)
+        skipped = [item for item in skipped if item not in unreadable]
         parts = []
         if skipped:
             listed = "; ".join(f"{f}: {why}" for f, why in skipped[:MAX_LISTED])
@@ -706,6 +776,9 @@ class YoloDataset(Dataset):
         return self.n
 
     def __getitem__(self, index: int):
+        return self._item_or_stand_in(index)
+
+    def _build_item(self, index: int):
         h = self.hyp
         self.rng = np.random.default_rng([self.seed, self.epoch, index])
         ratio_pad = None
@@ -748,6 +821,57 @@ class YoloDataset(Dataset):
         chw = np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))  # BGR HWC → RGB CHW
         return torch.from_numpy(chw), out, self.im_files[index], (h0, w0), ratio_pad
 
+
+    # ---- images that cannot be read at load time (a file that broke after the scan)
+    def _read_resized_or_none(self, i: int) -> tuple | None:
+        """`_read_resized` for the RAM cache; None (read again, and handled, at load time) if unreadable."""
+        try:
+            return self._read_resized(i)
+        except UnreadableImageError as e:
+            self._warn_unreadable(e)
+            return None
+
+    def _warn_unreadable(self, error: UnreadableImageError) -> None:
+        """One warning per file for the whole run, whichever worker process meets it first."""
+        i = self.im_files.index(error.path) if error.path in self.im_files else None
+        if i is not None and self._warned_unreadable[i]:
+            return
+        if i is not None:
+            self._warned_unreadable[i] = 1
+        what = "replaced by other images" if self.augment else "counted as a blank image without labels"
+        LOGGER.warning("%s; %s from now on (fix or remove the file)", error, what)
+
+    def _item_or_stand_in(self, index: int):
+        """Item ``index``, or a stand-in when one of its images cannot be decoded.
+
+        Training (``augment``) takes the item of another index drawn from a generator seeded with
+        (seed, epoch, index, attempt): the epoch keeps its length and stays a function of (seed,
+        epoch), so ``--resume`` still continues exactly. Evaluation must count every image once, so
+        there the image becomes a blank (grey) picture without labels.
+        """
+        try:
+            return self._build_item(index)
+        except UnreadableImageError as e:
+            self._warn_unreadable(e)
+        if not self.augment:
+            return self._blank_item(index)
+        for attempt in range(1, STAND_IN_TRIES + 1):
+            other = int(np.random.default_rng([self.seed, self.epoch, index, attempt]).integers(self.n))
+            try:
+                return self._build_item(other)
+            except UnreadableImageError as e:
+                self._warn_unreadable(e)
+        raise UnreadableImageError(self.im_files[index], f"and {STAND_IN_TRIES} images drawn to replace it are "
+                                   "unreadable too; check the dataset's files")
+
+    def _blank_item(self, index: int):
+        """Item ``index`` as a grey picture without labels (this process remembers the substitution)."""
+        w0, h0 = (int(v) for v in self.shapes[index])
+        r = self.imgsz / max(h0, w0)  # about the size `_read_resized` gives; no labels, so exactness is moot
+        h, w = max(round(h0 * r), 1), max(round(w0 * r), 1)
+        self.ims[index] = (np.full((h, w, 3), 114, dtype=np.uint8), (h0, w0), (h, w))
+        self.labels[index] = np.zeros((0, 5), dtype=np.float32)
+        return self._build_item(index)
 
 def collate_fn(batch: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...], tuple]:
     """Stack a list of dataset items.

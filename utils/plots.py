@@ -196,11 +196,20 @@ def plot_images(
     return save_path
 
 
-def plot_results(csv_path: str | Path, save_path: str | Path | None = None) -> Path:
-    """Plot every numeric column of a training ``results.csv`` against the epoch, one small subplot each.
+# YOLOv5's results.png panels, in its order: train losses, P, R / val losses, mAPs.
+RESULTS_PANELS = (
+    "train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/precision", "metrics/recall",
+    "val/box_loss", "val/obj_loss", "val/cls_loss", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95",
+)  # fmt: skip
 
-    The x axis is the ``epoch`` column when present, else the row number. Returns the image path
-    (default: ``results.png`` beside the csv).
+
+def plot_results(csv_path: str | Path, save_path: str | Path | None = None) -> Path:
+    """Plot the numeric columns of a training ``results.csv`` against the epoch, one small subplot each.
+
+    YOLOv5's ten panels come first, in YOLOv5's layout (two rows of five), then every other numeric
+    column (distillation terms, learning rates, fitness, time). Reads our file and YOLOv5's
+    (space-padded fields). The x axis is the ``epoch`` column when present, else the row number.
+    Returns the image path (default: ``results.png`` beside the csv).
     """
     csv_path = Path(csv_path)
     with csv_path.open(newline="") as f:
@@ -220,7 +229,9 @@ def plot_results(csv_path: str | Path, save_path: str | Path | None = None) -> P
     )
     x_col = header.index("epoch") if "epoch" in header else None
     x = data[:, x_col] if x_col is not None else np.arange(len(body))
-    cols = [i for i in range(len(header)) if i != x_col and np.isfinite(data[:, i]).any()]
+    numeric = [i for i in range(len(header)) if i != x_col and np.isfinite(data[:, i]).any()]
+    rank = {name: k for k, name in enumerate(RESULTS_PANELS)}
+    cols = sorted(numeric, key=lambda i: rank.get(header[i], len(rank)))  # stable: others keep file order
     ncols = min(5, max(len(cols), 1))
     nrows = max(1, math.ceil(len(cols) / ncols))
     fig = _figure((3.2 * ncols, 2.6 * nrows))

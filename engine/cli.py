@@ -1,0 +1,73 @@
+"""What the command-line scripts do with errors: one line naming the flag or file, never a traceback.
+
+``train_distill.py``, ``val.py``, ``detect.py`` and ``export.py`` run their work through
+`run_guarded`. Bad input (our ValueError/FileNotFoundError family, checkpoint and run-folder
+errors, YAML syntax errors) becomes ``<script>: error: <one line>`` on stderr and exit status 2
+(argparse's status for bad usage); Ctrl-C becomes one line and status 130 (128 + SIGINT, what a
+shell reports for an interrupted command). Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+T = TypeVar("T")
+
+# NotADirectoryError/IsADirectoryError/PermissionError: a path flag pointing at the wrong thing.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, yaml.YAMLError,
+)  # fmt: skip
+
+
+class TrainingInterrupted(Exception):  # noqa: N818 - an outcome reported to the user, not a fault
+    """Ctrl-C during training; ``checkpoint`` is the last.pt holding the last finished epoch (or None)."""
+
+    def __init__(self, epoch: int, epochs: int, checkpoint: Path | None) -> None:
+        self.epoch, self.epochs, self.checkpoint = epoch, epochs, checkpoint
+        where = f"interrupted at epoch {epoch + 1}/{epochs}"
+        if checkpoint is None:
+            message = f"{where}, before the first checkpoint was saved; nothing to resume"
+        else:
+            message = f"{where}; resume with: python train_distill.py --resume {checkpoint}"
+        super().__init__(message)
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line; a YAML syntax error says which file, line and column."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        return f"{mark.name}: YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {error.problem}"
+    if isinstance(error, yaml.YAMLError):
+        return f"YAML error: {' '.join(str(error).split())}"
+    text = str(error) or type(error).__name__
+    return "; ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def run_guarded(prog: str, work: Callable[[], T],
+                extra_errors: tuple[type[BaseException], ...] = ()) -> tuple[int, T | None]:
+    """Run ``work()``; return (0, its result), or (status, None) after printing one line to stderr."""
+    try:
+        return 0, work()
+    except TrainingInterrupted as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED, None
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED, None
+    except USER_ERRORS + extra_errors as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE, None
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise the one-line ValueError ``message`` unless ``condition``: for flag checks."""
+    if not condition:
+        raise ValueError(message)
