@@ -119,8 +119,8 @@ def test_cli_writes_release_file_read_back_equal(tiny_pt: Path, capsys: pytest.C
     assert (y_back[..., 4:] > 0.5).any()  # informative outputs, not all background
 
     # --output with two formats is ambiguous; overwriting the input is refused
-    assert export.main(["--weights", str(tiny_pt), "--include", "yolov5", "onnx", "--output", "x.pt"]) == 1
-    assert export.main(["--weights", str(tiny_pt), "--include", "yolov5", "--output", str(tiny_pt)]) == 1
+    assert export.main(["--weights", str(tiny_pt), "--include", "yolov5", "onnx", "--output", "x.pt"]) == 2
+    assert export.main(["--weights", str(tiny_pt), "--include", "yolov5", "--output", str(tiny_pt)]) == 2
 
 
 def test_pickle_names_and_attributes_match_yolov5s_file(tmp_path: Path) -> None:
