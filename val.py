@@ -169,8 +169,8 @@ def run(
     if coco is not None:
         print(coco["summary"])
         print(
-            f"mAP50-95 ours {results['map']:.4f} | pycocotools {coco['map']:.4f};  "
-            f"mAP50 ours {results['map50']:.4f} | pycocotools {coco['map50']:.4f}"
+            f"COCO (pycocotools): mAP50-95 {coco['map']:.4f}, mAP50 {coco['map50']:.4f} | "
+            f"YOLOv5 val.py convention (table above): mAP50-95 {results['map']:.4f}, mAP50 {results['map50']:.4f}"
         )
     metrics = {
         "weights": str(weights),

@@ -16,7 +16,7 @@ from torch import nn
 
 import val
 from engine.checkpointing import model_checkpoint
-from engine.evaluate import evaluate, results_table
+from engine.evaluate import Unletterbox, evaluate, results_table
 from models import DetectionModel
 from models.checkpoint import save_checkpoint
 from utils.demo_data import NAMES, generate_demo
@@ -120,8 +120,10 @@ def test_evaluate_oracle_is_perfect_in_original_space(tmp_path):
         model, loader, ["a", "b", "c"], "cpu", save_dir=tmp_path, save_json=True, plots=True, compute_loss=fake_loss
     )
     assert oracle.training  # mode restored
-    assert res["map50"] == pytest.approx(1.0) and res["map"] == pytest.approx(1.0)
-    assert res["fitness"] == pytest.approx(1.0)
+    # YOLOv5's AP of a perfect detector is 0.995 (its curve ends at recall 1, precision 0)
+    assert res["map50"] == pytest.approx(0.995) and res["map"] == pytest.approx(0.995)
+    assert res["precision"] == pytest.approx(1.0) and res["recall"] == pytest.approx(1.0)
+    assert res["fitness"] == pytest.approx(0.995)
     assert res["loss"] == pytest.approx([0.1, 0.2, 0.3]) and calls == [1]
     assert set(res["speed_ms"]) == {"pre", "inf", "nms"}
     assert res["n_images"] == 2 and res["n_instances"] == 3
@@ -135,6 +137,23 @@ def test_evaluate_oracle_is_perfect_in_original_space(tmp_path):
     for f in ("annotations.json", "PR_curve.png", "F1_curve.png", "confusion_matrix.png", "val_batch0_pred.jpg"):
         assert (tmp_path / f).is_file(), f
     assert "all" in results_table(res, verbose=True)
+
+
+def test_unletterbox_inverts_the_letterbox():
+    # original 90×200 (h×w), resized by (gain_h, gain_w) = (0.5, 0.48) and padded 3 px left, 11 top
+    inv = Unletterbox.from_loader(((90, 200), ((0.5, 0.48), (3.0, 11.0))))
+    assert inv.shape0 == (90, 200)
+    boxes0 = torch.tensor([[10.0, 5.0, 60.0, 80.0], [150.0, 0.0, 200.0, 90.0]])
+    letterboxed = boxes0 * torch.tensor([0.48, 0.5, 0.48, 0.5]) + torch.tensor([3.0, 11.0, 3.0, 11.0])
+    back = inv.pixels(letterboxed)
+    assert back.dtype == torch.float64 and torch.allclose(back, boxes0.double(), atol=1e-9)
+    # the loader's label rows: centre/size normalised to the (H, W) = (67, 102) batch image
+    H, W = 67, 102
+    cx, cy = (letterboxed[:, 0] + letterboxed[:, 2]) / 2 / W, (letterboxed[:, 1] + letterboxed[:, 3]) / 2 / H
+    w, h = (letterboxed[:, 2] - letterboxed[:, 0]) / W, (letterboxed[:, 3] - letterboxed[:, 1]) / H
+    assert torch.allclose(inv.normalised(torch.stack((cx, cy, w, h), 1), (H, W)), boxes0.double(), atol=1e-4)
+    # a prediction reaching into the padding is clipped to the original image
+    assert inv.pixels(torch.tensor([[0.0, 0.0, 200.0, 100.0]])).tolist() == [[0.0, 0.0, 200.0, 90.0]]
 
 
 # ------------------------------------------------------------------------------ val.py end to end
