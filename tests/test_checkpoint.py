@@ -147,13 +147,17 @@ def test_v50_checkpoint_focus_spp_anchor_grid(tmp_path: Path) -> None:
     assert torch.allclose(outputs(loaded, x), expect, atol=1e-4)
 
 
-def test_legacy_non_zip_format(tmp_path: Path) -> None:
+def test_legacy_non_zip_format_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pre-1.6 (non-zip) torch file is refused before any of it is unpickled, even a harmless one."""
+    monkeypatch.chdir(tmp_path)
     model = DetectionModel(tiny_cfg())
     path = tmp_path / "legacy.pt"
     torch.save({"epoch": -1, "model": copy.deepcopy(model).half(), "ema": None}, path,
                _use_new_zipfile_serialization=False)
-    ck = load_checkpoint(path)
-    assert ck["source"] == "yolov5" and set(ck["state_dict"]) == set(model.state_dict())
+    with pytest.raises(CheckpointError, match="legacy") as e:
+        load_checkpoint(path)
+    assert "legacy.pt" in str(e.value) and "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["legacy.pt"]
 
 
 def test_activation_taken_from_pickled_layers(tmp_path: Path) -> None:
@@ -167,12 +171,30 @@ def test_activation_taken_from_pickled_layers(tmp_path: Path) -> None:
 
 
 def test_unknown_layer_type(tmp_path: Path) -> None:
+    """A yaml naming a block we cannot build is refused when the checkpoint is read (its shapes are unknowable)."""
     model = DetectionModel(tiny_cfg())
     model.yaml["backbone"][2][2] = "BottleneckCSP"
-    ck = load_checkpoint(save_official(model, tmp_path / "csp.pt"))
+    path = save_official(model, tmp_path / "csp.pt")
     with pytest.raises(CheckpointError, match="BottleneckCSP") as e:
-        model_from_checkpoint(ck)
+        load_checkpoint(path)
     assert "csp.pt" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_activation_type(tmp_path: Path) -> None:
+    model = DetectionModel(tiny_cfg())
+    path = save_official(model, tmp_path / "act.pt")
+    with zipfile.ZipFile(path) as zin:
+        items = [(i, zin.read(i)) for i in zin.infolist()]
+    dst = tmp_path / "odd_act.pt"
+    with zipfile.ZipFile(dst, "w") as zout:
+        for info, data in items:
+            if info.filename.endswith("data.pkl"):  # SiLU -> Tanhshrink (a torch.nn class we do not map)
+                data = data.replace(b"activation\nSiLU\n", b"activation\nTanhshrink\n")
+            zout.writestr(info, data)
+    ck = load_checkpoint(dst)
+    with pytest.raises(CheckpointError, match="Tanhshrink") as e:
+        model_from_checkpoint(ck)
+    assert "odd_act.pt" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_nc_override_transfers_matching_tensors() -> None:
