@@ -603,8 +603,10 @@ def fuzz(cases: int, seed: int, root: Path, fixture: bool = False, limit_s: floa
 def summarise(outcomes: list[Outcome], seed: int, wall: float) -> dict:
     by_result = Counter(o.result for o in outcomes)
     by_kind: dict[str, Counter] = {}
+    by_full_kind: dict[str, Counter] = {}
     for o in outcomes:
         by_kind.setdefault(o.case.kind.split(":")[0], Counter())[o.result] += 1
+        by_full_kind.setdefault(o.case.kind, Counter())[o.result] += 1
     bad = [o for o in outcomes if o.problems]
     slowest = max(outcomes, key=lambda o: o.seconds) if outcomes else None
     return {
@@ -613,6 +615,7 @@ def summarise(outcomes: list[Outcome], seed: int, wall: float) -> dict:
         "slowest_case_s": round(slowest.seconds, 3) if slowest else 0.0,
         "slowest_case": f"{slowest.case.base}/{slowest.case.kind}/{slowest.case.seed}" if slowest else "",
         "results": dict(by_result), "by_family": {k: dict(v) for k, v in sorted(by_kind.items())},
+        "kinds": {k: dict(v) for k, v in sorted(by_full_kind.items())},
         "bases": dict(Counter(o.case.base for o in outcomes)),
         "failures": [{"base": o.case.base, "kind": o.case.kind, "seed": o.case.seed, "result": o.result,
                       "problems": o.problems} for o in bad[:50]],

@@ -20,7 +20,9 @@ def load_model(path_or_yaml: str | Path | dict, nc: int | None = None,
     """A DetectionModel in fp32 and eval mode on `device`.
 
     `path_or_yaml`: an official YOLOv5 .pt, one of our checkpoints, a model yaml path (or a
-    shipped name such as 'yolov5s.yaml', randomly initialised) or a model dict.
+    shipped name such as 'yolov5s.yaml', randomly initialised) or a model dict. A checkpoint is
+    read without running anything it names (see `models.checkpoint`); any failure is one
+    `CheckpointError` line naming the file.
     `nc` overrides the number of classes (checkpoint weights of other shapes are then kept
     at their initial values; see `model_from_checkpoint`).
     """

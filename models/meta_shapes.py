@@ -1,10 +1,13 @@
 """The shapes a model yaml implies, found on the meta device: no memory, no data, bounded work.
 
-`meta_state_dict(cfg)` builds `DetectionModel(cfg)` inside `torch.device('meta')` under
-`ShapesOnly`, a torch-function mode that
+`meta_state_dict(build)` runs `build()` (e.g. `DetectionModel(cfg)`) inside `torch.device('meta')`
+under `ShapesOnly`, a torch-function mode that
 
-* answers the few value reads a constructor makes (`bool()`, `float()`, `.item()` of a meta
-  tensor: the anchor-order check, the stride in the bias prior) with 1; no shape depends on them;
+* keeps tensors made from data (`torch.tensor`, `torch.as_tensor`: anchors, measured strides,
+  bias priors) on the CPU with their values: their size is that of data already in memory, and
+  the constructor computes with them (anchor order, bias prior);
+* answers the value reads of meta tensors a constructor may still make (`bool()`, `float()`,
+  `.item()`, a short `.tolist()`) with 1; no shape depends on them;
 * computes output shapes of the layers' forward ops (conv2d, pooling, nearest upsampling, cat,
   batch norm, activations, broadcasting arithmetic, in-place initialisers) itself, from the
   standard output-size formula  out = floor((n + 2p - d(k - 1) - 1) / s) + 1  and broadcasting,
@@ -158,6 +161,11 @@ def _reduce(input, dim=None, keepdim=False, *args, **kwargs):
     return _meta(shape, input)
 
 
+def _reduce_bool(input, dim=None, keepdim=False, *args, **kwargs):
+    out = _reduce(input, dim, keepdim)
+    return out if out is NotImplemented else _meta(out.shape, out, torch.bool)
+
+
 def _in_place(*args, **kwargs):
     """An initialiser or in-place update (no value on the meta device; shape unchanged): its tensor.
 
@@ -192,6 +200,7 @@ def _rules() -> dict[Callable, Callable]:
     rules.update({f: _compare for f in compare})
     rules.update({f: _in_place for f in in_place})
     rules.update({T.mean: _reduce, T.prod: _reduce, T.sum: _reduce, torch.mean: _reduce, torch.sum: _reduce})
+    rules.update({f: _reduce_bool for f in (T.any, T.all, torch.any, torch.all)})
     return rules
 
 
@@ -207,13 +216,18 @@ class ShapesOnly(TorchFunctionMode):
 
     _READS = {torch.Tensor.__bool__: True, torch.Tensor.__float__: 1.0, torch.Tensor.__int__: 1,
               torch.Tensor.__index__: 1, torch.Tensor.item: 1}
+    _FROM_DATA = (torch.tensor, torch.as_tensor)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in self._FROM_DATA and kwargs.get("device") is None:
+            kwargs = {**kwargs, "device": "cpu"}  # torch.device('meta') below would otherwise move it
         meta = any(_is_meta(a) or (isinstance(a, (list, tuple)) and any(map(_is_meta, a)))
                    for a in (*args, *kwargs.values()))
         if meta and func in self._READS:
             return self._READS[func]
+        if meta and func is torch.Tensor.tolist and args[0].numel() <= 4096:
+            return torch.ones(args[0].shape, device="cpu").tolist()
         out = NotImplemented
         rule = _rules().get(func) if meta else None
         if rule is not None:
