@@ -61,8 +61,8 @@ def _finite(v: Any) -> bool:
 
 
 # ------------------------------------------------------------------------------------- reading
-_LEGACY = ("{path}: legacy (pre-zip) torch format refused: its loader acts on instructions inside the "
-           "file (it can write files); re-save it with torch >= 1.6 where you trust it")
+_LEGACY = ("{path}: a bare pickle (the legacy pre-zip torch format) is refused: torch's loader for it acts "
+           "on instructions inside the file (it can write files); re-save it with torch >= 1.6 where you trust it")
 
 
 def _read_raw(path: Path) -> Any:
@@ -71,8 +71,11 @@ def _read_raw(path: Path) -> Any:
         raise CheckpointError(f"{path}: checkpoint file not found")
     if not path.is_file():
         raise CheckpointError(f"{path}: not a file")
-    with open(path, "rb") as f:
-        head = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the file ({_one_line(e)})") from None
     if not head:
         raise CheckpointError(f"{path}: file is empty")
     if head[:1] == b"\x80":  # a pickle: torch's legacy format (magic number, then the program)

@@ -99,13 +99,28 @@ class GlobalRef:
     name: str
 
 
-@dataclass(frozen=True, slots=True)
 class StorageRef:
-    """A validated torch storage record: `numel` elements of `dtype` in zip member `data/<key>`."""
+    """A validated torch storage record: `numel` elements of `dtype` in zip member `data/<key>`.
 
-    key: str
-    dtype: torch.dtype
-    numel: int
+    The pickle machine holds these (persistent_load returns them), so they refuse every change:
+    no attribute assignment, and BUILD (`__setstate__`) fails. (A frozen slots dataclass would
+    not do: its generated `__setstate__` rewrites the fields.)
+    """
+
+    __slots__ = ("key", "dtype", "numel")
+
+    def __init__(self, key: str, dtype: torch.dtype, numel: int) -> None:
+        for name, value in (("key", key), ("dtype", dtype), ("numel", numel)):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a storage record cannot change")
+
+    def __setstate__(self, state: Any) -> None:
+        raise pickle.UnpicklingError("BUILD onto a storage record")
+
+    def __repr__(self) -> str:
+        return f"StorageRef({self.key!r}, {self.dtype}, {self.numel})"
 
 
 # ------------------------------------------------------------------------------- the stand-ins
@@ -113,7 +128,7 @@ class _Stub:
     """Base of the per-load stand-in classes the pickle machine receives instead of any global.
 
     Instances only record what the pickle does to them. Subclasses are made per load by
-    `_InertUnpickler._stand_in` and carry the global's name in `_name`.
+    `_InertUnpickler.find_class` and carry the global's name in `_name`.
     """
 
     __slots__ = ("_args", "_state", "_items", "_built")
@@ -225,8 +240,8 @@ class _InertUnpickler(pickle._Unpickler):
 
     def persistent_load(self, pid: Any) -> StorageRef:
         if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage"):
-            head = pid[0] if type(pid) is tuple and pid else type(pid).__name__
-            raise ReadError(f"refusing to load, persistent id {str(head)[:40]!r} is not a torch storage record")
+            head = pid[0] if type(pid) is tuple and pid and type(pid[0]) is str else type(pid).__name__
+            raise ReadError(f"refusing to load, persistent id {head[:40]!r} is not a torch storage record")
         _, kind, key, location, numel = pid
         dtype = _STORAGE_DTYPES.get(kind._name) if isinstance(kind, type) and issubclass(kind, _Stub) else None
         if dtype is None:

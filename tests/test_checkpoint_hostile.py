@@ -104,6 +104,12 @@ def test_storage_records_validated(tmp_path: Path, pid: bytes, match: str) -> No
     refused(path, match)
 
 
+def test_storage_record_cannot_be_rebuilt(tmp_path: Path) -> None:
+    """BUILD onto the validated storage record (to re-key it to a smaller member) is refused."""
+    body = program(b"}", t_("x"), storage("1", 64), b"(" + t_("0") + b"tb", b"s")
+    refused(torch_zip(tmp_path / "rekey.pt", body, {"0": b"\0" * 4, "1": b"\0" * 256}), "BUILD onto a storage")
+
+
 @pytest.mark.parametrize(("offset", "size", "stride"), [
     (0, (3,), (1,)),  # one element more than the storage holds
     (2, (1,), (1,)),
