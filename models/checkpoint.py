@@ -221,8 +221,8 @@ def _meta_state_dict(cfg: dict, n_tensors: int, where: str) -> dict[str, torch.T
     try:
         return meta_state_dict(lambda: DetectionModel(cfg))
     except TooLargeError as e:
-        raise CheckpointError(f"{where}: the model yaml declares {e}, larger than any YOLOv5 tensor "
-                              "(refused before allocating)") from None
+        raise CheckpointError(f"{where}: the model yaml declares {e}, beyond any YOLOv5 model "
+                              "(refused before building it)") from None
     except Exception as e:  # whatever a hostile yaml makes the builder raise
         raise CheckpointError(f"{where}: cannot build the model from its yaml: {_one_line(e)}") from None
 

@@ -13,8 +13,12 @@ under `ShapesOnly`, a torch-function mode that
   standard output-size formula  out = floor((n + 2p - d(k - 1) - 1) / s) + 1  and broadcasting,
   instead of torch's generic meta kernels, whose first use imports sympy and torch.fx (seconds
   per process); any other op still goes to torch's meta kernel, so the result stays right;
-* aborts (`TooLargeError`) as soon as any tensor, parameter or activation of the stride probe,
-  would exceed `MAX_META_ELEMENTS` elements.
+* aborts (`TooLargeError`) when any tensor would exceed `MAX_META_ELEMENTS` elements, an output
+  of conv / pooling / upsampling / cat in the stride probe `MAX_ACTIVATION_ELEMENTS`, or the probe's
+  sliding-window work (conv: output elements x (c_in/groups) x kh x kw multiply-adds; pooling:
+  output elements x kh x kw) `MAX_OP_WORK` in one op or `MAX_PROBE_WORK` in all: yaml numbers that
+  change no parameter shape (a pooling kernel of 2**31, a huge upsampling) must not turn the real
+  build into a long hang or a large allocation.
 
 Before building, `repeat_budget` bounds the number of layers a yaml may declare (depth_multiple
 times repeats), since modules are made even on the meta device.
@@ -32,10 +36,16 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-# The largest tensor of an official model (yolov5x6) has 15M elements; its stride probe's largest
-# activation 1.3M. A hostile yaml must stay below this per tensor.
+# The largest tensor of an official model (yolov5x6) has 15M elements, the largest activation of its
+# stride probe 1.3M. A yaml must stay below these per tensor (the activation cap also bounds the
+# memory the real build's probe takes; parameters are checked against the file anyway).
 MAX_META_ELEMENTS = 1 << 26
+MAX_ACTIVATION_ELEMENTS = 1 << 23
 MAX_LAYER_REPEATS = 4096
+# Stride-probe work: yolov5x needs 1.0 G multiply-adds in all (largest op 0.03 G) on its 64-pixel
+# probe; a P6 model probes at 256 pixels, ~16x that. Hostile yamls are stopped far below a hang.
+MAX_OP_WORK = 1 << 31
+MAX_PROBE_WORK = 1 << 36
 
 
 class TooLargeError(Exception):
@@ -51,10 +61,13 @@ def _pair(v: Any) -> tuple[int, int]:
 
 
 def _out_len(n: int, k: int, s: int, p: int, d: int, ceil: bool = False) -> int:
-    """Output length of a sliding window: floor((n + 2p - d(k - 1) - 1) / s) + 1 (ceil if asked)."""
+    """Output length of a sliding window: floor((n + 2p - d(k - 1) - 1) / s) + 1 (ceil if asked).
+
+    Shape errors are RuntimeErrors, as torch raises them (a model's stride probe may catch those).
+    """
     span = n + 2 * p - d * (k - 1) - 1
     if s <= 0 or span < 0:
-        raise ValueError(f"window of size {k} (stride {s}, padding {p}) does not fit an input of size {n}")
+        raise RuntimeError(f"window of size {k} (stride {s}, padding {p}) does not fit an input of size {n}")
     steps = -(-span // s) if ceil else span // s
     if ceil and steps * s >= n + p:  # the last window must start inside the input or left padding
         steps -= 1
@@ -71,7 +84,7 @@ def _conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
         return NotImplemented
     n, c, h, w = input.shape
     if c != weight.shape[1] * groups:
-        raise ValueError(f"conv2d: input has {c} channels, the weight expects {weight.shape[1] * groups}")
+        raise RuntimeError(f"conv2d: input has {c} channels, the weight expects {weight.shape[1] * groups}")
     if padding == "same":
         return _meta((n, weight.shape[0], h, w), input)
     (sh, sw), (dh, dw) = _pair(stride), _pair(dilation)
@@ -100,7 +113,7 @@ def _interpolate(input, size=None, scale_factor=None, mode="nearest", align_corn
         sy, sx = (scale_factor, scale_factor) if isinstance(scale_factor, (int, float)) else tuple(scale_factor)
         out = (math.floor(input.shape[2] * sy), math.floor(input.shape[3] * sx))
     if min(out) <= 0:
-        raise ValueError(f"upsampling to an empty size {out}")
+        raise RuntimeError(f"upsampling to an empty size {out}")
     return _meta((*input.shape[:2], *out), input)
 
 
@@ -112,7 +125,7 @@ def _cat(tensors, dim=0):
     d = dim % first.dim()
     for t in tensors[1:]:
         if t.dim() != first.dim() or any(a != b for i, (a, b) in enumerate(zip(t.shape, first.shape)) if i != d):
-            raise ValueError(f"cat: shapes {tuple(first.shape)} and {tuple(t.shape)} differ outside dim {d}")
+            raise RuntimeError(f"cat: shapes {tuple(first.shape)} and {tuple(t.shape)} differ outside dim {d}")
     shape = list(first.shape)
     shape[d] = sum(t.shape[d] for t in tensors)
     return _meta(shape, first)
@@ -128,7 +141,7 @@ def _broadcast_shape(a: torch.Size, b: torch.Size) -> tuple[int, ...]:
     for i in range(1, max(len(a), len(b)) + 1):
         x, y = (a[-i] if i <= len(a) else 1), (b[-i] if i <= len(b) else 1)
         if x != y and 1 not in (x, y):
-            raise ValueError(f"shapes {tuple(a)} and {tuple(b)} do not broadcast")
+            raise RuntimeError(f"shapes {tuple(a)} and {tuple(b)} do not broadcast")
         out.append(y if x == 1 else x)
     return tuple(reversed(out))
 
@@ -205,6 +218,7 @@ def _rules() -> dict[Callable, Callable]:
 
 
 _signature = lru_cache(maxsize=None)(inspect.signature)
+_LAYER_OPS = (_conv2d, _max_pool2d, _interpolate, _cat)
 
 
 def _is_meta(x: Any) -> bool:
@@ -217,6 +231,10 @@ class ShapesOnly(TorchFunctionMode):
     _READS = {torch.Tensor.__bool__: True, torch.Tensor.__float__: 1.0, torch.Tensor.__int__: 1,
               torch.Tensor.__index__: 1, torch.Tensor.item: 1}
     _FROM_DATA = (torch.tensor, torch.as_tensor)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.work = 0  # sliding-window operations of the stride probe so far
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -241,7 +259,24 @@ class ShapesOnly(TorchFunctionMode):
             out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor) and out.numel() > MAX_META_ELEMENTS:
             raise TooLargeError(f"a tensor of shape {tuple(out.shape)[:6]}")
+        if rule in _LAYER_OPS and isinstance(out, torch.Tensor) and out.numel() > MAX_ACTIVATION_ELEMENTS:
+            raise TooLargeError(f"an activation of shape {tuple(out.shape)[:6]} in the stride probe")
+        if rule is _conv2d or rule is _max_pool2d:
+            self._count(rule, args, kwargs, out)
         return out
+
+    def _count(self, rule: Callable, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        bound = _signature(rule).bind(*args, **kwargs).arguments
+        if rule is _conv2d:
+            window = bound["weight"][0].numel()
+        else:
+            kh, kw = _pair(bound["kernel_size"])
+            window = kh * kw
+        work = out.numel() * window
+        self.work += work
+        if work > MAX_OP_WORK or self.work > MAX_PROBE_WORK:
+            raise TooLargeError(f"a {rule.__name__.strip('_')} costing {work:.3g} operations in the stride probe "
+                                f"({self.work:.3g} so far)")
 
 
 def repeat_budget(cfg: Any, n_tensors: int) -> tuple[float, int]:
@@ -279,4 +314,5 @@ def meta_state_dict(build: Callable[[], torch.nn.Module]) -> dict[str, torch.Ten
         return build().state_dict()
 
 
-__all__ = ["MAX_LAYER_REPEATS", "MAX_META_ELEMENTS", "ShapesOnly", "TooLargeError", "meta_state_dict", "repeat_budget"]
+__all__ = ["MAX_ACTIVATION_ELEMENTS", "MAX_LAYER_REPEATS", "MAX_META_ELEMENTS", "MAX_OP_WORK", "MAX_PROBE_WORK",
+           "ShapesOnly", "TooLargeError", "meta_state_dict", "repeat_budget"]

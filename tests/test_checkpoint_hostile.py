@@ -74,13 +74,20 @@ def test_memo_index_bomb_costs_nothing(tmp_path: Path) -> None:
     assert outcome.startswith("REFUSED ") and growth < 48, (outcome, growth)
 
 
-def test_depth_and_upsampling_bombs_refused_quickly(tmp_path: Path) -> None:
+def test_depth_upsampling_and_pooling_bombs_refused_quickly(tmp_path: Path) -> None:
     model = DetectionModel(tiny_cfg())
     deep = {**model.yaml, "depth_multiple": 1e9}
     wide_up = copy.deepcopy(model.yaml)
     row = next(r for r in wide_up["head"] if r[2] == "nn.Upsample")
     row[3] = [None, 10_000, "nearest"]
-    for name, cfg, match in [("deep", deep, "layer repeats"), ("upsample", wide_up, "larger than")]:
+    padded = copy.deepcopy(model.yaml)  # first conv padding 1500: 19M elements, an allowed tensor but no activation
+    padded["backbone"][0][3] = [*padded["backbone"][0][3][:3], 1500]
+    slow_pool = copy.deepcopy(model.yaml)  # no parameter changes; on the CPU this probe ran for minutes
+    row = next(r for r in slow_pool["backbone"] if r[2] == "SPPF")
+    row[3] = [row[3][0], 2**31 - 1]
+    for name, cfg, match in [("deep", deep, "layer repeats"), ("upsample", wide_up, "tensor of shape"),
+                             ("padded", padded, "activation of shape"),
+                             ("pool", slow_pool, "max_pool2d costing")]:
         path = save_official(model, tmp_path / f"{name}.pt", attrs={"yaml": cfg})
         t0 = time.perf_counter()
         refused(path, match)
@@ -237,6 +244,20 @@ def test_shape_rules_agree_with_torch(case: tuple) -> None:
     expect = run("cpu")
     with ShapesOnly():
         assert run("meta") == expect
+
+
+@pytest.mark.parametrize("op", [
+    lambda d: F.conv2d(torch.zeros(1, 3, 4, 4, device=d), torch.zeros(8, 3, 9, 9, device=d)),  # kernel > input
+    lambda d: F.conv2d(torch.zeros(1, 4, 8, 8, device=d), torch.zeros(8, 3, 1, 1, device=d)),  # channels
+    lambda d: torch.cat([torch.zeros(1, 3, 8, 8, device=d), torch.zeros(1, 3, 4, 4, device=d)], 1),
+    lambda d: F.max_pool2d(torch.zeros(1, 3, 2, 2, device=d), 5),
+])
+def test_shape_rules_fail_like_torch(op) -> None:
+    """Impossible shapes raise RuntimeError on both sides (a stride probe retries on RuntimeError)."""
+    with pytest.raises(RuntimeError):
+        op("cpu")
+    with ShapesOnly(), pytest.raises(RuntimeError):
+        op("meta")
 
 
 def test_shape_check_stays_light(tmp_path: Path) -> None:
