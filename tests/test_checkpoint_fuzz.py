@@ -14,7 +14,7 @@ SEED = 20240614
 
 
 def test_fuzz_load_model_refuses_or_loads(tmp_path: Path) -> None:
-    cases = int(os.environ.get("CKPT_FUZZ_CASES", "600"))
+    cases = int(os.environ.get("CKPT_FUZZ_CASES", "300"))
     summary = fuzz(cases, SEED, tmp_path, fixture=True, limit_s=60.0, fixture_share=0.02)
     assert summary["n_failures"] == 0, summary["failures"][:5]
     results = summary["results"]
