@@ -20,6 +20,8 @@ from analysis.knowledge import (
     HALF_LOG_2PI_E,
     EntropySettings,
     FeatureExtractor,
+    Sample,
+    analyze_model,
     box_cell_mask,
     concept_dynamics,
     count_concepts,
@@ -110,6 +112,29 @@ def test_feature_extractor_on_detection_model():
     assert x.grad is not None and x.grad.abs().sum() > 0  # differentiable in the input
     with pytest.raises(ValueError, match="Detect"):
         FeatureExtractor(model, layer=-1)
+
+
+def test_seeded_detector_result_is_pinned():
+    """A regression pin: a seeded pico detector, three seeded 64 px images, 40 Adam steps. The values
+    were recorded from this code (torch 2.x CPU, one thread) before the module was split into
+    stages; any change of the optimisation, the noise draws, the masks or the bookkeeping moves them.
+    """
+    cfg = yaml.safe_load((REPO / "models" / "yolov5p.yaml").read_text())
+    cfg["nc"] = 2
+    torch.manual_seed(0)
+    model = DetectionModel(cfg)
+    gen = torch.Generator().manual_seed(3)
+    samples = [Sample(f"img{k}.png", torch.rand(3, 64, 64, generator=gen), np.array([[8.0, 16.0, 40.0, 44.0]]) + 4 * k,
+                      np.array([k]), (0.0, 8.0, 64.0, 56.0)) for k in range(3)]
+    s = EntropySettings(steps=40, samples=2, lr=0.2, cell=16, lam=0.05)
+    r = analyze_model(model, samples, s, b=0.05, batch_size=2, seed=5, label="m")
+    assert r.entropy[0][0].tolist() == pytest.approx([-0.8415154, -0.8168372, -0.8565525, -0.752864], abs=2e-5)
+    assert r.entropy[2][3].tolist() == pytest.approx([-0.6352164, -0.7060877, -0.6670121, -0.6527978], abs=2e-5)
+    assert r.change == pytest.approx([0.0227230787, 0.0234129149, 0.0226255339], rel=1e-4)
+    assert [(c.n_fg, c.n_bg) for c in r.counts] == [(4, 4), (4, 2), (4, 2)]
+    assert [c.h_bar for c in r.counts] == pytest.approx([-0.7667009234, -0.7268799782, -0.7330590487], abs=2e-5)
+    assert r.summary["h_gap_mean"] == pytest.approx(0.0621240920, abs=2e-5)
+    assert r.summary["ratio_mean"] == pytest.approx(0.6111111111)
 
 
 # ----------------------------------------------------------------------------- bookkeeping
