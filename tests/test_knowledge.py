@@ -1,4 +1,4 @@
-"""Knowledge quantification (analysis/knowledge.py, analyze_kd.py): entropy optimisation on toy
+"""Knowledge quantification (analysis/knowledge/, analyze_kd.py): entropy optimisation on toy
 features with a known answer, concept bookkeeping, the letterbox box→cell mapping, the CLI."""
 
 from __future__ import annotations
