@@ -29,8 +29,9 @@ from torch import nn
 from engine.cli import require, run_guarded
 from engine.evaluate import evaluate, results_table
 from models import load_model
+from models.hub import find_weights
 from utils.dataset import create_dataloader, load_data_config
-from utils.files import find_data_yaml, find_weights, increment_path
+from utils.files import find_data_yaml, increment_path
 from utils.torch_utils import parse_device, select_device
 
 TASKS = ("val", "test", "speed")

@@ -28,10 +28,11 @@ from engine.logger import save_yaml, write_results
 from engine.optim import YOLOV5_GROUP_ORDER, LrCurve, WarmupSchedule, accumulation_steps, build_optimizer
 from engine.runfolder import archive_previous_run, new_run_id, owning_run_folder, remove_stale_temps
 from models.checkpoint import CheckpointError, load_checkpoint, transfer_weights
+from models.hub import find_weights
 from models.yolo import DetectionModel
 from utils.autoanchor import check_anchors
 from utils.dataset import create_dataloader, load_data_config
-from utils.files import find_data_yaml, find_weights, increment_path
+from utils.files import find_data_yaml, increment_path
 from utils.loss import DetectionLoss, scale_hyp
 from utils.plots import plot_labels, plot_results
 from utils.torch_utils import DistInfo, WeightEMA, dist_info, seed_everything, select_device

@@ -1,8 +1,12 @@
-"""weights/download.py without a network: urllib's global opener is replaced by a local handler."""
+"""Release checkpoints (models/hub.py, its CLI weights/download.py) and the shared transport (utils/downloads.py)
+without a network: urllib's global opener is replaced by a local handler."""
 
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 import urllib.response
@@ -11,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from weights import download as dl
+from models import hub as dl
+from utils.downloads import TOO_LARGE, FetchError, temp_download
+from weights import download as cli
 
 FIXTURE = Path(__file__).parent / "fixtures" / "yolov5n_nc80.pt"  # official v7.0 layout, yolov5n shapes
 
@@ -69,7 +75,7 @@ def test_offline_gives_one_line_with_manual_route(tmp_path: Path, monkeypatch: p
     assert dl.release_url("yolov5s") in msg and str(tmp_path / "yolov5s.pt") in msg
     assert _leftovers(tmp_path) == []
 
-    assert dl.main(["yolov5s", "--dir", str(tmp_path)]) == 1
+    assert cli.main(["yolov5s", "--dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("download.py: error: cannot reach") and "offline" in err[-1]
 
@@ -88,7 +94,7 @@ def test_unknown_name_rejected_before_any_request(tmp_path: Path, monkeypatch: p
         with pytest.raises(ValueError, match="unknown model"):
             dl.download(bad, tmp_path)
     assert h.urls == [] and _leftovers(tmp_path) == []
-    assert dl.main(["yolov5q", "--dir", str(tmp_path)]) == 1
+    assert cli.main(["yolov5q", "--dir", str(tmp_path)]) == 1
 
 
 def test_truncated_download_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -127,3 +133,37 @@ def test_every_release_model_has_a_url_and_size_window() -> None:
         assert dl.release_url(name).endswith(f"/releases/download/v7.0/{name}.pt") and 0 < lo < hi
     lo, hi = dl.size_window("yolov5n")
     assert lo <= FIXTURE.stat().st_size <= hi
+
+
+def test_oversized_download_refused_before_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server announcing more than the model's size window allows is refused; so is one that sends more."""
+    body = FIXTURE.read_bytes()
+    _serve(monkeypatch, _LocalHandler(body, length=dl.size_window("yolov5n")[1] + 1))
+    with pytest.raises(dl.DownloadError, match="announces .* more than"):
+        dl.download("yolov5n", tmp_path)
+    assert _leftovers(tmp_path) == []
+
+
+def test_temp_download_cleans_up_and_caps(tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(bytes(3000))
+    with temp_download(src.as_uri(), tmp_path / "out", max_bytes=3000) as part:
+        assert part.parent == tmp_path / "out" and part.read_bytes() == bytes(3000)
+    assert _leftovers(tmp_path / "out") == []  # not moved into place: removed
+    with pytest.raises(FetchError) as e, temp_download(src.as_uri(), tmp_path / "out", max_bytes=2999):
+        pass
+    assert e.value.kind == TOO_LARGE and _leftovers(tmp_path / "out") == []
+    with pytest.raises(FetchError, match="cannot reach") as e, temp_download((tmp_path / "nope").as_uri(), tmp_path):
+        pass
+    assert e.value.url.endswith("/nope")
+
+
+def test_cli_runs_as_a_file_from_any_folder(tmp_path: Path) -> None:
+    """`python weights/download.py --list` works outside the repository root (it re-runs itself as a module)."""
+    script = Path(dl.__file__).resolve().parents[1] / "weights" / "download.py"
+    env_path = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, str(script), "--list"], cwd=tmp_path, env=env_path, capture_output=True,
+                         text=True, check=False, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0].split() == ["yolov5n", dl.release_url("yolov5n")]
+    assert len(out.stdout.splitlines()) == len(dl.MODELS)

@@ -1,11 +1,13 @@
-"""Where --data / --weights names are looked for, as YOLOv5 users expect; run folder numbering."""
+"""Where --data / --weights names are looked for (utils/files.py, models/hub.py), as YOLOv5 users expect;
+run folder numbering."""
 
 from __future__ import annotations
 
 import pytest
 
-import weights.download as dl
-from utils.files import REPO_ROOT, find_data_yaml, find_weights, increment_path
+import models.hub as dl
+from models.hub import find_weights
+from utils.files import REPO_ROOT, find_data_yaml, increment_path
 
 
 def test_bare_names_resolve_to_the_repository_folders(tmp_path, monkeypatch) -> None:

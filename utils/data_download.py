@@ -2,8 +2,9 @@
 
 Only one kind of entry is acted on: a URL (``https://``, ``http://`` or ``file://``) of a ``.zip``
 archive, or a list of such URLs. Each archive is streamed into a temporary file beside the
-destination, checked (size cap, no absolute or ``..`` member names, no links: a "zip slip" could
-otherwise write outside the destination), extracted into a temporary folder and its top-level
+destination (:func:`utils.downloads.temp_download`, shared with the release-checkpoint fetcher),
+checked (size cap, no absolute or ``..`` member names, no links: a "zip slip" could otherwise write
+outside the destination), extracted into a temporary folder and its top-level
 entries renamed into place, so an interrupted fetch never leaves a half-written dataset. The
 destination is the dataset root's parent, as with YOLOv5 (``path: ../datasets/coco128`` and a
 ``coco128.zip`` whose top folder is ``coco128/``).
@@ -15,21 +16,19 @@ offline fetch. The command-line tools turn that error into exit status 2.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import stat
 import sys
 import tempfile
-import urllib.error
 import urllib.parse
-import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from utils.downloads import HTTP_ERROR, ByteLimitError, FetchError, copy_capped, temp_download
+
 URL_SCHEMES = ("https", "http", "file")
 MAX_BYTES = 64 << 30  # largest archive, and largest extracted total, accepted (64 GiB)
-_CHUNK = 1 << 20
 
 
 class DatasetUnavailableError(FileNotFoundError):
@@ -73,17 +72,6 @@ def _member_problem(info: zipfile.ZipInfo) -> str:
     return ""
 
 
-def _copy_capped(src, dst, budget: int, what: str) -> int:
-    """Copy file object ``src`` to ``dst`` in chunks; return the byte count; fail past ``budget``."""
-    done = 0
-    while chunk := src.read(_CHUNK):
-        done += len(chunk)
-        if done > budget:
-            raise ValueError(f"{what} is larger than the {MAX_BYTES >> 30} GiB limit")
-        dst.write(chunk)
-    return done
-
-
 def safe_extract(archive: Path, dest: Path, max_bytes: int = MAX_BYTES) -> list[Path]:
     """Extract ``archive`` into ``dest`` all-or-nothing; return the top-level paths placed in ``dest``.
 
@@ -115,7 +103,10 @@ def safe_extract(archive: Path, dest: Path, max_bytes: int = MAX_BYTES) -> list[
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, open(target, "wb") as dst:
-                    budget -= _copy_capped(src, dst, budget, archive.name)
+                    try:
+                        budget -= copy_capped(src, dst, budget)
+                    except ByteLimitError:
+                        raise ValueError(f"{archive.name} is larger than the {max_bytes >> 30} GiB limit") from None
             placed = []
             for entry in sorted(staging.iterdir()):
                 final = dest / entry.name
@@ -129,46 +120,33 @@ def safe_extract(archive: Path, dest: Path, max_bytes: int = MAX_BYTES) -> list[
     return placed
 
 
-def _fetch_to(url: str, out, timeout: float, max_bytes: int) -> int:
-    """Stream ``url`` into the open binary file ``out``; check the announced length; return bytes."""
-    req = urllib.request.Request(url, headers={"User-Agent": "yolo-kd-data/1"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        length = resp.headers.get("Content-Length")
-        total = int(length) if length and length.isdigit() else None
-        if total is not None and total > max_bytes:
-            raise ValueError(f"{url} announces {total / 2**30:.1f} GiB, more than the limit")
-        done = _copy_capped(resp, out, max_bytes, url)
-    if total is not None and done != total:
-        raise ConnectionError(f"stopped after {done:,} of {total:,} bytes")
-    return done
-
-
 def download_zip(url: str, dest: Path, timeout: float = 60.0, max_bytes: int = MAX_BYTES) -> list[Path]:
     """Fetch the .zip at ``url`` and extract it into ``dest`` (see :func:`safe_extract`).
 
     Raises :class:`DatasetUnavailableError` (one line, naming the URL and ``dest``) when the archive
     cannot be fetched or is not a safe zip; the temporary download is always removed.
     """
-    dest.mkdir(parents=True, exist_ok=True)
     name = Path(urllib.parse.urlsplit(url).path).name
     print(f"Downloading {url} into {dest}", file=sys.stderr)
-    fd, part = tempfile.mkstemp(dir=dest, prefix=f".{name}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out:
-            _fetch_to(url, out, timeout, max_bytes)
-        placed = safe_extract(Path(part), dest, max_bytes)
-    except urllib.error.HTTPError as e:
-        raise DatasetUnavailableError(f"{url}: server answered HTTP {e.code}; fetch it by hand and unzip it "
-                                 f"into {dest}") from None
-    except (urllib.error.URLError, OSError, ValueError, zipfile.BadZipFile) as e:
-        reason = " ".join(str(getattr(e, "reason", e)).split())
-        raise DatasetUnavailableError(f"cannot fetch {url} ({reason}): offline? Fetch it by hand and unzip it "
-                                 f"into {dest}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(part)
+        with temp_download(url, dest, prefix=f".{name}.", timeout=timeout, max_bytes=max_bytes,
+                           agent="yolo-kd-data/1") as part:
+            placed = safe_extract(part, dest, max_bytes)
+    except FetchError as e:
+        raise DatasetUnavailableError(_by_hand(e, dest)) from None
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise DatasetUnavailableError(f"cannot fetch {url} ({' '.join(str(e).split())}): offline? Fetch it by "
+                                      f"hand and unzip it into {dest}") from None
     print(f"Unzipped {name}: {', '.join(p.name for p in placed) or 'nothing new'} in {dest}", file=sys.stderr)
     return placed
+
+
+def _by_hand(e: FetchError, dest: Path) -> str:
+    """One line: what went wrong with the fetch and where to unzip the archive fetched by hand."""
+    if e.kind == HTTP_ERROR:
+        return f"{e.url}: server answered HTTP {e.status}; fetch it by hand and unzip it into {dest}"
+    reason = e.detail or str(e)
+    return f"cannot fetch {e.url} ({reason}): offline? Fetch it by hand and unzip it into {dest}"
 
 
 def fetch_dataset(note: object, dest: Path, where: str, timeout: float = 60.0) -> None:

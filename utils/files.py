@@ -1,4 +1,10 @@
-"""Small filesystem helpers shared by the CLI scripts and the training engine."""
+"""Small filesystem helpers shared by the CLI scripts and the training engine.
+
+Run folders (:func:`increment_path`) and the repository's own folders (:data:`REPO_ROOT`,
+:func:`find_in_repo`, :func:`find_data_yaml`). Checkpoint names, including the official release
+names that are downloaded on demand, are resolved by :func:`models.hub.find_weights`. Imports
+nothing from the project.
+"""
 
 from __future__ import annotations
 
@@ -47,8 +53,9 @@ def increment_path(path: str | Path, exist_ok: bool = False, sep: str = "", mkdi
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _existing(spec: str | Path, repo_folder: str) -> Path | None:
-    """``spec`` if it is a file, else a bare file name found in the repository's ``repo_folder``."""
+def find_in_repo(spec: str | Path, repo_folder: str) -> Path | None:
+    """``spec`` if it is a file; else, for a bare file name, that name in the repository's
+    ``repo_folder`` (``data``, ``weights``) if it is there; else None."""
     path = Path(spec)
     if path.is_file():
         return path
@@ -58,26 +65,7 @@ def _existing(spec: str | Path, repo_folder: str) -> Path | None:
 
 def find_data_yaml(spec: str | Path) -> Path:
     """A dataset yaml as given, or a bare name found in the repository's data/ (``VisDrone.yaml``)."""
-    found = _existing(spec, "data")
+    found = find_in_repo(spec, "data")
     if found is not None:
         return found
     raise FileNotFoundError(f"--data {spec} not found (give a path to a dataset yaml, or a name in data/)")
-
-
-def find_weights(spec: str | Path, flag: str = "--weights") -> Path:
-    """A checkpoint as given, one in the repository's weights/, or an official YOLOv5 release name
-    (``yolov5s.pt``) fetched into weights/ by ``weights/download.py`` — as YOLOv5 users expect."""
-    found = _existing(spec, "weights")
-    if found is not None:
-        return found
-    path = Path(spec)
-    from weights.download import MODELS, DownloadError, download  # deferred: only when a file is missing
-
-    name = path.name[:-3] if path.name.endswith(".pt") else path.name
-    if path.parent == Path(".") and name.lower() in MODELS:
-        try:
-            return download(name, REPO_ROOT / "weights")
-        except DownloadError as e:
-            raise FileNotFoundError(str(e)) from None
-    raise FileNotFoundError(f"{flag} {spec} not found (give a path, a file in weights/, or an official "
-                            "release name such as yolov5s.pt)")
