@@ -18,6 +18,7 @@ import argparse
 import sys
 
 from analysis.knowledge import BASELINES, EntropySettings, run_analysis
+from engine.cli import configure_logging
 from models import CheckpointError
 from utils.torch_utils import select_device
 
@@ -55,6 +56,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     opt = parse_opt(argv)
+    configure_logging()
     try:
         settings = EntropySettings(lam=opt.lam, steps=opt.steps, samples=opt.samples, lr=opt.lr, cell=opt.cell)
         settings.check()

@@ -36,9 +36,10 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: the exit status (0; 2 with one line on stderr for bad flags or files; 130 on Ctrl-C)."""
     opt = parse_options(argv)
-    from engine.cli import run_guarded
+    from engine.cli import configure_logging, run_guarded
     from engine.trainer import fit  # deferred so that --help answers without importing torch
 
+    configure_logging()
     status, _ = run_guarded("train_distill.py", lambda: fit(opt))
     return status
 

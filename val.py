@@ -8,8 +8,9 @@ Prints a YOLOv5-style table (per class with --verbose) and per-image speeds, and
 ``metrics.json`` (plus plots, and with --save-json the COCO predictions and pycocotools figures)
 into ``runs/val/exp*``. ``run(...)`` does the same from Python and returns the metrics dict.
 
-``.onnx`` weights (fp32 or INT8 files from export.py) run in onnxruntime through models.backends'
-``models.backends.OnnxBackend``; everything after the model output (NMS, matching, AP) is the same code. A file
+The work is :func:`engine.validate.validate`; this script parses, calls it and prints.
+``.onnx`` weights (fp32 or INT8 files from export.py) run in onnxruntime through
+``models.backends.OnnxModel``; everything after the model output (NMS, matching, AP) is the same code. A file
 exported with ``--dynamic`` gets the same rectangular batches as a .pt; a fixed-shape file is fed
 square letterboxed batches of its own size (rect off, ``--imgsz`` ignored; a non-square fixed size
 is refused) and at most its static batch size, which is said on the console.
@@ -18,42 +19,13 @@ is refused) and at most its static batch size, which is said on the console.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 from pathlib import Path
 
-import torch
-from torch import nn
-
-from engine.cli import require, run_guarded
-from engine.evaluate import evaluate, results_table
-from models import load_model
-from models.hub import find_weights
-from utils.dataset import create_dataloader, load_data_config
-from utils.files import find_data_yaml, increment_path
-from utils.torch_utils import parse_device, select_device
-
-TASKS = ("val", "test", "speed")
-
-
-class OnnxModel(nn.Module):
-    """``evaluate``'s model interface over :class:`models.backends.OnnxBackend`: (B, 3, H, W) float 0-1 →
-    decoded (B, N, 5 + nc); attributes ``nc``, ``names``, ``stride``, ``fixed_shape``, ``fixed_batch``."""
-
-    def __init__(self, weights: str | Path, device: torch.device) -> None:
-        super().__init__()
-        from models.backends import OnnxBackend  # deferred: onnxruntime is optional
-
-        self.backend = OnnxBackend(weights, device)
-        self.names = list(self.backend.names)
-        self.nc = len(self.names)
-        self.stride = torch.tensor([float(self.backend.stride)])
-        self.fixed_shape = self.backend.fixed_shape
-        self.fixed_batch = self.backend.fixed_batch
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backend(x)
+from engine.cli import configure_logging, require, run_guarded
+from engine.evaluate import EvalSettings, results_table
+from engine.validate import TASKS, validate
+from utils.torch_utils import parse_device
 
 
 def run(
@@ -78,93 +50,24 @@ def run(
     plots: bool = True,
     anno_json: str | Path | None = None,
 ) -> dict:
-    """Evaluate ``weights`` on the ``task`` split of ``data``; returns :func:`engine.evaluate.evaluate`'s
-    dict plus ``save_dir``.
+    """:func:`engine.validate.validate` with val.py's flags, and its report on the console."""
+    settings = EvalSettings(conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, half=half, plots=plots,
+                            save_json=save_json, anno_json=anno_json, save_txt=save_txt, save_conf=save_conf)
+    results = validate(weights, data, imgsz, batch_size, task, device, settings, project, name, exist_ok, workers)
+    print_report(results, verbose)
+    return results
 
-    ``task='speed'`` times inference on square batches with deployment thresholds (conf 0.25,
-    IoU 0.45) and skips plots and COCO json. ``anno_json`` defaults to the dataset's ``val_json``
-    for the val split; otherwise one is generated from the labels. Raises FileNotFoundError /
-    ValueError (one line) for missing files or mismatched classes.
-    """
-    if task not in TASKS:
-        raise ValueError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
-    weights = find_weights(weights)
-    data = find_data_yaml(data)
-    split = "val" if task == "speed" else task
-    cfg = load_data_config(data, require=(split,))
-    if not cfg.get(split):
-        raise ValueError(f"--data {data} has no '{split}' split")
-    names, nc = cfg["names"], cfg["nc"]
 
-    dev = select_device(device, batch_size)
-    is_onnx = weights.suffix.lower() == ".onnx"
-    model = OnnxModel(weights, dev) if is_onnx else load_model(weights, device=dev)
-    if model.nc != nc:
-        raise ValueError(f"--weights {weights} predicts {model.nc} classes but --data {data} has {nc}")
-    stride = int(model.stride.max())
-    gs = max(stride, 32)
-    fixed = getattr(model, "fixed_shape", None)
-    if fixed:
-        if fixed[0] != fixed[1]:
-            raise ValueError(f"--weights {weights} has a fixed {fixed[0]}x{fixed[1]} input; validation letterboxes to "
-                             f"squares: re-export with one --imgsz or with --dynamic")
-        if imgsz != fixed[0]:
-            print(f"--weights {weights} has a fixed {fixed[0]}x{fixed[1]} input: using --imgsz {fixed[0]}")
-        imgsz = fixed[0]
-        print(f"fixed-shape ONNX file: square letterboxed {imgsz}x{imgsz} batches (rect off)")
-    fixed_batch = getattr(model, "fixed_batch", None)
-    if fixed_batch and batch_size > fixed_batch:
-        print(f"--weights {weights} takes batches of {fixed_batch}: using --batch-size {fixed_batch}")
-        batch_size = fixed_batch
-    if imgsz % gs:
-        new = math.ceil(imgsz / gs) * gs
-        print(f"--imgsz {imgsz} is not a multiple of the max stride {gs}; using {new}")
-        imgsz = new
-    # fp16 convolutions are a CUDA feature; an ONNX file carries its own dtype
-    half = half and dev.type == "cuda" and not is_onnx
-    if half:
-        model.half()  # our own copy, so converting it is fine (evaluate never converts a caller's model)
-
-    speed = task == "speed"
-    if speed:
-        conf_thres, iou_thres, save_json, plots = 0.25, 0.45, False, False
-    rect = not speed and not fixed
-    loader, _ = create_dataloader(
-        cfg[split], imgsz, batch_size, gs, rect=rect, pad=0.5 if rect else 0.0, workers=workers, nc=nc
-    )
-    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
-    if anno_json is None and split == "val":
-        anno_json = cfg.get("val_json")
-
-    if dev.type == "cuda" and not is_onnx:  # one warm-up pass so cuDNN autotuning does not land in the timings
-        with torch.inference_mode():
-            p = next(model.parameters())
-            model(torch.zeros(1, 3, imgsz, imgsz, device=dev, dtype=p.dtype))
-
-    results = evaluate(
-        model,
-        loader,
-        names,
-        dev,
-        conf_thres=conf_thres,
-        iou_thres=iou_thres,
-        max_det=max_det,
-        half=half,
-        save_dir=save_dir,
-        plots=plots,
-        save_json=save_json,
-        anno_json=anno_json,
-        save_txt=save_txt,
-        save_conf=save_conf,
-        json_name=f"{weights.stem}_predictions.json",
-    )
-    results["save_dir"] = save_dir
-
+def print_report(results: dict, verbose: bool = False) -> None:
+    """The notes on changed settings, the metrics table, speeds, the COCO figures and where files went."""
+    for note in results["notes"]:
+        print(note)
     print(results_table(results, verbose=verbose))
     sp = results["speed_ms"]
     print(
         f"Speed: {sp['pre']:.1f}ms pre-process, {sp['inf']:.1f}ms inference, {sp['nms']:.1f}ms NMS per image "
-        f"at --imgsz {imgsz}, batch {batch_size} on {dev}{' fp16' if half else ''}"
+        f"at --imgsz {results['imgsz']}, batch {results['batch_size']} on {results['device']}"
+        f"{' fp16' if results['half'] else ''}"
     )
     coco = results["coco"]
     if coco is not None:
@@ -173,30 +76,7 @@ def run(
             f"COCO (pycocotools): mAP50-95 {coco['map']:.4f}, mAP50 {coco['map50']:.4f} | "
             f"YOLOv5 val.py convention (table above): mAP50-95 {results['map']:.4f}, mAP50 {results['map50']:.4f}"
         )
-    metrics = {
-        "weights": str(weights),
-        "data": str(data),
-        "task": task,
-        "imgsz": imgsz,
-        "conf_thres": conf_thres,
-        "iou_thres": iou_thres,
-        "images": results["n_images"],
-        "instances": results["n_instances"],
-        "mAP50": results["map50"],
-        "mAP50-95": results["map"],
-        "P": results["precision"],
-        "R": results["recall"],
-        "fitness": results["fitness"],
-        "per_class": results["per_class"],
-        "pycocotools": None if coco is None else {k: coco[k] for k in ("map", "map50", "stats")},
-        "speed_ms": sp,
-        "device": str(dev),
-        "half": half,
-        "backend": "onnxruntime" if is_onnx else "pytorch",
-    }
-    (save_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"Results saved to {save_dir}")
-    return results
+    print(f"Results saved to {results['save_dir']}")
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
@@ -239,6 +119,7 @@ def check_options(opt: argparse.Namespace) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """CLI entry: the metrics dict; bad input exits with status 2 and one line on stderr, no traceback."""
     opt = parse_opt(argv)
+    configure_logging()
 
     def work() -> dict:
         kwargs = vars(check_options(opt))

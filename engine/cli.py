@@ -5,10 +5,15 @@
 errors, YAML syntax errors) becomes ``<script>: error: <one line>`` on stderr and exit status 2
 (argparse's status for bad usage); Ctrl-C becomes one line and status 130 (128 + SIGINT, what a
 shell reports for an interrupted command). Anything else is a bug and keeps its traceback.
+
+Logging is configured here, once, by the entry points (`configure_logging`): the project's loggers
+(``engine``, ``distill``, ``models``, ``utils``, ``analysis``) write INFO and above to the console;
+other libraries keep the WARNING default. Importing a module configures nothing.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +25,8 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 T = TypeVar("T")
+
+PROJECT_LOGGERS = ("engine", "distill", "models", "utils", "analysis")
 
 # NotADirectoryError/IsADirectoryError/PermissionError: a path flag pointing at the wrong thing.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -71,3 +78,36 @@ def require(condition: bool, message: str) -> None:
     """Raise the one-line ValueError ``message`` unless ``condition``: for flag checks."""
     if not condition:
         raise ValueError(message)
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a record is emitted (a redirected or captured
+    stream is honoured), prefixing warnings and errors with their level."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):  # noqa: D102 - the current sys.stdout, not the one at construction
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return f"{record.levelname}: {text}" if record.levelno >= logging.WARNING else text
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Send the project's log records of ``level`` and above to the console (idempotent).
+
+    Called by the CLI entry points (train_distill.py, val.py, export.py, detect.py, analyze_kd.py),
+    never at import: a library user keeps full control of logging.
+    """
+    for name in PROJECT_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+            logger.addHandler(_ConsoleHandler())

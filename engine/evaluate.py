@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torchvision.ops import box_convert, clip_boxes_to_image
 
+from models.yolo import split_outputs
 from utils.boxes import non_max_suppression
 from utils.coco_eval import ImageIdLookup, category_ids, coco_evaluate, labels_to_coco_json, predictions_to_coco
 from utils.metrics import IOU_THRESHOLDS, ConfusionMatrix, fitness, match_predictions, score_detections
@@ -42,15 +43,6 @@ PLOT_BATCHES = 3  # image grids are drawn for the first few batches only
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":  # kernels are asynchronous: time them only after they finish
         torch.cuda.synchronize(device)
-
-
-def _unpack_output(out) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    """Eval-mode model output -> (decoded (bs, N, no), raw list or None)."""
-    if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], torch.Tensor):
-        return out[0], out[1]
-    if isinstance(out, torch.Tensor):
-        return out, None
-    raise TypeError(f"unexpected model output {type(out).__name__}; expected (decoded, raw) from an eval-mode model")
 
 
 @dataclass(frozen=True)
@@ -87,36 +79,49 @@ class Unletterbox:
         return self.pixels(box_convert(cxcywh.double(), "cxcywh", "xyxy") * size)
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """How :func:`evaluate` scores and what it writes (every field has the val.py default).
+
+    ``half`` on CUDA runs an fp16 model as is, and an fp32 model under autocast (the weights are
+    never converted, so a training model is left exactly as it was). ``compute_loss(raw_preds,
+    targets) -> (total, items (3,))`` adds the mean validation loss. With ``save_json`` the
+    predictions go to ``save_dir/json_name`` in COCO format and pycocotools evaluates them against
+    ``anno_json`` (generated from the labels when None). ``plots``, ``save_json`` and ``save_txt``
+    need a ``save_dir``.
+    """
+
+    conf_thres: float = 0.001
+    iou_thres: float = 0.6
+    max_det: int = 300
+    half: bool = False
+    save_dir: str | Path | None = None
+    plots: bool = False
+    save_json: bool = False
+    anno_json: str | Path | None = None
+    verbose: bool = False
+    multi_label: bool = True
+    compute_loss: Callable | None = None
+    save_txt: bool = False
+    save_conf: bool = False
+    json_name: str = "predictions.json"
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
     loader: Iterable,
     names: Sequence[str],
     device: torch.device | str,
-    conf_thres: float = 0.001,
-    iou_thres: float = 0.6,
-    max_det: int = 300,
-    half: bool = False,
-    save_dir: str | Path | None = None,
-    plots: bool = False,
-    save_json: bool = False,
-    anno_json: str | Path | None = None,
-    verbose: bool = False,
-    multi_label: bool = True,
-    compute_loss: Callable | None = None,
-    save_txt: bool = False,
-    save_conf: bool = False,
-    json_name: str = "predictions.json",
+    settings: EvalSettings | None = None,
+    **options,
 ) -> dict:
-    """Evaluate ``model`` on every batch of ``loader``.
+    """Evaluate ``model`` on every batch of ``loader`` with ``settings`` (:class:`EvalSettings`;
+    keyword ``options`` override its fields, e.g. ``evaluate(m, loader, names, dev, conf_thres=0.25)``).
 
     loader batches: ``(imgs uint8 (B, 3, H, W), targets (N, 6) [batch_idx, cls, xc, yc, w, h]
     normalised to the batch image, paths, shapes)`` with shapes[i] = ``((h0, w0), ((rh, rw), (padw, padh)))``.
-    ``half`` on CUDA runs an fp16 model as is, and an fp32 model under autocast (the weights are never
-    converted, so a training model is left exactly as it was). The model's train/eval flags are
-    restored on exit. ``compute_loss(raw_preds, targets) -> (total, items (3,))`` adds the mean
-    validation loss. With ``save_json`` the predictions go to ``save_dir/json_name`` in COCO format and
-    pycocotools evaluates them against ``anno_json`` (generated from the labels when None).
+    The model's train/eval flags are restored on exit.
 
     Returns a dict: ``map50``, ``map`` (mAP50-95), ``precision``, ``recall`` (as YOLOv5 7.0's val.py
     computes them: :mod:`utils.metrics`, convention ``"yolov5"``), ``fitness``,
@@ -125,47 +130,65 @@ def evaluate(
     (list of 3 floats or None), ``speed_ms`` {pre, inf, nms} per image, ``coco`` (pycocotools result
     or None), ``n_images``, ``n_instances``, ``conf_best``, ``pred_json`` (path or None).
     """
+    s = replace(settings or EvalSettings(), **options)
     device = torch.device(device)
     model = unwrap_model(model)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        return _evaluate(
-            model, loader, list(names), device, conf_thres, iou_thres, max_det, half, save_dir, plots,
-            save_json, anno_json, verbose, multi_label, compute_loss, save_txt, save_conf, json_name,
-        )  # fmt: skip
+        return _evaluate(model, loader, list(names), device, s)
     finally:
         for m, mode in modes:
             m.training = mode
 
 
-def _evaluate(
-    model, loader, names, device, conf_thres, iou_thres, max_det, half, save_dir, plots, save_json,
-    anno_json, verbose, multi_label, compute_loss, save_txt, save_conf, json_name,
-) -> dict:  # fmt: skip
-    nc = len(names)
-    save_dir = Path(save_dir) if save_dir is not None else None
-    if save_dir is None and (plots or save_json or save_txt):
+@dataclass
+class _Tally:
+    """What the batch loop accumulates over the whole loader."""
+
+    nc: int
+    stats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    images_per_class: np.ndarray | None = None
+    confusion: ConfusionMatrix | None = None
+    loss_sum: torch.Tensor | None = None
+    n_batches: int = 0
+    seen: int = 0
+    times: dict[str, float] = field(default_factory=lambda: {"pre": 0.0, "inf": 0.0, "nms": 0.0})
+    records: list[tuple[str, tuple[int, int], torch.Tensor, torch.Tensor]] = field(default_factory=list)  # COCO
+
+    def __post_init__(self) -> None:
+        self.images_per_class = np.zeros(self.nc, dtype=np.int64)
+        self.confusion = ConfusionMatrix(self.nc)
+
+
+def _evaluate(model: nn.Module, loader: Iterable, names: list[str], device: torch.device, s: EvalSettings) -> dict:
+    save_dir = Path(s.save_dir) if s.save_dir is not None else None
+    if save_dir is None and (s.plots or s.save_json or s.save_txt):
         raise ValueError("evaluate: plots/save_json/save_txt need a save_dir")
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
-    cuda_half = half and device.type == "cuda"
+    tally = _run_batches(model, loader, names, device, s, save_dir)
+    out, res = _summary(tally, names)
+    if s.plots:
+        _plot_curves(res, names, tally.confusion, save_dir)
+    if s.save_json:
+        out["pred_json"], out["coco"] = _coco(tally.records, names, s.anno_json, save_dir, s.json_name)
+    if s.verbose:
+        LOGGER.info("\n%s", results_table(out, verbose=True))
+    return out
+
+
+def _run_batches(model: nn.Module, loader: Iterable, names: list[str], device: torch.device, s: EvalSettings,
+                 save_dir: Path | None) -> _Tally:
+    """The batch loop: pre-process, forward (+ loss), NMS, then per-image matching (timed per stage)."""
+    cuda_half = s.half and device.type == "cuda"
     param = next(model.parameters(), None)
     model_fp16 = param is not None and param.dtype == torch.float16
     in_dtype = torch.float16 if model_fp16 else torch.float32
     # An fp32 model is run under autocast rather than converted: .half() then .float() would round
     # the caller's weights (e.g. the training EMA) to fp16.
     amp = torch.autocast("cuda", dtype=torch.float16) if cuda_half and not model_fp16 else nullcontext()
-
-    confusion = ConfusionMatrix(nc)
-    stats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    images_per_class = np.zeros(nc, dtype=np.int64)
-    loss_sum = None
-    n_batches = 0
-    seen = 0
-    t_pre = t_inf = t_nms = 0.0
-    records: list[tuple[str, tuple[int, int], torch.Tensor, torch.Tensor]] = []  # for COCO json
-
+    tally = _Tally(len(names))
     for bi, (imgs, targets, paths, shapes) in enumerate(loader):
         _sync(device)
         t0 = time.perf_counter()
@@ -174,47 +197,57 @@ def _evaluate(
         _sync(device)
         t1 = time.perf_counter()
         with amp:
-            decoded, raw = _unpack_output(model(imgs))
+            decoded, raw = split_outputs(model(imgs))
         _sync(device)
         t2 = time.perf_counter()
-        if compute_loss is not None and raw is not None:
-            items = compute_loss([r.float() for r in raw], targets)[1].detach().float().view(-1)
-            loss_sum = items if loss_sum is None else loss_sum + items
-        n_batches += 1
+        if s.compute_loss is not None and raw is not None:
+            items = s.compute_loss([r.float() for r in raw], targets)[1].detach().float().view(-1)
+            tally.loss_sum = items if tally.loss_sum is None else tally.loss_sum + items
+        tally.n_batches += 1
 
         _sync(device)
         t3 = time.perf_counter()
-        preds = non_max_suppression(decoded.float(), conf_thres, iou_thres, multi_label=multi_label, max_det=max_det)
+        preds = non_max_suppression(decoded.float(), s.conf_thres, s.iou_thres, multi_label=s.multi_label,
+                                    max_det=s.max_det)
         _sync(device)
         t4 = time.perf_counter()
-        t_pre, t_inf, t_nms = t_pre + t1 - t0, t_inf + t2 - t1, t_nms + t4 - t3
-
-        # Per-image bookkeeping on the CPU: one transfer per batch instead of many tiny GPU kernels.
-        batch_hw = tuple(imgs.shape[2:])
-        targets_cpu = targets.float().cpu()
-        for si, pred in enumerate(p.float().cpu() for p in preds):
-            seen += 1
-            inverse = Unletterbox.from_loader(shapes[si])
-            rows = targets_cpu[targets_cpu[:, 0] == si]  # (m, 6) image, cls, xc, yc, w, h normalised
-            tcls = rows[:, 1]
-            labelsn = torch.cat((tcls[:, None].double(), inverse.normalised(rows[:, 2:6], batch_hw)), 1)
-            if len(tcls):
-                images_per_class[np.unique(tcls.long().clamp(0, nc - 1).numpy())] += 1
-            predn = torch.cat((inverse.pixels(pred[:, :4]), pred[:, 4:6].double()), 1)
-            correct = match_predictions(predn, labelsn, IOU_THRESHOLDS)
-            stats.append((correct, pred[:, 4], pred[:, 5], tcls.long()))
-            confusion.add_image(predn, labelsn)
-            if save_json:
-                records.append((str(paths[si]), inverse.shape0, predn, labelsn))
-            if save_txt:
-                _save_txt(predn, inverse.shape0, save_conf, save_dir / "labels" / f"{Path(paths[si]).stem}.txt")
-
-        if plots and bi < PLOT_BATCHES:
+        for key, dt in (("pre", t1 - t0), ("inf", t2 - t1), ("nms", t4 - t3)):
+            tally.times[key] += dt
+        _match_batch(tally, imgs, targets, preds, paths, shapes, s, save_dir)
+        if s.plots and bi < PLOT_BATCHES:
             _plot_batch(imgs, targets, preds, paths, names, save_dir, bi)
+    return tally
 
-    # ------------------------------------------------------------------ metrics over all images
-    if stats:
-        correct, conf, pcls, tcls = (torch.cat(x, 0) for x in zip(*stats))
+
+def _match_batch(tally: _Tally, imgs, targets, preds, paths, shapes, s: EvalSettings, save_dir: Path | None) -> None:
+    """Match each image's detections with its labels, in original-image pixels (see :class:`Unletterbox`)."""
+    # Per-image bookkeeping on the CPU: one transfer per batch instead of many tiny GPU kernels.
+    nc = tally.nc
+    batch_hw = tuple(imgs.shape[2:])
+    targets_cpu = targets.float().cpu()
+    for si, pred in enumerate(p.float().cpu() for p in preds):
+        tally.seen += 1
+        inverse = Unletterbox.from_loader(shapes[si])
+        rows = targets_cpu[targets_cpu[:, 0] == si]  # (m, 6) image, cls, xc, yc, w, h normalised
+        tcls = rows[:, 1]
+        labelsn = torch.cat((tcls[:, None].double(), inverse.normalised(rows[:, 2:6], batch_hw)), 1)
+        if len(tcls):
+            tally.images_per_class[np.unique(tcls.long().clamp(0, nc - 1).numpy())] += 1
+        predn = torch.cat((inverse.pixels(pred[:, :4]), pred[:, 4:6].double()), 1)
+        correct = match_predictions(predn, labelsn, IOU_THRESHOLDS)
+        tally.stats.append((correct, pred[:, 4], pred[:, 5], tcls.long()))
+        tally.confusion.add_image(predn, labelsn)
+        if s.save_json:
+            tally.records.append((str(paths[si]), inverse.shape0, predn, labelsn))
+        if s.save_txt:
+            _save_txt(predn, inverse.shape0, s.save_conf, save_dir / "labels" / f"{Path(paths[si]).stem}.txt")
+
+
+def _summary(tally: _Tally, names: list[str]) -> tuple[dict, object]:
+    """Metrics over all images: the result dict (``coco``/``pred_json`` still None) and the AP record."""
+    nc = len(names)
+    if tally.stats:
+        correct, conf, pcls, tcls = (torch.cat(x, 0) for x in zip(*tally.stats))
     else:  # an empty loader
         correct, conf, pcls, tcls = torch.zeros(0, len(IOU_THRESHOLDS), dtype=torch.bool), *(torch.zeros(0),) * 3
     res = score_detections(correct, conf, pcls, tcls)
@@ -222,20 +255,20 @@ def _evaluate(
     maps = np.full(nc, map5095)
     per_class = []
     for i, c in enumerate(res.classes):
-        if 0 <= c < nc:
+        known = 0 <= c < nc
+        if known:
             maps[c] = res.ap5095[i]
-        per_class.append(
-            {
-                "class": int(c),
-                "name": names[c] if 0 <= c < nc else str(c),
-                "images": int(images_per_class[c]) if 0 <= c < nc else 0,
-                "instances": int(res.n_labels[i]),
-                "precision": float(res.p[i]),
-                "recall": float(res.r[i]),
-                "map50": float(res.ap50[i]),
-                "map": float(res.ap5095[i]),
-            }
-        )
+        per_class.append({
+            "class": int(c),
+            "name": names[c] if known else str(c),
+            "images": int(tally.images_per_class[c]) if known else 0,
+            "instances": int(res.n_labels[i]),
+            "precision": float(res.p[i]),
+            "recall": float(res.r[i]),
+            "map50": float(res.ap50[i]),
+            "map": float(res.ap5095[i]),
+        })
+    seen = max(tally.seen, 1)
     out = {
         "map50": map50,
         "map": map5095,
@@ -244,22 +277,15 @@ def _evaluate(
         "fitness": fitness(map50, map5095),
         "per_class": per_class,
         "maps": maps.tolist(),
-        "loss": (loss_sum / max(n_batches, 1)).cpu().tolist() if loss_sum is not None else None,
-        "speed_ms": {k: 1e3 * t / max(seen, 1) for k, t in (("pre", t_pre), ("inf", t_inf), ("nms", t_nms))},
+        "loss": (tally.loss_sum / max(tally.n_batches, 1)).cpu().tolist() if tally.loss_sum is not None else None,
+        "speed_ms": {k: 1e3 * t / seen for k, t in tally.times.items()},
         "coco": None,
-        "n_images": seen,
+        "n_images": tally.seen,
         "n_instances": int(len(tcls)),
         "conf_best": res.conf_best,
         "pred_json": None,
     }
-
-    if plots:
-        _plot_curves(res, names, confusion, save_dir)
-    if save_json:
-        out["pred_json"], out["coco"] = _coco(records, names, anno_json, save_dir, json_name)
-    if verbose:
-        LOGGER.info("\n%s", results_table(out, verbose=True))
-    return out
+    return out, res
 
 
 def _save_txt(predn: torch.Tensor, shape0: tuple[int, int], save_conf: bool, path: Path) -> None:

@@ -1,7 +1,8 @@
 """Inference backends with one interface: PyTorch (.pt) and onnxruntime (.onnx).
 
-Used by detect.py (drawing detections) and val.py (metrics on exported files), so both run the same
-pre- and post-processing whatever the file format.
+Used by detect.py (drawing detections) and validation (metrics on exported files, through
+:class:`OnnxModel` and :func:`fit_input_to_model`), so both run the same pre- and post-processing
+whatever the file format.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from models import load_model
+from models.yolo import split_outputs
+from utils.geometry import round_to_stride
 
 
 class TorchBackend:
@@ -40,7 +44,7 @@ class TorchBackend:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, torch.float16 if self.half else torch.float32)
-        return self.model(x)[0].float()
+        return split_outputs(self.model(x))[0].float()
 
 
 def metadata_value(text: str | None) -> Any:
@@ -133,3 +137,51 @@ def load_backend(weights: str | Path, device: torch.device, half: bool = False) 
     if suffix == ".onnx":
         return OnnxBackend(weights, device)
     raise ValueError(f"--weights {weights}: unsupported format {suffix!r}; use a .pt or .onnx file")
+
+
+class OnnxModel(nn.Module):
+    """The evaluation model interface over :class:`OnnxBackend`: (B, 3, H, W) float 0-1 → decoded
+    (B, N, 5 + nc); attributes ``nc``, ``names``, ``stride``, ``fixed_shape``, ``fixed_batch``."""
+
+    def __init__(self, weights: str | Path, device: torch.device) -> None:
+        super().__init__()
+        self.backend = OnnxBackend(weights, device)
+        self.names = list(self.backend.names)
+        self.nc = len(self.names)
+        self.stride = torch.tensor([float(self.backend.stride)])
+        self.fixed_shape = self.backend.fixed_shape
+        self.fixed_batch = self.backend.fixed_batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backend(x)
+
+
+def fit_input_to_model(model: nn.Module, weights: str | Path, imgsz: int, batch_size: int,
+                       min_stride: int = 32) -> tuple[int, int, list[str]]:
+    """Reconcile the requested square ``imgsz`` and ``batch_size`` with what ``model`` accepts.
+
+    A fixed-shape ONNX file (``fixed_shape``/``fixed_batch``) imposes its own square size and at
+    most its static batch; a non-square fixed input is refused (square letterboxes are all a
+    validation feeds). Otherwise ``imgsz`` is rounded up to the grid stride (the model's largest
+    stride, at least ``min_stride``). Returns ``(imgsz, batch_size, notes)``: one line per change,
+    for the caller to show.
+    """
+    notes: list[str] = []
+    fixed = getattr(model, "fixed_shape", None)
+    if fixed:
+        if fixed[0] != fixed[1]:
+            raise ValueError(f"--weights {weights} has a fixed {fixed[0]}x{fixed[1]} input; validation letterboxes to "
+                             f"squares: re-export with one --imgsz or with --dynamic")
+        if imgsz != fixed[0]:
+            notes.append(f"--weights {weights} has a fixed {fixed[0]}x{fixed[1]} input: using --imgsz {fixed[0]}")
+        imgsz = fixed[0]
+        notes.append(f"fixed-shape ONNX file: square letterboxed {imgsz}x{imgsz} batches (rect off)")
+    fixed_batch = getattr(model, "fixed_batch", None)
+    if fixed_batch and batch_size > fixed_batch:
+        notes.append(f"--weights {weights} takes batches of {fixed_batch}: using --batch-size {fixed_batch}")
+        batch_size = fixed_batch
+    gs = max(int(model.stride.max()), min_stride)
+    new = round_to_stride(imgsz, gs)[0]
+    if new != imgsz:
+        notes.append(f"--imgsz {imgsz} is not a multiple of the max stride {gs}; using {new}")
+    return new, batch_size, notes

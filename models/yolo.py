@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.common import C3, SPP, SPPF, Bottleneck, Concat, Conv, Focus
+from utils.anchors import placeholder_anchors
 
 LOGGER = logging.getLogger(__name__)
 
@@ -49,10 +50,6 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 # Sides of the square dummy images used to measure strides: the small one is enough (and cheap)
 # for P5 models; the larger one serves deeper (P6) ones, whose coarsest map would be 1 px.
 _STRIDE_PROBES = (64, 256)
-
-# Placeholder anchors for yamls that give only a count (`anchors: 3`): square boxes whose sides,
-# in grid cells of their level, are spread geometrically between these two values.
-PLACEHOLDER_ANCHOR_CELLS = (2.0, 8.0)
 
 # Prior quantities of the Detect bias initialisation (REFERENCE §1): about 8 objects in a
 # 640×640 image, and 60 % of the class probability mass spread over the nc classes.
@@ -115,20 +112,6 @@ def retained_outputs(layers: Iterable[nn.Module]) -> list[int]:
         entries = [layer.f] if isinstance(layer.f, int) else list(layer.f)
         named.update(src for entry, src in zip(entries, absolute_sources(layer.f, layer.i)) if entry != -1)
     return sorted(named)
-
-
-def placeholder_anchors(na: int, strides: torch.Tensor) -> torch.Tensor:
-    """(nl, na, 2) pixel anchors for yamls giving only the number of anchors per level.
-
-    AutoAnchor replaces them with anchors fitted to the labels. Until then each level holds na
-    squares with sides from 2 to 8 of its grid cells (geometric steps; one anchor: 4 cells), i.e.
-    2·stride … 8·stride pixels, so anchor area grows with stride as in every real anchor set.
-    """
-    lo, hi = PLACEHOLDER_ANCHOR_CELLS
-    steps = torch.linspace(0.0, 1.0, na) if na > 1 else torch.tensor([0.5])
-    cells = lo * (hi / lo) ** steps  # (na,)
-    side = cells.view(1, na, 1) * strides.float().view(-1, 1, 1)  # (nl, na, 1) pixels
-    return side.expand(-1, -1, 2).clone()
 
 
 def anchor_levels_reversed(pixel_anchors: torch.Tensor, strides: torch.Tensor) -> bool:
@@ -239,6 +222,19 @@ class Detect(nn.Module):
         if self.training:
             return raw
         return torch.cat(decoded, 1), raw
+
+
+def split_outputs(out) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """An eval-mode model output -> (decoded (bs, N, no), raw list or None).
+
+    The one reader of :class:`Detect`'s convention: eval mode returns ``(decoded, raw)``; an
+    exported or wrapped model may return the decoded tensor alone (raw is then None).
+    """
+    if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], torch.Tensor):
+        return out[0], out[1]
+    if isinstance(out, torch.Tensor):
+        return out, None
+    raise TypeError(f"unexpected model output {type(out).__name__}; expected (decoded, raw) from an eval-mode model")
 
 
 # ------------------------------------------------------------------------------ layer planning
@@ -618,4 +614,5 @@ Model = DetectionModel
 
 __all__ = ["ACTIVATIONS", "LAYER_RULES", "MODULES", "Detect", "DetectionModel", "LayerPlan", "LayerRule", "Model",
            "RowContext", "absolute_sources", "anchor_levels_reversed", "build_layers", "detect_bias_prior",
-           "make_divisible", "parse_activation", "placeholder_anchors", "retained_outputs", "scale_repeats"]
+           "make_divisible", "parse_activation", "placeholder_anchors", "retained_outputs", "scale_repeats",
+           "split_outputs"]

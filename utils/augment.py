@@ -107,6 +107,19 @@ def letterbox(
 # ---------------------------------------------------------------------------------------------
 # colour
 # ---------------------------------------------------------------------------------------------
+def letterbox_input(
+    im_bgr: np.ndarray, shape: tuple[int, int], auto: bool = False, stride: int = 32
+) -> tuple[np.ndarray, tuple[int, int], tuple[tuple[float, float], tuple[float, float]]]:
+    """A BGR uint8 (h0, w0, 3) picture as model input: the one letterbox-to-tensor conversion.
+
+    Returns float32 (1, 3, h, w) RGB in 0-1, the letterboxed (h, w), and ``((rh, rw), (padw, padh))``,
+    what :func:`utils.boxes.scale_boxes` needs to map boxes back to the picture.
+    """
+    boxed, (rw, rh), pad = letterbox(im_bgr, shape, auto=auto, stride=stride)
+    chw = boxed[..., ::-1].transpose(2, 0, 1)  # BGR HWC -> RGB CHW
+    return np.ascontiguousarray(chw, dtype=np.float32)[None] / 255.0, boxed.shape[:2], ((rh, rw), pad)
+
+
 def hsv_table(gains: Sequence[float]) -> np.ndarray:
     """(1, 256, 3) uint8 lookup table multiplying OpenCV's H, S, V channels by ``gains``.
 

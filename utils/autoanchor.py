@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.yolo import placeholder_anchors
+from utils.anchors import placeholder_anchors
 
 BPR_TARGET = 0.98  # below this, anchors are searched
 MIN_SIDE_PX = 2.0  # labels smaller than this (pixels, either side) are left out of the search

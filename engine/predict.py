@@ -1,0 +1,337 @@
+"""Detection on images and videos: sources, the per-frame pipeline, drawing and saving (what
+``detect.py`` runs).
+
+Pipeline per frame: letterbox (:func:`utils.augment.letterbox_input`) → backend (PyTorch or
+onnxruntime, same interface: :mod:`models.backends`) → NMS (score = objectness × class
+probability) → boxes mapped back to the original pixels. Outputs: one annotated image per input
+image, one annotated .mp4 per video, and with ``save_txt`` a ``labels/<stem>.txt`` per image
+(``<stem>_<frame>.txt`` per video frame) holding one row ``class xc yc w h [conf]`` per detection,
+normalised to the original image size.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from models.backends import load_backend
+from utils.augment import letterbox_input
+from utils.boxes import non_max_suppression, scale_boxes, xyxy2xywhn
+from utils.files import increment_path
+from utils.geometry import round_to_stride
+from utils.plots import class_color
+from utils.torch_utils import select_device
+
+IMG_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}
+VID_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".wmv", ".mpg", ".mpeg"}
+
+
+# -------------------------------------------------------------------------------------- sources
+
+
+def list_sources(source: str | Path) -> list[Path]:
+    """Image/video files named by ``source``: one file, a folder (sorted, not recursive) or a glob."""
+    s = str(source)
+    p = Path(s)
+    if any(c in s for c in "*?["):
+        files = sorted(Path(f) for f in glob.glob(s, recursive=True))
+    elif p.is_dir():
+        files = sorted(p.iterdir())
+    elif p.is_file():
+        files = [p]
+    else:
+        raise FileNotFoundError(f"--source {s}: no such file, folder or glob match")
+    media = [f for f in files if f.is_file() and f.suffix.lower() in IMG_SUFFIXES | VID_SUFFIXES]
+    if not media:
+        raise FileNotFoundError(
+            f"--source {s}: no images ({', '.join(sorted(IMG_SUFFIXES))}) or videos "
+            f"({', '.join(sorted(VID_SUFFIXES))}) found"
+        )
+    return media
+
+
+@dataclass
+class Frame:
+    """One picture to process: ``image`` BGR uint8 (h, w, 3); ``frame`` index for videos, else None."""
+
+    path: Path
+    image: np.ndarray
+    frame: int | None = None
+    n_frames: int = 0
+    fps: float = 30.0
+
+
+def _skip(path: Path, why: str) -> None:
+    """One warning for a source file that cannot be read; the rest of the source is still processed."""
+    print(f"detect.py: warning: skipped {path}: {why}", file=sys.stderr)
+
+
+def iter_frames(files: list[Path]) -> Iterator[Frame]:
+    """Yield every image, and every frame of every video, in order; unreadable files are skipped
+    with one warning each."""
+    for f in files:
+        if f.suffix.lower() in IMG_SUFFIXES:
+            im = cv2.imread(str(f))
+            if im is None:
+                _skip(f, "cannot decode the image (corrupt, truncated or unsupported)")
+                continue
+            yield Frame(f, im)
+            continue
+        cap = cv2.VideoCapture(str(f))
+        if not cap.isOpened():
+            cap.release()
+            _skip(f, "cannot open the video")
+            continue
+        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        fps = cap.get(cv2.CAP_PROP_FPS) or 30.0
+        try:
+            i = 0
+            while True:
+                ok, im = cap.read()
+                if not ok:
+                    break
+                yield Frame(f, im, i, n, fps)
+                i += 1
+        finally:
+            cap.release()
+
+
+# ------------------------------------------------------------------------------------- drawing
+
+
+@dataclass(frozen=True)
+class BoxStyle:
+    """Stroke and font sizes for annotating one picture.
+
+    The stroke grows with the picture's diagonal, about one pixel per 450 (2 px at 640×640,
+    5 px at 1920×1080); ``line_width`` (--line-width) overrides it. The label text scales with it.
+    """
+
+    stroke: int
+    font_scale: float
+    font_stroke: int
+
+    @classmethod
+    def for_shape(cls, shape: tuple[int, ...], line_width: int | None = None) -> BoxStyle:
+        stroke = line_width or max(1, round(math.hypot(shape[0], shape[1]) / 450))
+        return cls(stroke, 0.3 * stroke + 0.2, max(1, stroke // 2))
+
+
+def _ink_for(fill: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Black text on light fills, white on dark ones (BGR; Rec. 601 luma)."""
+    b, g, r = fill
+    return (0, 0, 0) if 0.114 * b + 0.587 * g + 0.299 * r > 150 else (255, 255, 255)
+
+
+def _draw_tagged_box(im: np.ndarray, box: tuple[int, int, int, int], text: str, color: tuple[int, int, int],
+                     style: BoxStyle) -> None:
+    """One rectangle plus a filled name tag resting on its top edge, moved inside the picture when the
+    tag would stick out of it (boxes touching the top or right border)."""
+    x1, y1, x2, y2 = box
+    cv2.rectangle(im, (x1, y1), (x2, y2), color, style.stroke, cv2.LINE_AA)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    (tw, th), base = cv2.getTextSize(text, font, style.font_scale, style.font_stroke)
+    pad = style.font_stroke
+    tag_w, tag_h = tw + 2 * pad, th + base + 2 * pad
+    left = int(np.clip(x1, 0, max(im.shape[1] - tag_w, 0)))
+    top = int(np.clip(y1 - tag_h, 0, max(im.shape[0] - tag_h, 0)))
+    cv2.rectangle(im, (left, top), (left + tag_w, top + tag_h), color, cv2.FILLED)
+    cv2.putText(im, text, (left + pad, top + pad + th), font, style.font_scale, _ink_for(color), style.font_stroke,
+                cv2.LINE_AA)
+
+
+def draw_detections(im: np.ndarray, det: np.ndarray, names: list[str], line_width: int | None = None) -> np.ndarray:
+    """Draw (n, 6) ``x1 y1 x2 y2 conf cls`` boxes with ``name conf`` tags onto ``im`` (in place), one
+    colour per class (:func:`utils.plots.class_color`, the palette of the validation plots)."""
+    style = BoxStyle.for_shape(im.shape, line_width)
+    for *xyxy, conf, cls in det.tolist():
+        c = int(cls)
+        text = f"{names[c] if 0 <= c < len(names) else c} {conf:.2f}"
+        _draw_tagged_box(im, tuple(int(v) for v in xyxy), text, class_color(c, bgr=True), style)
+    return im
+
+
+def label_lines(det: np.ndarray, shape: tuple[int, int], save_conf: bool = False) -> list[str]:
+    """YOLO label rows ``class xc yc w h [conf]`` (normalised by ``shape`` = (h, w)) for (n, 6) boxes."""
+    h, w = shape
+    xywhn = xyxy2xywhn(det[:, :4].astype(np.float64), w, h)
+    rows = []
+    for (xc, yc, bw, bh), conf, cls in zip(xywhn, det[:, 4], det[:, 5]):
+        row = f"{int(cls)} {xc:.6f} {yc:.6f} {bw:.6f} {bh:.6f}"
+        rows.append(f"{row} {conf:.6f}" if save_conf else row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- run
+
+
+@dataclass
+class Detections:
+    """What :func:`predict` found: ``save_dir`` and, per frame, (path, frame index or None, (n, 6)
+    ``x1 y1 x2 y2 conf cls`` in original-image pixels)."""
+
+    save_dir: Path
+    results: list[tuple[Path, int | None, np.ndarray]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # total wall time per pipeline stage
+
+
+class StageClock:
+    """Wall time per named pipeline stage: ``last`` (the latest pass) and ``total`` (all passes)."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+        self.total: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.last[stage] = time.perf_counter() - start
+            self.total[stage] += self.last[stage]
+
+
+def _to_input(image: np.ndarray, shape: tuple[int, int], auto: bool, stride: int):
+    """Letterboxed model input for a BGR uint8 (h0, w0, 3) picture (:func:`utils.augment.letterbox_input`):
+    the (1, 3, h, w) RGB float tensor in 0-1, the letterboxed (h, w) and ``((rh, rw), (padw, padh))``."""
+    x, hw, ratio_pad = letterbox_input(image, shape, auto=auto, stride=stride)
+    return torch.from_numpy(x), hw, ratio_pad
+
+
+def _to_original_pixels(det: torch.Tensor, letterboxed: tuple[int, int], original: tuple[int, int],
+                        ratio_pad: tuple) -> np.ndarray:
+    """(n, 6) ``x1 y1 x2 y2 conf cls`` from letterboxed to original-picture pixels, as numpy."""
+    det = det.clone()
+    det[:, :4] = scale_boxes(letterboxed, det[:, :4], original, ratio_pad=ratio_pad)
+    return det.cpu().numpy()
+
+
+def _frame_report(fr: Frame, letterboxed: tuple[int, int], det: np.ndarray, names: list[str], seconds: float) -> str:
+    """``path [frame i/n] HxW: 2 car, 1 person, 3.1ms`` for the console."""
+    classes, counts = np.unique(det[:, 5].astype(int), return_counts=True)
+    found = ", ".join(f"{n} {names[c]}" for c, n in zip(classes, counts)) or "no detections"
+    where = "" if fr.frame is None else f" frame {fr.frame + 1}/{fr.n_frames}"
+    return f"{fr.path}{where} {letterboxed[0]}x{letterboxed[1]}: {found}, {seconds * 1e3:.1f}ms"
+
+
+class _Outputs:
+    """Writes what a run keeps: annotated pictures, one .mp4 per video, YOLO label files."""
+
+    def __init__(self, save_dir: Path, save_txt: bool, save_conf: bool) -> None:
+        self.save_dir, self.save_conf = save_dir, save_conf
+        self.videos: dict[Path, cv2.VideoWriter] = {}
+        if save_txt:
+            (save_dir / "labels").mkdir(exist_ok=True)
+
+    def labels(self, fr: Frame, det: np.ndarray) -> None:
+        """``labels/<stem>.txt`` (``<stem>_<frame>.txt`` for a video frame); none without detections."""
+        if len(det):
+            stem = fr.path.stem if fr.frame is None else f"{fr.path.stem}_{fr.frame}"
+            rows = label_lines(det, fr.image.shape[:2], self.save_conf)
+            (self.save_dir / "labels" / f"{stem}.txt").write_text("\n".join(rows) + "\n")
+
+    def picture(self, fr: Frame, annotated: np.ndarray) -> None:
+        if fr.frame is None:
+            cv2.imwrite(str(self.save_dir / fr.path.name), annotated)
+            return
+        writer = self.videos.get(fr.path)
+        if writer is None:
+            size = (annotated.shape[1], annotated.shape[0])
+            writer = cv2.VideoWriter(str(self.save_dir / f"{fr.path.stem}.mp4"), cv2.VideoWriter_fourcc(*"mp4v"),
+                                     fr.fps, size)
+            self.videos[fr.path] = writer
+        writer.write(annotated)
+
+    def close(self) -> None:
+        for writer in self.videos.values():
+            writer.release()
+
+
+@dataclass(frozen=True)
+class DetectSettings:
+    """Which detections :func:`predict` keeps and what it writes (detect.py's flags)."""
+
+    conf_thres: float = 0.25
+    iou_thres: float = 0.45
+    max_det: int = 1000
+    classes: list[int] | None = None
+    view_img: bool = False
+    save_txt: bool = False
+    save_conf: bool = False
+    nosave: bool = False
+    line_width: int | None = None
+
+
+def predict(
+    weights: str | Path,
+    source: str | Path,
+    imgsz: int | list[int] | tuple[int, ...] = 640,
+    device: str = "",
+    half: bool = False,
+    settings: DetectSettings | None = None,
+    save_dir: Path | None = None,
+    report: Callable[[str], None] | None = None,
+) -> Detections:
+    """Detect objects in ``source`` with ``weights`` (.pt or .onnx), writing into ``save_dir``.
+
+    Images are letterboxed to ``imgsz`` (h, w): to the full size for an ONNX file with a static
+    input, otherwise only to the smallest stride multiple holding the resized image (less padding,
+    same scale). ``report`` receives one line per frame. Returns the per-frame detections and the
+    time per stage.
+    """
+    s = settings or DetectSettings()
+    backend = load_backend(weights, select_device(device), half)
+    shape = backend.fixed_shape or round_to_stride(imgsz, backend.stride)
+    auto = backend.fixed_shape is None
+    files = list_sources(source)
+    save_dir = save_dir or increment_path(Path("runs/detect/exp"), mkdir=True)
+    sink = _Outputs(save_dir, s.save_txt, s.save_conf)
+    out = Detections(save_dir)
+    clock = StageClock()
+    try:
+        for fr in iter_frames(files):
+            with clock("pre-process"):
+                x, letterboxed, ratio_pad = _to_input(fr.image, shape, auto, backend.stride)
+            with clock("inference"):
+                pred = backend(x)
+            with clock("NMS"):
+                kept = non_max_suppression(pred, s.conf_thres, s.iou_thres, classes=s.classes, max_det=s.max_det)[0]
+                det = _to_original_pixels(kept, letterboxed, fr.image.shape[:2], ratio_pad)
+            out.results.append((fr.path, fr.frame, det))
+            _keep(fr, det, backend.names, s, sink)
+            if report is not None:
+                report(_frame_report(fr, letterboxed, det, backend.names, clock.last["inference"]))
+    finally:
+        sink.close()
+        if s.view_img:
+            cv2.destroyAllWindows()
+    if not out.results:
+        raise ValueError(f"--source {source}: none of its {len(files)} file(s) could be read")
+    out.seconds = dict(clock.total)
+    return out
+
+
+def _keep(fr: Frame, det: np.ndarray, names: list[str], s: DetectSettings, sink: _Outputs) -> None:
+    """Write the frame's labels and annotated picture, and show it, as the settings ask."""
+    if s.save_txt:
+        sink.labels(fr, det)
+    if s.nosave and not s.view_img:
+        return
+    annotated = draw_detections(fr.image.copy(), det, names, s.line_width)
+    if not s.nosave:
+        sink.picture(fr, annotated)
+    if s.view_img:
+        cv2.imshow(str(fr.path), annotated)
+        cv2.waitKey(1)

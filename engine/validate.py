@@ -1,0 +1,128 @@
+"""Validation of a weights file on a dataset split: what ``val.py`` runs, callable from Python.
+
+:func:`validate` loads the weights (a .pt through :func:`models.load_model`, an .onnx through
+:class:`models.backends.OnnxModel`), reconciles the image size and batch with the file
+(:func:`models.backends.fit_input_to_model`), builds the loader, runs :func:`engine.evaluate.evaluate`
+and writes ``metrics.json``. It prints nothing: the notes on changed settings come back in the
+result for the caller to show (benchmarks call it without a console).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.evaluate import EvalSettings, evaluate
+from models import load_model
+from models.backends import OnnxModel, fit_input_to_model
+from models.hub import find_weights
+from utils.data_config import load_data_config
+from utils.dataset import create_dataloader
+from utils.files import find_data_yaml, increment_path
+from utils.torch_utils import select_device
+
+TASKS = ("val", "test", "speed")
+
+
+def _load(weights: Path, data: Path, task: str, device: str,
+          batch_size: int) -> tuple[dict, str, nn.Module, bool, torch.device]:
+    """(data config, split, model on ``dev``, is_onnx, dev); one-line errors for a missing split or class mismatch."""
+    split = "val" if task == "speed" else task
+    cfg = load_data_config(data, require=(split,))
+    if not cfg.get(split):
+        raise ValueError(f"--data {data} has no '{split}' split")
+    dev = select_device(device, batch_size)
+    is_onnx = weights.suffix.lower() == ".onnx"
+    model = OnnxModel(weights, dev) if is_onnx else load_model(weights, device=dev)
+    if model.nc != cfg["nc"]:
+        raise ValueError(f"--weights {weights} predicts {model.nc} classes but --data {data} has {cfg['nc']}")
+    return cfg, split, model, is_onnx, dev
+
+
+def _warm_up(model: nn.Module, imgsz: int, dev: torch.device) -> None:
+    """One pass so cuDNN autotuning does not land in the timings."""
+    with torch.inference_mode():
+        p = next(model.parameters())
+        model(torch.zeros(1, 3, imgsz, imgsz, device=dev, dtype=p.dtype))
+
+
+def validate(
+    weights: str | Path,
+    data: str | Path,
+    imgsz: int = 640,
+    batch_size: int = 32,
+    task: str = "val",
+    device: str = "",
+    settings: EvalSettings | None = None,
+    project: str | Path = "runs/val",
+    name: str = "exp",
+    exist_ok: bool = False,
+    workers: int = 8,
+) -> dict:
+    """Evaluate ``weights`` on the ``task`` split of ``data``; returns :func:`engine.evaluate.evaluate`'s
+    dict plus ``save_dir``, ``imgsz``, ``batch_size``, ``device``, ``half``, ``backend``, ``weights``,
+    ``data``, ``task`` and ``notes`` (lines saying which requested settings the file changed).
+
+    ``settings`` carries thresholds and outputs (``save_dir`` and ``json_name`` are set here).
+    ``task='speed'`` times inference on square batches with deployment thresholds (conf 0.25,
+    IoU 0.45) and skips plots and COCO json. ``anno_json`` defaults to the dataset's ``val_json``
+    for the val split; otherwise one is generated from the labels. Raises FileNotFoundError /
+    ValueError (one line) for missing files or mismatched classes.
+    """
+    if task not in TASKS:
+        raise ValueError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
+    weights, data = find_weights(weights), find_data_yaml(data)
+    s = settings or EvalSettings()
+    cfg, split, model, is_onnx, dev = _load(weights, data, task, device, batch_size)
+    imgsz, batch_size, notes = fit_input_to_model(model, weights, imgsz, batch_size)
+    half = s.half and dev.type == "cuda" and not is_onnx  # fp16 convolutions are a CUDA feature
+    if half:
+        model.half()  # our own copy, so converting it is fine (evaluate never converts a caller's model)
+    speed = task == "speed"
+    if speed:
+        s = replace(s, conf_thres=0.25, iou_thres=0.45, save_json=False, plots=False)
+    rect = not speed and not getattr(model, "fixed_shape", None)
+    loader, _ = create_dataloader(
+        cfg[split], imgsz, batch_size, max(int(model.stride.max()), 32), rect=rect, pad=0.5 if rect else 0.0,
+        workers=workers, nc=cfg["nc"],
+    )  # fmt: skip
+    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
+    anno_json = cfg.get("val_json") if s.anno_json is None and split == "val" else s.anno_json
+    if dev.type == "cuda" and not is_onnx:
+        _warm_up(model, imgsz, dev)
+    s = replace(s, half=half, save_dir=save_dir, anno_json=anno_json, json_name=f"{weights.stem}_predictions.json")
+    results = evaluate(model, loader, cfg["names"], dev, s)
+    results.update(save_dir=save_dir, imgsz=imgsz, batch_size=batch_size, device=dev, half=half, notes=notes,
+                   backend="onnxruntime" if is_onnx else "pytorch", weights=weights, data=data, task=task)
+    (save_dir / "metrics.json").write_text(json.dumps(metrics_record(results, s), indent=2))
+    return results
+
+
+def metrics_record(results: dict, s: EvalSettings) -> dict:
+    """The ``metrics.json`` content of a :func:`validate` result."""
+    coco = results["coco"]
+    return {
+        "weights": str(results["weights"]),
+        "data": str(results["data"]),
+        "task": results["task"],
+        "imgsz": results["imgsz"],
+        "conf_thres": s.conf_thres,
+        "iou_thres": s.iou_thres,
+        "images": results["n_images"],
+        "instances": results["n_instances"],
+        "mAP50": results["map50"],
+        "mAP50-95": results["map"],
+        "P": results["precision"],
+        "R": results["recall"],
+        "fitness": results["fitness"],
+        "per_class": results["per_class"],
+        "pycocotools": None if coco is None else {k: coco[k] for k in ("map", "map50", "stats")},
+        "speed_ms": results["speed_ms"],
+        "device": str(results["device"]),
+        "half": results["half"],
+        "backend": results["backend"],
+    }
