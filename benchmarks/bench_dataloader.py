@@ -22,7 +22,8 @@ import torch
 import yaml
 
 from benchmarks.common import write_results
-from utils.dataset import create_dataloader, load_data_config
+from utils.data_config import load_data_config
+from utils.dataset import create_dataloader
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,7 +26,8 @@ import yaml
 from benchmarks.common import write_results
 from engine.evaluate import evaluate
 from models import DetectionModel, load_model
-from utils.dataset import create_dataloader, load_data_config
+from utils.data_config import load_data_config
+from utils.dataset import create_dataloader
 from utils.torch_utils import select_device
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,12 +6,13 @@ Usage (from the repo root)::
         --weights runs/alone/weights/best.pt runs/kd/weights/best.pt runs/qmimic/weights/best.pt \\
         --labels "student alone" "distilled" "qmimic-distilled"
 
-For every checkpoint: ``export.run`` writes the fp32 ONNX file (``--dynamic`` by default, so
-validation uses the same rectangular batches as the .pt; ``--static`` for a fixed square input),
-:func:`utils.onnx_int8.quantize_int8` the INT8 one (calibrated on ``--calib-images`` images of
-``--calib-split``), and ``val.run`` measures mAP50 / mAP50-95 of the .pt (PyTorch, the reference),
-the fp32 file and the INT8 file on the val split. Latency = median wall time of one onnxruntime
-``run`` at batch 1 and ``--imgsz``² (``--repeats`` runs after a warm-up, ``--threads`` intra-op
+For every checkpoint: ``engine.export.export_weights`` (export.py's work) writes the fp32 ONNX file
+(``--dynamic`` by default, so validation uses the same rectangular batches as the .pt; ``--static``
+for a fixed square input), :func:`utils.onnx_int8.quantize_int8` the INT8 one (calibrated on
+``--calib-images`` images of ``--calib-split``), and ``engine.validate.validate`` (val.py's work)
+measures mAP50 / mAP50-95 of the .pt (PyTorch, the reference), the fp32 file and the INT8 file on
+the val split. Latency = median wall time of one onnxruntime ``run`` at batch 1 and ``--imgsz``²
+(``--repeats`` runs after a warm-up, ``--threads`` intra-op
 threads, CPU provider), without pre-processing or NMS. The table has one fp32 and one INT8 row
 per checkpoint — with the labels above exactly the Adlik-style rows "student alone", "distilled",
 "student alone + INT8", "distilled + INT8", "qmimic-distilled + INT8".
@@ -32,8 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import export
-import val
+from engine.export import export_weights
+from engine.validate import validate
 from utils import onnx_int8 as q
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,18 +52,18 @@ def measure(weights: Path, label: str, args: argparse.Namespace) -> dict[str, An
     """Export, quantise, time and validate one checkpoint; returns its record."""
     folder = Path(args.project) / _slug(label)
     folder.mkdir(parents=True, exist_ok=True)
-    fp32, parity = export.run(weights, imgsz=args.imgsz, dynamic=not args.static,
-                              output=folder / f"{_slug(label)}.onnx")
+    fp32, parity = export_weights(weights, imgsz=args.imgsz, dynamic=not args.static,
+                                  output=folder / f"{_slug(label)}.onnx")
     images = q.calibration_images(args.data, args.calib_split, args.calib_images)
     int8 = q.quantize_int8(fp32, images, shape=(args.imgsz, args.imgsz))
-    vkw = dict(data=args.data, imgsz=args.imgsz, batch_size=args.batch_size, workers=args.workers, plots=False,
-               project=folder / "val", exist_ok=False)
-    m_pt = _map(val.run(weights, device=args.device, **vkw))
+    vkw = dict(data=args.data, imgsz=args.imgsz, batch_size=args.batch_size, workers=args.workers,
+               project=folder / "val", exist_ok=False)  # validate's EvalSettings default: no plots
+    m_pt = _map(validate(weights, device=args.device, **vkw))
     rows = []
     for precision, path in (("fp32", fp32), ("int8", int8)):
         lat = q.ort_latency(path, (args.imgsz, args.imgsz), repeats=args.repeats, warmup=args.warmup,
                             threads=args.threads)
-        m = _map(val.run(path, device="cpu", **vkw))
+        m = _map(validate(path, device="cpu", **vkw))
         rows.append({"precision": precision, "file": str(path), "size_mb": round(q.file_mb(path), 3),
                      "latency_ms": round(lat["median_ms"], 2), "latency_iqr_ms": round(lat["iqr_ms"], 2), **m})
     return {"label": label, "weights": str(weights), "onnx_parity": parity, "pt": m_pt, "calib_images": len(images),

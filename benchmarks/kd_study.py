@@ -226,13 +226,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _teacher_metrics(args: argparse.Namespace) -> dict | None:
-    """The teacher's val mAP, from a val.py run recorded next to the study's runs (computed once)."""
+    """The teacher's val mAP, from a validation recorded next to the study's runs (computed once)."""
     path = Path(args.runs) / "teacher_metrics.json"
     if not path.exists():
-        import val  # the study is a script like val.py; importing its run() keeps one evaluation code path
+        from engine.evaluate import EvalSettings
+        from engine.validate import validate  # val.py's own code path
 
-        res = val.run(weights=args.teacher, data=args.data, imgsz=args.imgsz, device=args.device,
-                      project=str(Path(args.runs) / "val"), name="teacher", exist_ok=True)
+        res = validate(args.teacher, args.data, imgsz=args.imgsz, device=args.device, settings=EvalSettings(plots=True),
+                       project=str(Path(args.runs) / "val"), name="teacher", exist_ok=True)
         path.write_text(json.dumps({"map50": res["map50"], "map": res["map"]}))
     return json.loads(path.read_text())
 

@@ -45,8 +45,9 @@ from distill.feature_pkd import FeaturePKD
 from distill.feature_qmimic import Q_BITS, FeatureQMimic
 from distill.output import chen_bounded_box, objectness_weighted_mse, soft_output_terms
 from distill.schedule import SCHEDULES, kd_scale
-from distill.taps import FeatureTaps, detect_inputs, detect_layer, final_conv, unwrap
+from distill.taps import FeatureTaps, detect_inputs, detect_layer, final_conv
 from distill.teacher import check_compatibility, teacher_input, teacher_raw_outputs
+from utils.torch_utils import unwrap_model as unwrap
 
 OUTPUT_MODES = ("objmse", "soft", "chen", "none")
 FEATURE_METHODS = ("mse", "pkd", "overhaul", "mimic", "cwd", "mgd", "qmimic")

@@ -14,17 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel / DataParallel wrappers (hooks go on the inner one)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.parallel.DataParallel)):
-        model = model.module
-    return model
+from utils.torch_utils import unwrap_model
 
 
 def detect_layer(model: nn.Module) -> nn.Module:
     """The ``Detect`` layer of a DetectionModel (``.detect``, else the last entry of ``.model``)."""
-    model = unwrap(model)
+    model = unwrap_model(model)
     det = getattr(model, "detect", None)
     if det is None and isinstance(getattr(model, "model", None), nn.Sequential):
         det = model.model[-1]
@@ -35,7 +30,7 @@ def detect_layer(model: nn.Module) -> nn.Module:
 
 def detect_inputs(model: nn.Module) -> list[nn.Module]:
     """The layers whose outputs enter Detect, in Detect's level order (P3, P4, P5 …)."""
-    model = unwrap(model)
+    model = unwrap_model(model)
     det = detect_layer(model)
     f = [det.f] if isinstance(det.f, int) else list(det.f)
     i_det = int(getattr(det, "i", len(model.model) - 1))
@@ -83,7 +78,7 @@ class FeatureTaps:
     """
 
     def __init__(self, model: nn.Module, pre_activation: bool = False) -> None:
-        self.model = unwrap(model)
+        self.model = unwrap_model(model)
         self.pre_activation = bool(pre_activation)
         layers = detect_inputs(self.model)
         self.modules: list[nn.Module] = [final_bn(m) for m in layers] if pre_activation else layers
@@ -138,5 +133,4 @@ __all__ = [
     "detect_layer",
     "final_bn",
     "final_conv",
-    "unwrap",
 ]

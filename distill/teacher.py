@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from distill.taps import detect_input_channels, detect_layer, unwrap
+from distill.taps import detect_input_channels, detect_layer
+from utils.torch_utils import unwrap_model as unwrap
 
 if TYPE_CHECKING:  # only for annotations: distill/ does not need models/ at import time
     from models.yolo import DetectionModel

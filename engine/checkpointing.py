@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from models.checkpoint import FORMAT  # the one home of the checkpoint format string
 from utils.torch_utils import WeightEMA, rng_state, unwrap_model
-
-FORMAT = "yolo-kd/1"
 
 
 def _half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

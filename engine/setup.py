@@ -31,8 +31,10 @@ from models.checkpoint import CheckpointError, load_checkpoint, transfer_weights
 from models.hub import find_weights
 from models.yolo import DetectionModel
 from utils.autoanchor import check_anchors
-from utils.dataset import create_dataloader, load_data_config
+from utils.data_config import load_data_config
+from utils.dataset import create_dataloader, set_loader_epoch
 from utils.files import find_data_yaml, increment_path
+from utils.geometry import round_to_stride
 from utils.loss import DetectionLoss, scale_hyp
 from utils.plots import plot_labels, plot_results
 from utils.torch_utils import DistInfo, WeightEMA, dist_info, seed_everything, select_device
@@ -80,12 +82,7 @@ class Run:
     def loader_epoch(self, epoch: int) -> None:
         """Make the data order and augmentation of `epoch` a function of (seed, epoch) alone, so a
         resumed run sees exactly the batches the uninterrupted run would have seen."""
-        sampler = self.train_loader.sampler
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        if self.train_loader.generator is not None:
-            self.train_loader.generator.manual_seed(self.opt.seed + epoch)
-        self.train_loader.dataset.set_epoch(epoch)
+        set_loader_epoch(self.train_loader, epoch, self.opt.seed)
 
     def learning_rates(self) -> list[float]:
         """The groups' current LRs in YOLOv5's group order (results.csv's x/lr0..2)."""
@@ -258,7 +255,7 @@ def _save_dir(opt: argparse.Namespace, info: DistInfo, resumed: bool) -> Path:
 
 def _require_labels(train_set, sources: list[str]) -> None:
     """Refuse a train split without a single label file: that is a misplaced labels/ folder, not
-    a set of background images (YOLOv5's rule: images/... -> labels/..., see utils.dataset)."""
+    a set of background images (YOLOv5's rule: images/... -> labels/..., see utils.labels)."""
     if any(os.path.isfile(f) for f in train_set.label_files):
         return
     folders = sorted({str(Path(f).parent) for f in train_set.label_files})
@@ -268,7 +265,7 @@ def _require_labels(train_set, sources: list[str]) -> None:
 
 
 def _check_imgsz(imgsz: int, gs: int) -> int:
-    fixed = max(int(-(-imgsz // gs) * gs), gs)
+    fixed = round_to_stride(imgsz, gs)[0]
     if fixed != imgsz:
         print(f"WARNING: --imgsz {imgsz} is not a multiple of the max stride {gs}; using {fixed}")
     return fixed

@@ -149,7 +149,7 @@ def compare_detections(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray
 
 def _subset_yaml(cfg: dict, work: Path, n: int) -> tuple[Path, list[str]]:
     """A dataset yaml (absolute paths) over the first ``n`` val images, via a .txt list; the files."""
-    from utils.dataset import list_image_files
+    from utils.labels import list_image_files
 
     files = list_image_files(cfg["val"])[:n]
     lst = work / "val_subset.txt"
@@ -167,7 +167,7 @@ def check(weights: Path, data: Path, imgsz: int, max_images: int, oracle_py: Pat
     import export
     import val
     from models import load_model
-    from utils.dataset import load_data_config
+    from utils.data_config import load_data_config
 
     results: dict = {"weights": str(weights), "data": str(data), "imgsz": imgsz}
     cfg = load_data_config(data, require=("val",))

@@ -14,7 +14,7 @@ import pytest
 
 from utils import aerial_data
 from utils.aerial_data import NAMES, generate_aerial, render_sample
-from utils.dataset import _generate_into
+from utils.data_config import _generate_into
 
 
 def digest(root: Path) -> dict[str, str]:

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 import val
+from utils.data_config import load_data_config
 from utils.data_download import DatasetUnavailableError, safe_extract, zip_urls
-from utils.dataset import load_data_config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "yolov5n_nc80.pt"
 

@@ -14,17 +14,16 @@ import torch
 import yaml
 from torch.utils.data import DistributedSampler
 
+from utils.data_config import load_data_config
 from utils.data_download import DatasetUnavailableError, zip_urls
 from utils.dataset import (
     YoloDataset,
     collate_fn,
     create_dataloader,
-    img2label_paths,
-    load_data_config,
     long_side_hw,
-    parse_label_file,
     rect_batch_shapes,
 )
+from utils.labels import img2label_paths, parse_label_file
 
 
 def write_image(path: Path, h: int = 48, w: int = 64, colour: tuple[int, int, int] = (90, 90, 90)) -> Path:
@@ -110,10 +109,10 @@ def test_yaml_errors(tmp_path: Path) -> None:
 
 def test_yaml_relative_path_repo_root_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """YOLOv5's rule first (relative to the repository folder), then cwd, yaml parent, yaml folder."""
-    import utils.dataset
+    import utils.data_config
 
     repo = tmp_path / "repo"
-    monkeypatch.setattr(utils.dataset, "project_root", lambda: repo)
+    monkeypatch.setattr(utils.data_config, "project_root", lambda: repo)
     y = write_yaml(tmp_path / "cfg" / "data" / "x.yaml", {"path": "datasets/x", "train": "images/train",
                                                           "val": "images/train", "names": ["a"]})
     elsewhere = tmp_path / "elsewhere"
@@ -136,9 +135,9 @@ def test_yaml_relative_path_repo_root_first(tmp_path: Path, monkeypatch: pytest.
 
 def test_yaml_without_path_inside_the_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An exporter's data.yaml inside the dataset folder, splits relative to it, no `path`."""
-    import utils.dataset
+    import utils.data_config
 
-    monkeypatch.setattr(utils.dataset, "project_root", lambda: tmp_path / "repo")
+    monkeypatch.setattr(utils.data_config, "project_root", lambda: tmp_path / "repo")
     monkeypatch.chdir(tmp_path)
     make_split(tmp_path / "export", "train", 1)
     y = write_yaml(tmp_path / "export" / "data.yaml", {"train": "images/train", "val": "images/train",
@@ -148,12 +147,12 @@ def test_yaml_without_path_inside_the_dataset(tmp_path: Path, monkeypatch: pytes
 
 
 def test_yaml_generate_demo_and_val_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import utils.dataset
+    import utils.data_config
     import utils.demo_data
 
     small = functools.partial(utils.demo_data.generate_demo, n_train=4, n_val=2)
     monkeypatch.setattr(utils.demo_data, "generate_demo", small)
-    monkeypatch.setattr(utils.dataset, "project_root", lambda: tmp_path)  # YOLOv5's rule: repo/datasets/demo
+    monkeypatch.setattr(utils.data_config, "project_root", lambda: tmp_path)  # YOLOv5's rule: repo/datasets/demo
     y = write_yaml(tmp_path / "data" / "demo.yaml", {
         "path": "datasets/demo", "train": "images/train", "val": "images/val", "generate": "demo",
         "val_json": "annotations/instances_val.json", "names": ["r", "g", "b", "y"]})
@@ -203,7 +202,7 @@ def test_label_edge_cases_and_one_summary_warning(tmp_path: Path, caplog: pytest
     (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (d / "trunc.png").write_bytes(ok.read_bytes()[:60])
 
-    with caplog.at_level(logging.WARNING, logger="utils.dataset"):
+    with caplog.at_level(logging.WARNING, logger="utils"):
         ds = YoloDataset(d, imgsz=64, nc=2)
     names = {Path(f).name: lb for f, lb in zip(ds.im_files, ds.labels)}
     assert set(names) == {"ok.png", "empty.png", "nolabel.png", "dup.png", "round.png"}
@@ -251,7 +250,7 @@ def test_cache_built_reused_rebuilt(tmp_path: Path, caplog: pytest.LogCaptureFix
     assert not YoloDataset(tmp_path / "images" / "train", imgsz=64).scan_from_cache
     cache.unlink()
     cache.mkdir()  # cannot be written → warning only
-    with caplog.at_level(logging.WARNING, logger="utils.dataset"):
+    with caplog.at_level(logging.WARNING, logger="utils"):
         assert len(YoloDataset(tmp_path / "images" / "train", imgsz=64)) == 4
     assert any("cache not saved" in r.getMessage() for r in caplog.records)
     assert (tmp_path / "labels" / "train.cache").read_bytes() == b"YOLOv5's pickle"

@@ -21,8 +21,9 @@ import val
 from engine.trainer import fit
 from tests.conftest import TINY_IMGSZ, train_args, write_data_yaml
 from train_distill import parse_options
-from utils.dataset import YoloDataset, decode_check
+from utils.dataset import YoloDataset
 from utils.demo_data import generate_demo
+from utils.labels import decode_check
 
 
 def _scan_start(data: bytes) -> tuple[int, int]:

@@ -41,7 +41,9 @@ from typing import Any
 import numpy as np
 
 from utils.augment import letterbox
-from utils.dataset import list_image_files, load_bgr, load_data_config
+from utils.data_config import load_data_config
+from utils.dataset import load_bgr
+from utils.labels import list_image_files
 
 INT8_SUFFIX = ".int8.onnx"
 DEFAULT_CALIB_IMAGES = 64

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.taps import FeatureTaps, detect_layer, unwrap
+from distill.taps import FeatureTaps, detect_layer
+from utils.torch_utils import unwrap_model
 
 
 class _FeaturesReadyError(Exception):
@@ -28,7 +29,7 @@ class FeatureExtractor:
     """
 
     def __init__(self, model: nn.Module, layer: int | None = None) -> None:
-        self.model = unwrap(model)
+        self.model = unwrap_model(model)
         self._taps: FeatureTaps | None = None
         self._out: torch.Tensor | None = None
         self._handles: list[Any] = []

@@ -20,7 +20,7 @@ from analysis.knowledge.concepts import ConceptCount, count_concepts, mean_std, 
 from analysis.knowledge.entropy import EntropySettings, learn_entropy
 from analysis.knowledge.features import FeatureExtractor
 from analysis.knowledge.samples import Sample
-from distill.taps import unwrap
+from utils.torch_utils import unwrap_model
 
 _EPOCH_FILE = re.compile(r"^epoch(\d+)\.pt$")
 
@@ -65,7 +65,7 @@ def analyze_model(
     model-to-model differences less noisy).
     """
     s = settings or EntropySettings()
-    device = next(unwrap(model).parameters()).device
+    device = next(unwrap_model(model).parameters()).device
     step = max(1, batch_size)
     out = ModelKnowledge(label, source, "", [], [], [], {})
     with FeatureExtractor(model, layer) as fx:

@@ -7,7 +7,6 @@ one run) on the same images → write tables, JSON, entropy maps and figures int
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from analysis.knowledge.per_model import ModelKnowledge, analyze_model, concept_
 from analysis.knowledge.plots import plot_dynamics, plot_entropy_maps
 from analysis.knowledge.report import PAPER, dynamics_table, jsonable, markdown_table, model_record
 from analysis.knowledge.samples import Sample, load_samples
+from utils.geometry import round_to_stride
 
 
 @dataclass
@@ -38,7 +38,7 @@ class _Request:
 def _check_request(weights: Sequence[str | Path], labels: Sequence[str] | None, data: str | Path, split: str,
                    epochs_dir: str | Path | None, baseline: str) -> _Request:
     """One-line FileNotFoundError / ValueError naming the flag, before anything heavy is loaded."""
-    from utils.dataset import load_data_config  # local: keeps `import analysis.knowledge` light
+    from utils.data_config import load_data_config  # local: keeps `import analysis.knowledge` light
 
     if baseline not in BASELINES:
         raise ValueError(f"--baseline must be one of {BASELINES}, got {baseline!r}")
@@ -65,12 +65,10 @@ def _check_request(weights: Sequence[str | Path], labels: Sequence[str] | None, 
 def _stride_multiple(imgsz: int, model: nn.Module, log: Callable[[str], None] | None) -> tuple[int, int]:
     """(imgsz rounded up to the model's max stride (at least 32), that stride)."""
     gs = max(int(model.stride.max()), 32)
-    if imgsz % gs:
-        new = math.ceil(imgsz / gs) * gs
-        if log is not None:
-            log(f"--imgsz {imgsz} is not a multiple of the max stride {gs}; using {new}")
-        imgsz = new
-    return imgsz, gs
+    new = round_to_stride(imgsz, gs)[0]
+    if new != imgsz and log is not None:
+        log(f"--imgsz {imgsz} is not a multiple of the max stride {gs}; using {new}")
+    return new, gs
 
 
 def _analyze_all(named: Sequence[tuple[str, Path]], first: nn.Module | None, samples: Sequence[Sample],
