@@ -22,12 +22,9 @@ import sys
 from pathlib import Path
 
 from engine.cli import configure_logging, require, run_guarded
-from engine.predict import Detections, DetectSettings, label_lines, predict
+from engine.predict import Detections, DetectSettings, predict
 from utils.files import increment_path
 from utils.torch_utils import parse_device
-
-__all__ = ["label_lines", "main", "run"]
-
 
 def run(
     weights: str | Path,

@@ -11,6 +11,7 @@ import torch
 
 import detect
 import export
+from engine import predict
 from models import load_model
 from models.backends import TorchBackend, load_backend
 from tests.test_export import NAMES, make_tiny_checkpoint
@@ -144,17 +145,17 @@ def test_runs_increment_and_exist_ok(tiny_pt: Path, images: Path, tmp_path: Path
 
 def test_label_lines_format() -> None:
     det = np.array([[10.0, 20.0, 50.0, 60.0, 0.9, 2.0]])
-    assert detect.label_lines(det, (100, 200)) == ["2 0.150000 0.400000 0.200000 0.400000"]
-    assert detect.label_lines(det, (100, 200), save_conf=True)[0].endswith(" 0.900000")
+    assert predict.label_lines(det, (100, 200)) == ["2 0.150000 0.400000 0.200000 0.400000"]
+    assert predict.label_lines(det, (100, 200), save_conf=True)[0].endswith(" 0.900000")
 
 
 def test_bad_sources_and_weights(tiny_pt: Path, tmp_path: Path, capsys) -> None:
     with pytest.raises(FileNotFoundError, match="no such file"):
-        detect.list_sources(tmp_path / "nothing_here")
+        predict.list_sources(tmp_path / "nothing_here")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
     with pytest.raises(FileNotFoundError, match="no images"):
-        detect.list_sources(tmp_path / "empty")
+        predict.list_sources(tmp_path / "empty")
     bad = tmp_path / "model.tflite"
     bad.write_bytes(b"")
     with pytest.raises(ValueError, match="unsupported format"):

@@ -156,21 +156,25 @@ class YoloDataset(Dataset):
         if rect:
             self._make_rect(batch_size)
 
-        if cache is True:
-            cache = "ram"
-        if cache not in (None, False, "ram"):
-            raise ValueError(f"cache={cache!r} is not supported (use 'ram' or None)")
         # One flag per image, in shared memory so that every loader worker sees it: set when the
         # image was found unreadable and warned about (once per file, not once per worker or epoch).
         self._warned_unreadable = torch.zeros(self.n, dtype=torch.uint8).share_memory_()
         self.ims: list[tuple | None] = [None] * self.n
+        self._cache_images(cache)
+
+    # ---- construction helpers
+    def _cache_images(self, cache: str | bool | None) -> None:
+        """``cache='ram'`` (or True): read and resize every image now, in threads."""
+        if cache is True:
+            cache = "ram"
+        if cache not in (None, False, "ram"):
+            raise ValueError(f"cache={cache!r} is not supported (use 'ram' or None)")
         if cache == "ram":
             with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
                 self.ims = list(pool.map(self._read_resized_or_none, range(self.n)))
             mb = sum(x[0].nbytes for x in self.ims if x is not None) / 2**20
             LOGGER.info("cached %d images in RAM (%.0f MB)", self.n, mb)
 
-    # ---- construction helpers
     @staticmethod
     def _filter(im_files, label_files, scan, nc):
         keep, skipped, repaired = [], [], []

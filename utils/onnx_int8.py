@@ -189,8 +189,6 @@ def quantize_int8(
     of these choices). Returns the path written.
     """
     onnx, _, quant = _require()
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     src = Path(onnx_path)
     if not src.is_file():
         raise FileNotFoundError(f"{src}: ONNX file not found")
@@ -209,56 +207,72 @@ def quantize_int8(
 
     with tempfile.TemporaryDirectory(prefix="int8_") as tmp:
         pre = Path(tmp) / "pre.onnx"
-        # Shape inference + graph clean-up, as onnxruntime recommends before quantize_static. Its
-        # symbolic shape inference cannot follow the dynamic-size grid of a --dynamic export (onnx's
-        # own shape inference still runs), so it is skipped there; and when it fails it drops
-        # sym_shape_infer_temp.onnx + a .data file into the working directory, hence the chdir into
-        # our temporary folder. If pre-processing fails altogether, the graph is quantised as exported.
-        model, errors = None, []
-        for skip_symbolic in (False, True) if static_hw else (True,):
-            try:
-                with contextlib.chdir(tmp):
-                    quant_pre_process(str(src.resolve()), str(pre), skip_symbolic_shape=skip_symbolic)
-                model = onnx.load(str(pre))
-                break
-            except Exception as e:
-                errors.append(f"{type(e).__name__}: {e}")
-        if model is None:
-            warnings.warn(f"onnxruntime quant_pre_process failed ({'; '.join(errors)}); quantising the graph as "
-                          f"exported", stacklevel=2)
-            model = onnx.load(str(src))
+        model = _pre_processed(onnx, src, pre, tmp, static=bool(static_hw))
         _name_nodes(model)
         onnx.save(model, str(pre))
         excluded = float_tail_nodes(model, include_head_convs=keep_head_float)
         reader = _reader(calibration_batches(list(images), hw, batch or 1), input_name)
-        method = {"minmax": quant.CalibrationMethod.MinMax, "percentile": quant.CalibrationMethod.Percentile,
-                  "entropy": quant.CalibrationMethod.Entropy}[calibrate_method]
-        quant.quantize_static(
-            str(pre),
-            str(out),
-            reader,
-            quant_format=quant.QuantFormat.QDQ,
-            per_channel=per_channel,
-            reduce_range=reduce_range,
-            activation_type=quant.QuantType.QUInt8,
-            weight_type=quant.QuantType.QInt8,
-            nodes_to_exclude=excluded,
-            calibrate_method=method,
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-        )
-
-    qmodel = onnx.load(str(out))
+        _quantize_static(quant, pre, out, reader, excluded, calibrate_method, per_channel, reduce_range)
     record = {"format": "QDQ", "activations": "uint8 per-tensor asymmetric",
               "weights": f"int8 {'per-channel' if per_channel else 'per-tensor'} symmetric",
               "calibration": f"{calibrate_method}, {len(images)} images at {hw[0]}x{hw[1]}",
               "float_nodes": len(excluded), "reduce_range": reduce_range}
-    meta["quantization"] = json.dumps(record)
-    del qmodel.metadata_props[:]
-    for k, v in meta.items():
-        entry = qmodel.metadata_props.add()
-        entry.key, entry.value = k, v
-    onnx.save(qmodel, str(out))
+    _write_metadata(onnx, out, {**meta, "quantization": json.dumps(record)})
     return out
+
+
+def _quantize_static(quant, pre: Path, out: Path, reader, excluded: list[str], calibrate_method: str,
+                     per_channel: bool, reduce_range: bool) -> None:
+    """onnxruntime's static QDQ quantisation: uint8 asymmetric activations, int8 symmetric weights."""
+    method = {"minmax": quant.CalibrationMethod.MinMax, "percentile": quant.CalibrationMethod.Percentile,
+              "entropy": quant.CalibrationMethod.Entropy}[calibrate_method]
+    quant.quantize_static(
+        str(pre),
+        str(out),
+        reader,
+        quant_format=quant.QuantFormat.QDQ,
+        per_channel=per_channel,
+        reduce_range=reduce_range,
+        activation_type=quant.QuantType.QUInt8,
+        weight_type=quant.QuantType.QInt8,
+        nodes_to_exclude=excluded,
+        calibrate_method=method,
+        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+    )
+
+
+def _pre_processed(onnx, src: Path, pre: Path, tmp: str, static: bool):
+    """The graph after onnxruntime's quantisation pre-processing, or as exported when that fails.
+
+    Shape inference + graph clean-up, as onnxruntime recommends before quantize_static. Its
+    symbolic shape inference cannot follow the dynamic-size grid of a --dynamic export (onnx's own
+    shape inference still runs), so it is skipped there; and when it fails it drops
+    sym_shape_infer_temp.onnx + a .data file into the working directory, hence the chdir into our
+    temporary folder ``tmp``.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    errors = []
+    for skip_symbolic in (False, True) if static else (True,):
+        try:
+            with contextlib.chdir(tmp):
+                quant_pre_process(str(src.resolve()), str(pre), skip_symbolic_shape=skip_symbolic)
+            return onnx.load(str(pre))
+        except Exception as e:
+            errors.append(f"{type(e).__name__}: {e}")
+    warnings.warn(f"onnxruntime quant_pre_process failed ({'; '.join(errors)}); quantising the graph as "
+                  f"exported", stacklevel=3)
+    return onnx.load(str(src))
+
+
+def _write_metadata(onnx, path: Path, meta: dict[str, str]) -> None:
+    """Replace the file's ``metadata_props`` by ``meta``."""
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.save(model, str(path))
 
 
 # -------------------------------------------------------------------------------- measurements

@@ -121,6 +121,23 @@ def plot_confusion_matrix(
     return _save(fig, save_path)
 
 
+def _draw_boxes(tile: np.ndarray, b, names: Sequence[str], scale: float, thickness: int, conf_thres: float) -> None:
+    """Draw one image's (n, 5|6) ``cls x1 y1 x2 y2 [conf]`` rows (pixels before ``scale``) onto ``tile``."""
+    b = b.detach().cpu().float().numpy() if isinstance(b, torch.Tensor) else np.asarray(b, dtype=float)
+    for row in b:
+        if row.size > 5 and row[5] < conf_thres:
+            continue
+        c = int(row[0])
+        x1, y1, x2, y2 = (int(round(v * scale)) for v in row[1:5])
+        color = class_color(c, bgr=True)
+        cv2.rectangle(tile, (x1, y1), (x2, y2), color, thickness, cv2.LINE_AA)
+        text = names[c] if 0 <= c < len(names) else str(c)
+        if row.size > 5:
+            text += f" {row[5]:.2f}"
+        cv2.putText(tile, text, (x1, max(y1 - 3, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.25 * thickness + 0.1, color, 1,
+                    cv2.LINE_AA)
+
+
 def plot_images(
     images: torch.Tensor | np.ndarray,
     boxes: Sequence[np.ndarray | torch.Tensor],
@@ -156,27 +173,7 @@ def plot_images(
         if scale != 1:
             tile = cv2.resize(tile, (w, h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
         b = boxes[i] if i < len(boxes) else np.zeros((0, 5))
-        b = b.detach().cpu().float().numpy() if isinstance(b, torch.Tensor) else np.asarray(b, dtype=float)
-        for row in b:
-            if row.size > 5 and row[5] < conf_thres:
-                continue
-            c = int(row[0])
-            x1, y1, x2, y2 = (int(round(v * scale)) for v in row[1:5])
-            color = class_color(c, bgr=True)
-            cv2.rectangle(tile, (x1, y1), (x2, y2), color, thickness, cv2.LINE_AA)
-            text = names[c] if 0 <= c < len(names) else str(c)
-            if row.size > 5:
-                text += f" {row[5]:.2f}"
-            cv2.putText(
-                tile,
-                text,
-                (x1, max(y1 - 3, 10)),
-                cv2.FONT_HERSHEY_SIMPLEX,
-                0.25 * thickness + 0.1,
-                color,
-                1,
-                cv2.LINE_AA,
-            )
+        _draw_boxes(tile, b, names, scale, thickness, conf_thres)
         if paths is not None and i < len(paths):
             cv2.putText(
                 tile,
