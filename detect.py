@@ -26,6 +26,7 @@ from engine.predict import Detections, DetectSettings, predict
 from utils.files import increment_path
 from utils.torch_utils import parse_device
 
+
 def run(
     weights: str | Path,
     source: str | Path,

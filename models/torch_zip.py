@@ -24,6 +24,9 @@ Memory is bounded by the file: storages are read only after the checks above, te
 view more elements than their storage holds, and all tensors together may view at most twice the
 bytes the storage members hold (so shared storages cannot multiply a small file). The pickle
 program is capped at `MAX_PICKLE_BYTES`; unpickling is linear in its length.
+
+Size: the three steps above are one security boundary (what may run, how much memory a file may
+ask for); keeping them in one file keeps every check of that boundary in one review.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ a `LayerRule`, i.e. the class to build and a planning function. The builder hand
 reads, its depth-scaled repeat count, the width multiple) and gets back a `LayerPlan`: constructor
 arguments, output width and how many stacked copies to build. Names are looked up in the table,
 never evaluated, so a yaml can only build known layer types. Supporting a new block is one entry.
+
+Size: one subject, the model yaml → module tree (Detect head, row planners, DetectionModel); the
+yaml grammar and the state_dict layout it must reproduce are read together.
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ Both: IoU thresholds 0.50:0.05:0.95; detections pooled over images; only classes
 scored. P and R per class are read at the confidence threshold where the mean F1 over classes
 (IoU 0.5), smoothed by a moving average over a tenth of the confidence axis, peaks; P/R versus
 confidence are the detection-level precision/recall sequences interpolated linearly in confidence.
+
+Size: both conventions side by side (matching, AP, P/R, confusion matrix), so a difference between
+them is visible in one file; the oracle test pins them together.
 """
 
 from __future__ import annotations
