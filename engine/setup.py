@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ from utils.geometry import round_to_stride
 from utils.loss import DetectionLoss, scale_hyp
 from utils.plots import plot_labels, plot_results
 from utils.torch_utils import DistInfo, WeightEMA, dist_info, seed_everything, select_device
+
+LOGGER = logging.getLogger(__name__)
 
 
 @dataclass
@@ -246,7 +249,7 @@ def _save_dir(opt: argparse.Namespace, info: DistInfo, resumed: bool) -> Path:
         if info.is_main:
             archive = archive_previous_run(save_dir)
             if archive is not None:
-                print(f"--exist-ok: moved the earlier run's files in {save_dir} to {archive}")
+                LOGGER.info(f"--exist-ok: moved the earlier run's files in {save_dir} to {archive}")
     if info.is_main:
         remove_stale_temps(save_dir)
         (save_dir / "weights").mkdir(parents=True, exist_ok=True)
@@ -267,7 +270,7 @@ def _require_labels(train_set, sources: list[str]) -> None:
 def _check_imgsz(imgsz: int, gs: int) -> int:
     fixed = round_to_stride(imgsz, gs)[0]
     if fixed != imgsz:
-        print(f"WARNING: --imgsz {imgsz} is not a multiple of the max stride {gs}; using {fixed}")
+        LOGGER.warning(f"--imgsz {imgsz} is not a multiple of the max stride {gs}; using {fixed}")
     return fixed
 
 
@@ -283,7 +286,7 @@ def _build_student(opt: argparse.Namespace, nc: int, device: torch.device, info:
         exclude = ("anchors",) if opt.cfg else ()
         loaded, total = transfer_weights(model, ckpt["state_dict"], exclude=exclude)
         if info.is_main:
-            print(f"Transferred {loaded}/{total} tensors from {opt.weights}")
+            LOGGER.info(f"Transferred {loaded}/{total} tensors from {opt.weights}")
     elif opt.cfg:
         model = DetectionModel(opt.cfg, nc=nc)
     else:
@@ -324,13 +327,14 @@ def _build_distiller(opt: argparse.Namespace, student: DetectionModel, loss_hyp:
     teacher = load_teacher(opt.t_weights, device, cfg=opt.t_cfg or None)
     distiller = Distiller(student, teacher, config_from_args(opt, loss_hyp)).to(device)
     for line in distiller.summary():
-        print(line)
+        LOGGER.info(line)
     return teacher, distiller
 
 
 def _validate_teacher(run: Run, teacher: DetectionModel) -> dict:
     metrics = evaluate(teacher, run.val_loader, run.names, run.device, half=run.amp)
-    print(f"Teacher {run.opt.t_weights}: mAP50 {metrics['map50']:.4f}  mAP50-95 {metrics['map']:.4f} on the val split")
+    LOGGER.info(f"Teacher {run.opt.t_weights}: mAP50 {metrics['map50']:.4f}  mAP50-95 {metrics['map']:.4f} "
+                "on the val split")
     return metrics
 
 
@@ -374,7 +378,7 @@ def _restore(run: Run, ckpt: dict) -> None:
     run.resume_rng = ckpt.get("rng")
     _restore_history(run, ckpt.get("history"))
     if run.info.is_main:
-        print(f"Resuming {run.save_dir} from epoch {run.start_epoch + 1}/{run.opt.epochs}")
+        LOGGER.info(f"Resuming {run.save_dir} from epoch {run.start_epoch + 1}/{run.opt.epochs}")
 
 
 def _restore_history(run: Run, history: list[dict] | None) -> None:
@@ -385,7 +389,7 @@ def _restore_history(run: Run, history: list[dict] | None) -> None:
         if run.info.is_main and run.results_csv.exists():
             kept = run.results_csv.with_name(f"results.before-epoch{run.start_epoch}.csv")
             run.results_csv.rename(kept)
-            print(f"WARNING: {run.opt.resume} carries no epoch history; earlier rows are in {kept}")
+            LOGGER.warning(f"{run.opt.resume} carries no epoch history; earlier rows are in {kept}")
     run.history = [dict(row) for row in history if int(row["epoch"]) < run.start_epoch]
     scored = [(row.get("metrics/fitness", float("nan")), int(row["epoch"])) for row in run.history]
     scored = [(f, e) for f, e in scored if f == f]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -120,12 +121,12 @@ def test_persistent_nonfinite_loss_stops_with_a_clear_error(tiny_data: Path, tmp
 
 
 def test_official_weights_with_another_nc_transfer_matching_tensors(tiny_data: Path, tmp_path: Path,
-                                                                     capsys) -> None:
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
     args = train_args(tiny_data, tmp_path, "transfer", 1, "--weights", "tests/fixtures/yolov5n_nc80.pt", "--noval")
     args[args.index("--cfg") + 1] = ""
-    summary = fit(parse_options(args))
-    out = capsys.readouterr().out
-    line = next(ln for ln in out.splitlines() if ln.startswith("Transferred"))
+    with caplog.at_level(logging.INFO, logger="engine"):
+        summary = fit(parse_options(args))
+    line = next(m for m in caplog.messages if m.startswith("Transferred"))
     loaded, total = (int(x) for x in line.split()[1].split("/"))
     assert 0 < loaded < total  # everything but the class-dependent Detect convs
     model = load_model(Path(summary["save_dir"]) / "weights" / "best.pt")
