@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from torchvision.ops import box_convert, clip_boxes_to_image
 
-from models.yolo import split_outputs
 from utils.boxes import non_max_suppression
 from utils.coco_eval import ImageIdLookup, category_ids, coco_evaluate, labels_to_coco_json, predictions_to_coco
+from utils.detect_outputs import split_outputs
 from utils.metrics import IOU_THRESHOLDS, ConfusionMatrix, fitness, match_predictions, score_detections
 from utils.torch_utils import unwrap_model
 

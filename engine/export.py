@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from models import load_checkpoint, load_model
-from models.yolo import split_outputs
 from models.yolov5_format import save_yolov5
 from utils.augment import letterbox_input
+from utils.detect_outputs import split_outputs
 from utils.geometry import round_to_stride
 from utils.torch_utils import select_device
 

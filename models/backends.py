@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from models import load_model
-from models.yolo import split_outputs
+from utils.detect_outputs import split_outputs
 from utils.geometry import round_to_stride
 
 

@@ -227,18 +227,6 @@ class Detect(nn.Module):
         return torch.cat(decoded, 1), raw
 
 
-def split_outputs(out) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    """An eval-mode model output -> (decoded (bs, N, no), raw list or None).
-
-    The one reader of :class:`Detect`'s convention: eval mode returns ``(decoded, raw)``; an
-    exported or wrapped model may return the decoded tensor alone (raw is then None).
-    """
-    if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], torch.Tensor):
-        return out[0], out[1]
-    if isinstance(out, torch.Tensor):
-        return out, None
-    raise TypeError(f"unexpected model output {type(out).__name__}; expected (decoded, raw) from an eval-mode model")
-
 
 # ------------------------------------------------------------------------------ layer planning
 @dataclass(frozen=True)
@@ -617,5 +605,4 @@ Model = DetectionModel
 
 __all__ = ["ACTIVATIONS", "LAYER_RULES", "MODULES", "Detect", "DetectionModel", "LayerPlan", "LayerRule", "Model",
            "RowContext", "absolute_sources", "anchor_levels_reversed", "build_layers", "detect_bias_prior",
-           "make_divisible", "parse_activation", "placeholder_anchors", "retained_outputs", "scale_repeats",
-           "split_outputs"]
+           "make_divisible", "parse_activation", "placeholder_anchors", "retained_outputs", "scale_repeats"]

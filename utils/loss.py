@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import ops
 
+from utils.detect_outputs import raw_outputs
 from utils.torch_utils import unwrap_model
 
 # hyp keys the loss needs; the rest of a training hyp dict is ignored here.
@@ -300,8 +301,7 @@ class DetectionLoss:
 
     def __call__(self, preds: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss of raw per-level predictions against normalised targets; see the class docstring."""
-        if isinstance(preds, tuple) and len(preds) == 2 and isinstance(preds[1], list):
-            preds = preds[1]  # an eval-mode (decoded, raw) output: the raw list is what we need
+        preds = raw_outputs(preds)  # an eval-mode (decoded, raw) output: the raw list is what we need
         if len(preds) != self.nl:
             raise ValueError(f"DetectionLoss: got {len(preds)} prediction levels, the model has {self.nl}")
         device = preds[0].device

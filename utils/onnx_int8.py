@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from utils.augment import letterbox
+from utils.augment import letterbox_input
 from utils.data_config import load_data_config
 from utils.dataset import load_bgr
 from utils.labels import list_image_files
@@ -100,9 +100,7 @@ def calibration_images(data: str | Path, split: str = "train", n: int = DEFAULT_
 def letterboxed(image: ImageLike, shape: tuple[int, int]) -> np.ndarray:
     """An image path or BGR uint8 array → float32 (1, 3, h, w) RGB 0-1, letterboxed to ``shape`` (h, w)."""
     im = load_bgr(str(image)) if isinstance(image, (str, Path)) else image
-    im, _, _ = letterbox(im, shape, auto=False)
-    im = im[..., ::-1].transpose(2, 0, 1)
-    return np.ascontiguousarray(im, dtype=np.float32)[None] / 255.0
+    return letterbox_input(im, shape)[0]
 
 
 def calibration_batches(images: Sequence[ImageLike], shape: tuple[int, int], batch: int = 1) -> Iterator[np.ndarray]:
