@@ -23,7 +23,6 @@ from pathlib import Path
 
 from engine.cli import configure_logging, require, run_guarded
 from engine.predict import Detections, DetectSettings, predict
-from utils.files import increment_path
 from utils.torch_utils import parse_device
 
 
@@ -50,12 +49,12 @@ def run(
     """:func:`engine.predict.predict` with detect.py's flags; prints a line per frame and the speeds."""
     settings = DetectSettings(conf_thres, iou_thres, max_det, classes, view_img, save_txt, save_conf, nosave,
                               line_width)
-    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
-    out = predict(weights, source, imgsz, device, half, settings, save_dir, report=print if verbose else None)
+    out = predict(weights, source, imgsz, device, half, settings, project, name, exist_ok,
+                  report=print if verbose else None)
     if verbose:
         n = len(out.results)
         print("speed per image: " + ", ".join(f"{t / n * 1e3:.1f}ms {stage}" for stage, t in out.seconds.items()))
-        print(f"results saved to {save_dir}")
+        print(f"results saved to {out.save_dir}")
     return out
 
 

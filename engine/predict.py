@@ -281,10 +281,13 @@ def predict(
     device: str = "",
     half: bool = False,
     settings: DetectSettings | None = None,
-    save_dir: Path | None = None,
+    project: str | Path = "runs/detect",
+    name: str = "exp",
+    exist_ok: bool = False,
     report: Callable[[str], None] | None = None,
 ) -> Detections:
-    """Detect objects in ``source`` with ``weights`` (.pt or .onnx), writing into ``save_dir``.
+    """Detect objects in ``source`` with ``weights`` (.pt or .onnx), writing into ``project/name``
+    (incremented unless ``exist_ok``; created only once weights and source are found).
 
     Images are letterboxed to ``imgsz`` (h, w): to the full size for an ONNX file with a static
     input, otherwise only to the smallest stride multiple holding the resized image (less padding,
@@ -296,7 +299,7 @@ def predict(
     shape = backend.fixed_shape or round_to_stride(imgsz, backend.stride)
     auto = backend.fixed_shape is None
     files = list_sources(source)
-    save_dir = save_dir or increment_path(Path("runs/detect/exp"), mkdir=True)
+    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
     sink = _Outputs(save_dir, s.save_txt, s.save_conf)
     out = Detections(save_dir)
     clock = StageClock()
