@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torchvision.ops import box_convert, clip_boxes_to_image
 
+from engine.precision import Precision
 from utils.boxes import non_max_suppression
 from utils.coco_eval import ImageIdLookup, category_ids, coco_evaluate, labels_to_coco_json, predictions_to_coco
 from utils.metrics import IOU_THRESHOLDS, ConfusionMatrix, fitness, match_predictions, score_detections
@@ -107,13 +108,16 @@ def evaluate(
     save_txt: bool = False,
     save_conf: bool = False,
     json_name: str = "predictions.json",
+    precision: Precision | None = None,
 ) -> dict:
     """Evaluate ``model`` on every batch of ``loader``.
 
     loader batches: ``(imgs uint8 (B, 3, H, W), targets (N, 6) [batch_idx, cls, xc, yc, w, h]
     normalised to the batch image, paths, shapes)`` with shapes[i] = ``((h0, w0), ((rh, rw), (padw, padh)))``.
     ``half`` on CUDA runs an fp16 model as is, and an fp32 model under autocast (the weights are never
-    converted, so a training model is left exactly as it was). The model's train/eval flags are
+    converted, so a training model is left exactly as it was). ``precision`` (`engine.precision`),
+    when given, replaces ``half``: an fp32 model runs under its autocast (bf16 on CPU, fp16 on CUDA).
+    The model's train/eval flags are
     restored on exit. ``compute_loss(raw_preds, targets) -> (total, items (3,))`` adds the mean
     validation loss. With ``save_json`` the predictions go to ``save_dir/json_name`` in COCO format and
     pycocotools evaluates them against ``anno_json`` (generated from the labels when None).
@@ -129,9 +133,11 @@ def evaluate(
     model = unwrap_model(model)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
+    if precision is None:
+        precision = Precision(device.type, torch.float16 if half and device.type == "cuda" else None)
     try:
         return _evaluate(
-            model, loader, list(names), device, conf_thres, iou_thres, max_det, half, save_dir, plots,
+            model, loader, list(names), device, conf_thres, iou_thres, max_det, precision, save_dir, plots,
             save_json, anno_json, verbose, multi_label, compute_loss, save_txt, save_conf, json_name,
         )  # fmt: skip
     finally:
@@ -140,7 +146,7 @@ def evaluate(
 
 
 def _evaluate(
-    model, loader, names, device, conf_thres, iou_thres, max_det, half, save_dir, plots, save_json,
+    model, loader, names, device, conf_thres, iou_thres, max_det, precision, save_dir, plots, save_json,
     anno_json, verbose, multi_label, compute_loss, save_txt, save_conf, json_name,
 ) -> dict:  # fmt: skip
     nc = len(names)
@@ -149,13 +155,12 @@ def _evaluate(
         raise ValueError("evaluate: plots/save_json/save_txt need a save_dir")
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
-    cuda_half = half and device.type == "cuda"
     param = next(model.parameters(), None)
-    model_fp16 = param is not None and param.dtype == torch.float16
-    in_dtype = torch.float16 if model_fp16 else torch.float32
+    low = param is not None and param.dtype in (torch.float16, torch.bfloat16)  # a teacher stored low
+    in_dtype = param.dtype if low else torch.float32
     # An fp32 model is run under autocast rather than converted: .half() then .float() would round
     # the caller's weights (e.g. the training EMA) to fp16.
-    amp = torch.autocast("cuda", dtype=torch.float16) if cuda_half and not model_fp16 else nullcontext()
+    amp = precision.autocast() if not low else nullcontext()
 
     confusion = ConfusionMatrix(nc)
     stats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -169,7 +174,7 @@ def _evaluate(
     for bi, (imgs, targets, paths, shapes) in enumerate(loader):
         _sync(device)
         t0 = time.perf_counter()
-        imgs = imgs.to(device, non_blocking=True).to(in_dtype) / 255
+        imgs = precision.memory_format(imgs.to(device, non_blocking=True).to(in_dtype) / 255)
         targets = targets.to(device)
         _sync(device)
         t1 = time.perf_counter()
