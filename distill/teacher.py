@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from distill.taps import detect_input_channels, detect_layer, unwrap
+from utils.precision import Precision
 
 if TYPE_CHECKING:  # only for annotations: distill/ does not need models/ at import time
     from models.yolo import DetectionModel
@@ -61,7 +62,7 @@ def load_teacher(
     device: str | torch.device = "cpu",
     cfg: str | Path | dict | None = None,
     half: bool | None = None,
-    precision: Any = None,
+    precision: Precision | None = None,
     fold_bn: bool = False,
 ) -> DetectionModel:
     """Load a frozen teacher from a YOLOv5 release/train checkpoint or one of ours.
@@ -72,7 +73,7 @@ def load_teacher(
         cfg: optional model yaml (``--t_cfg``): build that architecture, then load the
             checkpoint's weights into it (strict; a mismatch names both files).
         half: fp16 weights; default True on CUDA, False elsewhere (ignored when ``precision`` is given).
-        precision: the run's `engine.precision.Precision`: the teacher's weights take its autocast
+        precision: the run's `utils.precision.Precision`: the teacher's weights take its autocast
             dtype (fp16 on CUDA, bf16 on a bf16 CPU, fp32 with AMP off) and channels_last when it
             uses it. A frozen teacher needs no fp32 master weights: storing it in the low dtype
             saves the per-op casts autocast would do on every forward.
@@ -87,18 +88,21 @@ def load_teacher(
     if p.suffix in (".yaml", ".yml"):
         raise ValueError(f"--t_weights {path}: a teacher needs trained weights (.pt), not a model yaml")
     device = torch.device(device)
-    model = _build_teacher(p, device, cfg).float()
+    if precision is None:  # the pre-precision interface: fp16 (+ channels_last) on CUDA
+        half = device.type == "cuda" if half is None else half
+        precision = Precision(device.type, torch.float16 if half else None)
+    return prepare_teacher(_build_teacher(p, device, cfg), precision, fold_bn)
+
+
+def prepare_teacher(model: nn.Module, precision: Precision, fold_bn: bool = False) -> nn.Module:
+    """Fold BN (optional, in fp32), cast to ``precision.dtype`` (fp32 when None), channels_last when
+    ``precision`` uses it, then :func:`freeze_teacher`. Returns the model."""
+    model = model.float()
     if fold_bn:
         nn.Module.train(model, False)
-        model.fuse()  # in fp32, before any cast
-    if precision is not None:
-        dtype, channels_last = (precision.dtype or torch.float32), precision.channels_last
-    else:
-        if half is None:
-            half = device.type == "cuda"
-        dtype, channels_last = (torch.float16 if half else torch.float32), device.type == "cuda"
-    model = model.to(dtype)
-    if channels_last:
+        model.fuse()
+    model = model.to(precision.dtype or torch.float32)
+    if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return freeze_teacher(model)
 
@@ -276,6 +280,7 @@ __all__ = [
     "check_compatibility",
     "freeze_teacher",
     "load_teacher",
+    "prepare_teacher",
     "run_teacher",
     "teacher_input",
     "teacher_raw_outputs",

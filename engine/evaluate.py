@@ -29,10 +29,10 @@ import torch
 from torch import nn
 from torchvision.ops import box_convert, clip_boxes_to_image
 
-from engine.precision import Precision
 from utils.boxes import non_max_suppression
 from utils.coco_eval import ImageIdLookup, category_ids, coco_evaluate, labels_to_coco_json, predictions_to_coco
 from utils.metrics import IOU_THRESHOLDS, ConfusionMatrix, fitness, match_predictions, score_detections
+from utils.precision import Precision
 from utils.torch_utils import unwrap_model
 
 LOGGER = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def evaluate(
     loader batches: ``(imgs uint8 (B, 3, H, W), targets (N, 6) [batch_idx, cls, xc, yc, w, h]
     normalised to the batch image, paths, shapes)`` with shapes[i] = ``((h0, w0), ((rh, rw), (padw, padh)))``.
     ``half`` on CUDA runs an fp16 model as is, and an fp32 model under autocast (the weights are never
-    converted, so a training model is left exactly as it was). ``precision`` (`engine.precision`),
+    converted, so a training model is left exactly as it was). ``precision`` (`utils.precision`),
     when given, replaces ``half``: an fp32 model runs under its autocast (bf16 on CPU, fp16 on CUDA).
     The model's train/eval flags are
     restored on exit. ``compute_loss(raw_preds, targets) -> (total, items (3,))`` adds the mean

@@ -26,7 +26,6 @@ from engine.criterion import TrainingCriterion
 from engine.evaluate import evaluate
 from engine.logger import save_yaml, write_results
 from engine.optim import YOLOV5_GROUP_ORDER, LrCurve, WarmupSchedule
-from engine.precision import FP32_CPU, Precision, choose_precision
 from engine.runfolder import archive_previous_run, new_run_id, owning_run_folder, remove_stale_temps
 from engine.step import build_step_state
 from models.checkpoint import CheckpointError, load_checkpoint, transfer_weights
@@ -37,6 +36,7 @@ from utils.dataset import create_dataloader, load_data_config
 from utils.files import find_data_yaml, increment_path
 from utils.loss import scale_hyp
 from utils.plots import plot_labels, plot_results
+from utils.precision import FP32_CPU, Precision, choose_precision
 from utils.torch_utils import DistInfo, WeightEMA, dist_info, seed_everything, select_device
 
 
@@ -71,7 +71,7 @@ class Run:
     history: list[dict] = field(default_factory=list)  # one results.csv row per finished epoch
     trainable_parameters: list = field(default_factory=list)
 
-    precision: Precision = FP32_CPU  # autocast dtype / channels_last / GradScaler (engine.precision)
+    precision: Precision = FP32_CPU  # autocast dtype / channels_last / GradScaler (utils.precision)
 
     @property
     def weights_dir(self) -> Path:
@@ -320,8 +320,7 @@ def _choose_precision(opt: argparse.Namespace, device: torch.device, model: nn.M
     student's weights stay fp32 (master weights), in channels_last when AMP is on."""
     precision = choose_precision(device, amp=not getattr(opt, "noamp", False))
     opt.amp = precision.name
-    if precision.channels_last:
-        model.to(memory_format=torch.channels_last)
+    precision.prepare(model)
     if info.is_main:
         print(precision.describe())
     return precision

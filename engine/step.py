@@ -20,8 +20,8 @@ from torch import nn
 
 from engine.criterion import TrainingCriterion
 from engine.optim import accumulation_steps, build_optimizer
-from engine.precision import Precision, to_float
 from utils.loss import DetectionLoss
+from utils.precision import Precision, to_float
 from utils.torch_utils import DistInfo, WeightEMA, all_reduce_grads
 
 

@@ -2,7 +2,7 @@
 
 Everything a run holds lives in a `Run` record built by `engine.setup.prepare_run`; this file only
 orders the steps. A training step (`engine.step.train_step`): batch → student forward under the
-run's autocast (`engine.precision`) → `TrainingCriterion` in fp32 (YOLOv5 loss + distillation terms,
+run's autocast (`utils.precision`) → `TrainingCriterion` in fp32 (YOLOv5 loss + distillation terms,
 weighted in one place) → backward (GradScaler for fp16) → optimizer step every `accumulate` batches
 → EMA update. Validation reads the EMA model.
 """
@@ -22,11 +22,11 @@ from engine.cli import TrainingInterrupted
 from engine.evaluate import evaluate
 from engine.logger import progress_line
 from engine.options import check_options
-from engine.precision import FP32_CPU, Precision
 from engine.setup import Run, prepare_run, setup_distributed
 from engine.step import train_step
 from models import load_model
 from models.checkpoint import save_checkpoint
+from utils.precision import FP32_CPU, Precision
 from utils.torch_utils import broadcast_flag, set_rng_state, state_digest
 
 EpochHook = Callable[[int, dict], None]

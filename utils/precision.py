@@ -59,6 +59,10 @@ class Precision:
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The student in this precision's memory format (weights stay fp32: master weights)."""
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
     def describe(self) -> str:
         """The one line printed at the start of a run."""
         if not self.enabled:
