@@ -101,7 +101,10 @@ def prepare_teacher(model: nn.Module, precision: Precision, fold_bn: bool = Fals
     if fold_bn:
         nn.Module.train(model, False)
         model.fuse()
+    det = detect_layer(model)
+    anchors = det.anchors.clone()  # kept fp32: in bf16 (8 mantissa bits) 373 px would read 372
     model = model.to(precision.dtype or torch.float32)
+    det.anchors = anchors
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return freeze_teacher(model)

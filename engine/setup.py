@@ -218,14 +218,19 @@ def _locate_inputs(opt: argparse.Namespace) -> None:
 
 
 def _load_hyp(opt: argparse.Namespace) -> dict:
-    path = Path(opt.hyp)
+    return load_hyp_file(opt.hyp, opt.label_smoothing)
+
+
+def load_hyp_file(path: str | Path, label_smoothing: float = 0.0) -> dict:
+    """A YOLOv5 hyper-parameter yaml (``--hyp``), checked, with ``label_smoothing`` added."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--hyp {path}: file not found (try data/hyps/hyp.scratch-low.yaml)")
     with open(path) as f:
         hyp = yaml.safe_load(f)
     if not isinstance(hyp, dict) or "lr0" not in hyp:
         raise ValueError(f"--hyp {path}: not a YOLOv5 hyper-parameter yaml (no lr0 key)")
-    hyp["label_smoothing"] = opt.label_smoothing
+    hyp["label_smoothing"] = label_smoothing
     return hyp
 
 
