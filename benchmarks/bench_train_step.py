@@ -255,7 +255,7 @@ def measure(args: argparse.Namespace, rows: list[str], device: torch.device) -> 
             samples[row.name].append(time_block(row.step, args.steps, device))
     return {
         "student_params": n_params(student0),
-        "teacher_params": n_params(next(t for t in teacher0 if t is not None)),
+        "teacher_params": n_params(next((t for t in teacher0 if t is not None), nn.Identity())),
         "precision": precision.describe(),
         "rows": {r.name: {"samples_s": samples[r.name], "kd_terms": r.kd_terms, "kd_params": r.kd_params,
                           "nonfinite_steps": r.nonfinite[0]} for r in built},
@@ -323,7 +323,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per row first")
     p.add_argument("--methods", default="all",
                    help=f"comma list of rows to compare with student and teacher; default all of "
-                        f"{','.join(ROWS[2:])}")
+                        f"{','.join(ROWS[2:])}; 'none': the student's step alone")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--hyp", default=str(ROOT / "data" / "hyps" / "hyp.scratch-low.yaml"))
     p.add_argument("--nc", type=int, default=0, help="classes (default: the teacher's)")
@@ -350,6 +350,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.teacher = resolve_spec(args.teacher, "--teacher")
     if args.methods == "all":
         args.rows = list(ROWS)
+    elif args.methods == "none":  # the student's step alone (e.g. training images/s for bench_dataloader)
+        args.rows = ["student"]
     else:
         chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
         bad = [m for m in chosen if m not in ROWS[2:]]
