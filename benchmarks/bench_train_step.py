@@ -379,6 +379,7 @@ def summary_rows(measured: dict, memory: dict[str, dict], batch_size: int) -> li
     row / (student step + teacher forward) (the distillation step's cost goal is <= 1.10)."""
     med = {name: summarize(r["samples_s"])["median"] for name, r in measured["rows"].items()}
     student_s, teacher_s = med.get("student"), med.get("teacher")
+    mins = {name: min(r["samples_s"]) for name, r in measured["rows"].items()}
     rows = []
     for name, r in measured["rows"].items():
         st = summarize(r["samples_s"])
@@ -392,6 +393,8 @@ def summary_rows(measured: dict, memory: dict[str, dict], batch_size: int) -> li
             "delta_vs_student_ms": round((st["median"] - student_s) * 1e3, 2) if kd else None,
             "kd_overhead_ms": round((st["median"] - student_s - teacher_s) * 1e3, 2) if kd else None,
             "ratio_vs_student_plus_teacher": round(st["median"] / (student_s + teacher_s), 3) if kd else None,
+            # the fastest samples: on a shared machine the least disturbed estimate of each cost
+            "ratio_of_minima": round(mins[name] / (mins["student"] + mins["teacher"]), 3) if kd else None,
             "kd_terms": r["kd_terms"],
             "kd_params": r["kd_params"],
             "nonfinite_steps": r["nonfinite_steps"],
@@ -446,7 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     lines = build_table(result)
     if args.ratio:
-        lines += ["", *(f"ratio {r['row']} / (student + teacher forward) = {r['ratio_vs_student_plus_teacher']:.3f}"
+        lines += ["", *(f"ratio {r['row']} / (student + teacher forward) = {r['ratio_vs_student_plus_teacher']:.3f} "
+                        f"(medians), {r['ratio_of_minima']:.3f} (fastest samples; goal <= 1.10)"
                         for r in rows if r["ratio_vs_student_plus_teacher"] is not None)]
         args.out = f"{args.out}_{choose_precision(device, not args.noamp).name}"
     write_results(result, lines, args.out)
