@@ -272,7 +272,9 @@ def build_table(result: dict) -> list[str]:
         "# Training-step throughput: student alone vs. each distillation method",
         "",
         f"`python -m benchmarks.bench_train_step` — student `{cfg['student']}` ({result['student_params']:,} params) "
-        f"← teacher `{cfg['teacher']}` ({result['teacher_params']:,} params), {cfg['imgsz']} px, batch "
+        + (f"← teacher `{cfg['teacher']}` ({result['teacher_params']:,} params)" if result["teacher_params"] else
+           "(no teacher)")
+        + f", {cfg['imgsz']} px, batch "
         f"{cfg['batch_size']}, nc {cfg['nc']}, {cfg['labels_per_image']} synthetic boxes/image; "
         f"{cfg['amp']}.",
         f"Device {m['device']} ({m['device_name']}), {m['cpus']} CPUs, {m['torch_threads']} torch thread(s), "
