@@ -8,6 +8,11 @@ Usage (from the repo root; builds datasets/demo on first use)::
 Writes ``benchmarks/results/dataloader.json`` and ``.md``. The time counts what a training step
 waits for: reading, mosaic, perspective, HSV, flips, collation. The first batches (worker start)
 are excluded as warm-up.
+
+``--train-model models/yolov5n.yaml`` also times that model's training step at each size (synthetic
+batches of the same size, the run's default precision: ``benchmarks.bench_train_step --methods none``)
+and reports ``loader / train``: the loader keeps up when it is >= 2 (it then never stalls the step,
+even with the variance of a shared machine).
 """
 
 from __future__ import annotations
@@ -48,6 +53,17 @@ def measure(sources: list[str], imgsz: int, batch: int, workers: int, batches: i
             "seconds": round(dt, 3), "images_per_s": round(seen / dt, 1), "dataset_images": len(dataset)}
 
 
+def train_images_per_s(model: str, imgsz: int, batch: int) -> tuple[float, str]:
+    """The training step's images/s of ``model`` (student alone, the run's default precision)."""
+    from benchmarks.bench_train_step import main as bench_step
+
+    res = bench_step(["--student", model, "--teacher", model, "--methods", "none", "--imgsz", str(imgsz),
+                      "--batch-size", str(batch), "--no-mem", "--repeats", "3", "--steps", "2", "--warmup", "1",
+                      "--out", str(ROOT / "benchmarks" / "results" / f"train_step_student_{imgsz}")])
+    amp = res["config"]["amp"]  # Precision.describe(): "AMP: bf16 autocast ..." or "AMP: off, fp32 ..."
+    return res["rows"][0]["images_per_s"], "fp32" if "off" in amp else amp.split()[1]
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(ROOT / "data" / "demo.yaml"))
@@ -57,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batches", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--train-model", default="", help="also time this model's training step (e.g. models/yolov5n.yaml)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dataloader"))
     args = p.parse_args(argv)
 
@@ -64,6 +81,10 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_data_config(args.data)
     hyp = yaml.safe_load(Path(args.hyp).read_text())
     rows = [measure(data["train"], s, args.batch, args.workers, args.batches, args.warmup, hyp) for s in args.imgsz]
+    if args.train_model:
+        for r in rows:
+            r["train_images_per_s"], r["train_precision"] = train_images_per_s(args.train_model, r["imgsz"], args.batch)
+            r["loader_over_train"] = round(r["images_per_s"] / r["train_images_per_s"], 2)
     result = {
         "benchmark": "dataloader",
         "data": str(Path(args.data).name),
@@ -82,10 +103,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"(mosaic {result['mosaic']}, mixup {result['mixup']}), {os.cpu_count()} CPUs (1-min load average "
         f"{load_before:.1f} before the run), torch {torch.__version__}, {result['date']}.",
         "",
-        "| imgsz | batch | workers | images/s | batches timed |",
-        "|---:|---:|---:|---:|---:|",
-        *(f"| {r['imgsz']} | {r['batch']} | {r['workers']} | {r['images_per_s']} | {r['batches']} |" for r in rows),
+        "| imgsz | batch | workers | images/s | batches timed | train step images/s | loader / train |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        *(f"| {r['imgsz']} | {r['batch']} | {r['workers']} | {r['images_per_s']} | {r['batches']} | "
+          f"{r.get('train_images_per_s', '—')} {r.get('train_precision', '')} | {r.get('loader_over_train', '—')} |"
+          for r in rows),
         "",
+        f"1-min load average {os.getloadavg()[0]:.1f} at the end.",
     ]
     write_results(result, md, args.out)
     print("\n".join(md))

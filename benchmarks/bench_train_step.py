@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import subprocess
@@ -51,12 +52,14 @@ from torch import nn
 
 from benchmarks.common import RESULTS_DIR, ROOT, machine_info, peak_rss_mb, summarize, time_block, write_results
 from distill.distiller import FEATURE_METHODS, DistillConfig, Distiller
-from distill.teacher import freeze_teacher, load_teacher, teacher_input, teacher_raw_outputs
-from engine.criterion import TrainingCriterion
-from engine.optim import NOMINAL_BATCH, accumulation_steps, build_optimizer
+from distill.teacher import load_teacher, prepare_teacher, run_teacher
+from engine.optim import NOMINAL_BATCH
+from engine.setup import load_hyp_file
+from engine.step import build_step_state, train_step
 from models import DetectionModel, load_model
-from utils.loss import DetectionLoss, scale_hyp
-from utils.torch_utils import WeightEMA, select_device
+from utils.loss import scale_hyp
+from utils.precision import Precision, choose_precision
+from utils.torch_utils import select_device
 
 OUTPUT_ROWS = ("objmse", "soft", "chen")
 ROWS = ("student", "teacher", *OUTPUT_ROWS, *FEATURE_METHODS)
@@ -99,21 +102,30 @@ def calibrate_bn(model: nn.Module, imgsz: int, device: torch.device, batches: in
     model.eval()
 
 
-def build_teacher(spec: str, device: torch.device, imgsz: int, seed: int) -> DetectionModel:
-    """A frozen teacher: :func:`distill.teacher.load_teacher` for a .pt, else a calibrated random init."""
+def build_teacher(spec: str, device: torch.device, imgsz: int, seed: int, precision: Precision,
+                  fold_bn: bool = True) -> DetectionModel:
+    """A frozen teacher as the trainer builds it (:func:`distill.teacher.load_teacher` for a .pt: the
+    run's dtype, channels_last, BN folded unless Overhaul needs it), else a calibrated random init."""
     if not is_yaml(spec):
-        return load_teacher(spec, device)
+        return load_teacher(spec, device, precision=precision, fold_bn=fold_bn)
     torch.manual_seed(seed + 1)
     model = load_model(spec, device=device)
     calibrate_bn(model, imgsz, device)
-    if device.type == "cuda":  # what load_teacher does on CUDA
-        model = model.half().to(memory_format=torch.channels_last)
-    return freeze_teacher(model)
+    return prepare_teacher(model, precision, fold_bn)
 
 
-def build_student(spec: str, nc: int | None, device: torch.device, seed: int) -> DetectionModel:
+def build_teachers(args: argparse.Namespace, rows: list[str], device: torch.device,
+                   precision: Precision) -> tuple[DetectionModel | None, DetectionModel | None]:
+    """(BN-folded teacher, unfolded teacher), each only when a row needs it."""
+    folded = any(r not in ("student", "overhaul") for r in rows)
+    unfolded = "overhaul" in rows
+    return (build_teacher(args.teacher, device, args.imgsz, args.seed, precision, True) if folded else None,
+            build_teacher(args.teacher, device, args.imgsz, args.seed, precision, False) if unfolded else None)
+
+
+def build_student(spec: str, nc: int | None, device: torch.device, seed: int, precision: Precision) -> DetectionModel:
     torch.manual_seed(seed)
-    return load_model(spec, nc=nc, device=device).train()
+    return precision.prepare(load_model(spec, nc=nc, device=device).train())
 
 
 def synthetic_batch(batch_size: int, imgsz: int, nc: int, labels_per_image: int, device: torch.device,
@@ -141,60 +153,35 @@ class Row:
     nonfinite: list[int] = field(default_factory=lambda: [0])
 
 
-def make_row(name: str, student0: nn.Module | None, teacher0: nn.Module | None, hyp: dict,
-             imgs_u8: torch.Tensor, targets: torch.Tensor, device: torch.device) -> Row:
-    """Deep copies of the pristine models + the engine's pieces for row ``name``."""
-    amp = device.type == "cuda"
+def make_row(name: str, student0: nn.Module | None, teacher0: tuple[nn.Module | None, nn.Module | None],
+             hyp: dict, imgs_u8: torch.Tensor, targets: torch.Tensor, precision: Precision) -> Row:
+    """Deep copies of the pristine models + the engine's own pieces (`engine.step`) for row ``name``.
+
+    ``teacher0``: (BN-folded teacher, teacher with BN) as the trainer builds them for non-Overhaul /
+    Overhaul runs (either may be None when no row needs it)."""
     if name == "teacher":
-        teacher = copy.deepcopy(teacher0)
-
-        @torch.no_grad()
-        def teacher_step() -> None:  # the Distiller's teacher pass: cast, autocast off, forward
-            imgs = imgs_u8.float() / 255
-            x = teacher_input(imgs, teacher)
-            with torch.autocast(device_type=device.type, enabled=False):
-                teacher_raw_outputs(teacher(x))
-
-        return Row(name, teacher_step)
+        teacher = copy.deepcopy(teacher0[0])
+        return Row(name, lambda: run_teacher(teacher, imgs_u8.float() / 255))  # the Distiller's teacher pass
 
     model = copy.deepcopy(student0).train()
     det = model.detect
-    imgsz = imgs_u8.shape[-1]
-    loss_hyp = scale_hyp(hyp, det.nl, det.nc, imgsz)
+    loss_hyp = scale_hyp(hyp, det.nl, det.nc, imgs_u8.shape[-1])
     distiller = None
     if name != "student":
         output, features = (name, ()) if name in OUTPUT_ROWS else ("none", (name,))
         cfg = DistillConfig(output=output, output_explicit=True, features=features, hyp=loss_hyp, t_val=False)
-        distiller = Distiller(model, copy.deepcopy(teacher0), cfg).to(device).train()
-    criterion = TrainingCriterion(DetectionLoss(model, loss_hyp), distiller)
-    bs = imgs_u8.shape[0]
-    accumulate = accumulation_steps(bs, NOMINAL_BATCH)  # only sets the weight decay, as in engine.setup
-    trainable = [model] + ([distiller] if distiller is not None else [])
-    optimizer = build_optimizer(trainable, "SGD", hyp["lr0"], hyp["momentum"],
-                                hyp["weight_decay"] * bs * accumulate / NOMINAL_BATCH)
-    params = [p for m in trainable for p in m.parameters() if p.requires_grad]
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    ema = WeightEMA(model)
+        teacher = teacher0[name == "overhaul"]  # Overhaul taps BN outputs: its teacher keeps its BN
+        distiller = Distiller(model, copy.deepcopy(teacher), cfg).to(imgs_u8.device).train()
+    # an optimizer step every batch (accumulate 1); NOMINAL_BATCH only sets the weight decay, as in training
+    state = build_step_state(model, distiller, hyp, loss_hyp, precision, imgs_u8.shape[0], NOMINAL_BATCH)
     row = Row(name, lambda: None)
+    counter = itertools.count()
 
-    def train_step() -> None:  # engine.trainer.train_one_epoch + _optimizer_step, one batch
-        imgs = imgs_u8.float() / 255
-        with torch.autocast(device.type, enabled=amp):
-            preds = model(imgs)
-        loss, _terms = criterion(imgs, preds, targets, 1.0)
-        if not torch.isfinite(loss).all():
+    def step() -> None:  # engine.step.train_step: what engine.trainer runs per batch
+        if train_step(state, imgs_u8, targets, next(counter), accumulate=1) is None:
             row.nonfinite[0] += 1
-            optimizer.zero_grad(set_to_none=True)
-            return
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, max_norm=10.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(model)
 
-    row.step = train_step
+    row.step = step
     if distiller is not None:
         row.kd_terms = list(distiller.weights)
         row.kd_params = sum(p.numel() for p in distiller.parameters())
@@ -210,13 +197,12 @@ def probe(args: argparse.Namespace, device: torch.device) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     result: dict = {"row": name}
     if name != "idle":
-        need_student = name != "teacher"
-        need_teacher = name != "student"
-        teacher0 = build_teacher(args.teacher, device, args.imgsz, args.seed) if need_teacher else None
-        student0 = build_student(args.student, args.nc, device, args.seed) if need_student else None
-        hyp = load_hyp(args.hyp)
+        precision = choose_precision(device, not args.noamp)
+        teacher0 = build_teachers(args, [name], device, precision)
+        student0 = build_student(args.student, args.nc, device, args.seed, precision) if name != "teacher" else None
+        hyp = load_hyp_file(args.hyp)
         imgs, targets = synthetic_batch(args.batch_size, args.imgsz, args.nc, args.labels_per_image, device, args.seed)
-        row = make_row(name, student0, teacher0, hyp, imgs, targets, device)
+        row = make_row(name, student0, teacher0, hyp, imgs, targets, precision)
         del student0, teacher0  # the row holds its own copies; the CPU high-water mark keeps them anyway
         for _ in range(args.mem_steps):
             row.step()
@@ -235,7 +221,7 @@ def run_probe(args: argparse.Namespace, name: str, device: torch.device) -> dict
            "--teacher", args.teacher, "--imgsz", str(args.imgsz), "--batch-size", str(args.batch_size),
            "--device", dev, "--threads", str(args.threads), "--hyp", args.hyp, "--nc", str(args.nc),
            "--labels-per-image", str(args.labels_per_image), "--seed", str(args.seed),
-           "--mem-steps", str(args.mem_steps)]
+           "--mem-steps", str(args.mem_steps)] + (["--noamp"] if args.noamp else [])
     env = dict(os.environ)
     if args.threads > 0:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -247,24 +233,18 @@ def run_probe(args: argparse.Namespace, name: str, device: torch.device) -> dict
     return {"row": name, "error": f"probe exited {proc.returncode}: {tail[0]}"}
 
 
-def load_hyp(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"--hyp {path}: file not found (try data/hyps/hyp.scratch-low.yaml)")
-    return yaml.safe_load(p.read_text())
-
-
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
 def measure(args: argparse.Namespace, rows: list[str], device: torch.device) -> dict:
     """Build every row in this process, warm up, then time them in interleaved rounds."""
-    teacher0 = build_teacher(args.teacher, device, args.imgsz, args.seed)
-    student0 = build_student(args.student, args.nc, device, args.seed)
-    hyp = load_hyp(args.hyp)
+    precision = choose_precision(device, not args.noamp)
+    teacher0 = build_teachers(args, rows, device, precision)
+    student0 = build_student(args.student, args.nc, device, args.seed, precision)
+    hyp = load_hyp_file(args.hyp)
     imgs, targets = synthetic_batch(args.batch_size, args.imgsz, args.nc, args.labels_per_image, device, args.seed)
-    built = [make_row(r, student0, teacher0, hyp, imgs, targets, device) for r in rows]
+    built = [make_row(r, student0, teacher0, hyp, imgs, targets, precision) for r in rows]
     for row in built:
         for _ in range(args.warmup):
             row.step()
@@ -275,7 +255,8 @@ def measure(args: argparse.Namespace, rows: list[str], device: torch.device) -> 
             samples[row.name].append(time_block(row.step, args.steps, device))
     return {
         "student_params": n_params(student0),
-        "teacher_params": n_params(teacher0),
+        "teacher_params": n_params(next((t for t in teacher0 if t is not None), nn.Identity())),
+        "precision": precision.describe(),
         "rows": {r.name: {"samples_s": samples[r.name], "kd_terms": r.kd_terms, "kd_params": r.kd_params,
                           "nonfinite_steps": r.nonfinite[0]} for r in built},
     }
@@ -291,9 +272,11 @@ def build_table(result: dict) -> list[str]:
         "# Training-step throughput: student alone vs. each distillation method",
         "",
         f"`python -m benchmarks.bench_train_step` — student `{cfg['student']}` ({result['student_params']:,} params) "
-        f"← teacher `{cfg['teacher']}` ({result['teacher_params']:,} params), {cfg['imgsz']} px, batch "
+        + (f"← teacher `{cfg['teacher']}` ({result['teacher_params']:,} params)" if result["teacher_params"] else
+           "(no teacher)")
+        + f", {cfg['imgsz']} px, batch "
         f"{cfg['batch_size']}, nc {cfg['nc']}, {cfg['labels_per_image']} synthetic boxes/image; "
-        f"{'AMP' if cuda else 'fp32'}.",
+        f"{cfg['amp']}.",
         f"Device {m['device']} ({m['device_name']}), {m['cpus']} CPUs, {m['torch_threads']} torch thread(s), "
         f"torch {m['torch']}, Python {m['python']}"
         + (f", load average at start {m['load_average'][0]}" if m.get("load_average") else "")
@@ -342,7 +325,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per row first")
     p.add_argument("--methods", default="all",
                    help=f"comma list of rows to compare with student and teacher; default all of "
-                        f"{','.join(ROWS[2:])}")
+                        f"{','.join(ROWS[2:])}; 'none': the student's step alone")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--hyp", default=str(ROOT / "data" / "hyps" / "hyp.scratch-low.yaml"))
     p.add_argument("--nc", type=int, default=0, help="classes (default: the teacher's)")
@@ -352,12 +335,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="measure peak memory per row in fresh subprocesses")
     p.add_argument("--mem-steps", type=int, default=3, help="steps each memory probe runs")
     p.add_argument("--out", default=str(RESULTS_DIR / "train_step"), help="output path stem (.json and .md)")
+    p.add_argument("--noamp", action="store_true", help="fp32 (as train_distill.py --noamp); default: the "
+                   "run's AMP (fp16 + GradScaler on CUDA, bf16 on CPUs with native bf16)")
+    p.add_argument("--ratio", action="store_true",
+                   help="ratio mode: student step, teacher forward and the --methods distillation step (default "
+                        "objmse) only, no memory probes; writes distill/(student+teacher) to <out>_<fp32|bf16|fp16>")
     p.add_argument("--probe", default="", help=argparse.SUPPRESS)  # internal: one row, memory only
     args = p.parse_args(argv)
+    if args.ratio:
+        args.mem = False
+        if args.methods == "all":
+            args.methods = "objmse"
+        if args.out == str(RESULTS_DIR / "train_step"):
+            args.out = str(RESULTS_DIR / "train_step_ratio")
     args.student = resolve_spec(args.student, "--student")
     args.teacher = resolve_spec(args.teacher, "--teacher")
     if args.methods == "all":
         args.rows = list(ROWS)
+    elif args.methods == "none":  # the student's step alone (e.g. training images/s for bench_dataloader)
+        args.rows = ["student"]
     else:
         chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
         bad = [m for m in chosen if m not in ROWS[2:]]
@@ -378,6 +374,36 @@ def teacher_nc(spec: str) -> int:
 
     ckpt = load_checkpoint(spec)
     return int(ckpt["yaml"].get("nc") or len(ckpt["names"]))
+
+
+def summary_rows(measured: dict, memory: dict[str, dict], batch_size: int) -> list[dict]:
+    """Per row: median ms/step, images/s, deltas vs the student, KD overhead and the ratio
+    row / (student step + teacher forward) (the distillation step's cost goal is <= 1.10)."""
+    med = {name: summarize(r["samples_s"])["median"] for name, r in measured["rows"].items()}
+    student_s, teacher_s = med.get("student"), med.get("teacher")
+    mins = {name: min(r["samples_s"]) for name, r in measured["rows"].items()}
+    rows = []
+    for name, r in measured["rows"].items():
+        st = summarize(r["samples_s"])
+        kd = name not in ("student", "teacher")
+        rows.append({
+            "row": name,
+            "ms_per_step": round(st["median"] * 1e3, 2),
+            "min_ms": round(st["min"] * 1e3, 2),
+            "iqr_ms": round(st["iqr"] * 1e3, 2),
+            "images_per_s": round(batch_size / st["median"], 1),
+            "delta_vs_student_ms": round((st["median"] - student_s) * 1e3, 2) if kd else None,
+            "kd_overhead_ms": round((st["median"] - student_s - teacher_s) * 1e3, 2) if kd else None,
+            "ratio_vs_student_plus_teacher": round(st["median"] / (student_s + teacher_s), 3) if kd else None,
+            # the fastest samples: on a shared machine the least disturbed estimate of each cost
+            "ratio_of_minima": round(mins[name] / (mins["student"] + mins["teacher"]), 3) if kd else None,
+            "kd_terms": r["kd_terms"],
+            "kd_params": r["kd_params"],
+            "nonfinite_steps": r["nonfinite_steps"],
+            "memory": memory.get(name),
+            "samples_ms": [round(s * 1e3, 2) for s in r["samples_s"]],
+        })
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -405,43 +431,30 @@ def main(argv: list[str] | None = None) -> dict:
                 if "rss_peak_mb" in mem:
                     mem["rss_over_idle_mb"] = round(mem["rss_peak_mb"] - idle["rss_peak_mb"], 1)
 
-    med = {name: summarize(r["samples_s"])["median"] for name, r in measured["rows"].items()}
-    student_s, teacher_s = med.get("student"), med.get("teacher")
-    rows = []
-    for name, r in measured["rows"].items():
-        st = summarize(r["samples_s"])
-        kd = name not in ("student", "teacher")
-        rows.append({
-            "row": name,
-            "ms_per_step": round(st["median"] * 1e3, 2),
-            "min_ms": round(st["min"] * 1e3, 2),
-            "iqr_ms": round(st["iqr"] * 1e3, 2),
-            "images_per_s": round(args.batch_size / st["median"], 1),
-            "delta_vs_student_ms": round((st["median"] - student_s) * 1e3, 2) if kd else None,
-            "kd_overhead_ms": round((st["median"] - student_s - teacher_s) * 1e3, 2) if kd else None,
-            "kd_terms": r["kd_terms"],
-            "kd_params": r["kd_params"],
-            "nonfinite_steps": r["nonfinite_steps"],
-            "memory": memory.get(name),
-            "samples_ms": [round(s * 1e3, 2) for s in r["samples_s"]],
-        })
+    rows = summary_rows(measured, memory, args.batch_size)
     result = {
         "benchmark": "train_step",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": machine,
         "config": {"student": os.path.relpath(args.student, ROOT), "teacher": os.path.relpath(args.teacher, ROOT),
                    "imgsz": args.imgsz, "batch_size": args.batch_size, "nc": args.nc,
-                   "labels_per_image": args.labels_per_image, "amp": device.type == "cuda",
+                   "labels_per_image": args.labels_per_image, "amp": measured["precision"],
                    "repeats": args.repeats, "steps": args.steps, "warmup": args.warmup,
                    "hyp": Path(args.hyp).name, "memory": "cuda max_memory_allocated per row (fresh process)"
                    if device.type == "cuda" else "RSS high-water mark per row (fresh process)"},
         "student_params": measured["student_params"],
         "teacher_params": measured["teacher_params"],
+        "load_average_end": list(os.getloadavg()),
         "idle_rss_mb": idle.get("rss_peak_mb") if idle else None,
         "rows": rows,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     lines = build_table(result)
+    if args.ratio:
+        lines += ["", *(f"ratio {r['row']} / (student + teacher forward) = {r['ratio_vs_student_plus_teacher']:.3f} "
+                        f"(medians), {r['ratio_of_minima']:.3f} (fastest samples; goal <= 1.10)"
+                        for r in rows if r["ratio_vs_student_plus_teacher"] is not None)]
+        args.out = f"{args.out}_{choose_precision(device, not args.noamp).name}"
     write_results(result, lines, args.out)
     print("\n".join(lines))
     return result

@@ -46,7 +46,7 @@ from distill.feature_qmimic import Q_BITS, FeatureQMimic
 from distill.output import chen_bounded_box, objectness_weighted_mse, soft_output_terms
 from distill.schedule import SCHEDULES, kd_scale
 from distill.taps import FeatureTaps, detect_inputs, detect_layer, final_conv
-from distill.teacher import check_compatibility, teacher_input, teacher_raw_outputs
+from distill.teacher import check_compatibility, run_teacher
 from utils.torch_utils import unwrap_model as unwrap
 
 OUTPUT_MODES = ("objmse", "soft", "chen", "none")
@@ -235,15 +235,10 @@ class Distiller(nn.Module):
             self.to(p.device)
 
     # ------------------------------------------------------------------------------------ forward
-    @torch.no_grad()
     def teacher_forward(self, imgs: torch.Tensor) -> list[torch.Tensor]:
-        """Run the frozen teacher on ``imgs`` (float 0-1, any dtype/device); raw per-level outputs."""
-        self.teacher.eval()  # a no-op for a frozen teacher; keeps a hand-made one honest too
-        x = teacher_input(imgs, self.teacher)
-        # The teacher's dtype was chosen at load time (fp16 on CUDA); an enclosing autocast region
-        # (the student's AMP) would mix its own dtype into the teacher's BN layers, so turn it off.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return list(teacher_raw_outputs(self.teacher(x)))
+        """Run the frozen teacher on ``imgs`` (float 0-1, any dtype/device); raw per-level fp32 outputs
+        (its taps' features cast to fp32 too; see :func:`distill.teacher.run_teacher`)."""
+        return run_teacher(self.teacher, imgs, (self._t_taps, self._t_pre))
 
     def forward(
         self, imgs: torch.Tensor, student_preds: Sequence[torch.Tensor] | Any, targets: torch.Tensor

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from distill.taps import detect_input_channels, detect_layer
+from utils.precision import Precision
 from utils.torch_utils import unwrap_model as unwrap
 
 if TYPE_CHECKING:  # only for annotations: distill/ does not need models/ at import time
@@ -62,6 +63,8 @@ def load_teacher(
     device: str | torch.device = "cpu",
     cfg: str | Path | dict | None = None,
     half: bool | None = None,
+    precision: Precision | None = None,
+    fold_bn: bool = False,
 ) -> DetectionModel:
     """Load a frozen teacher from a YOLOv5 release/train checkpoint or one of ours.
 
@@ -70,12 +73,15 @@ def load_teacher(
         device: where the teacher runs.
         cfg: optional model yaml (``--t_cfg``): build that architecture, then load the
             checkpoint's weights into it (strict; a mismatch names both files).
-        half: fp16 weights; default True on CUDA, False elsewhere. On CUDA the teacher is also
-            put in channels_last memory format (faster convolutions; the distiller feeds it
-            matching inputs).
+        half: fp16 weights; default True on CUDA, False elsewhere (ignored when ``precision`` is given).
+        precision: the run's `utils.precision.Precision`: the teacher's weights take its autocast
+            dtype (fp16 on CUDA, bf16 on a bf16 CPU, fp32 with AMP off) and channels_last when it
+            uses it. A frozen teacher needs no fp32 master weights: storing it in the low dtype
+            saves the per-op casts autocast would do on every forward.
+        fold_bn: fold every BatchNorm into its conv (fewer ops per forward; outputs equal up to
+            rounding). Leave False when a feature tap reads BN outputs (Overhaul's pre-activations).
 
-    Returns the model frozen by :func:`freeze_teacher`. BN layers are kept (not fused): the
-    pre-activation taps of the Overhaul method read them.
+    Returns the model frozen by :func:`freeze_teacher`.
     """
     p = Path(path)
     if not str(path) or not p.is_file():
@@ -83,35 +89,69 @@ def load_teacher(
     if p.suffix in (".yaml", ".yml"):
         raise ValueError(f"--t_weights {path}: a teacher needs trained weights (.pt), not a model yaml")
     device = torch.device(device)
-    if cfg:
-        from models.checkpoint import load_checkpoint
-        from models.yolo import DetectionModel
+    if precision is None:  # the pre-precision interface: fp16 (+ channels_last) on CUDA
+        half = device.type == "cuda" if half is None else half
+        precision = Precision(device.type, torch.float16 if half else None)
+    return prepare_teacher(_build_teacher(p, device, cfg), precision, fold_bn)
 
-        ckpt = load_checkpoint(p)
-        nc = ckpt.get("yaml", {}).get("nc") or len(ckpt.get("names") or [])
-        model = DetectionModel(cfg, nc=nc or None)
-        state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0:2]
-            raise ValueError(f"--t_cfg {cfg} does not match the weights in --t_weights {path}: "
-                             f"{' '.join(first)}") from None
-        if ckpt.get("names"):
-            model.names = list(ckpt["names"])
-        model = model.to(device)
-    else:
-        from models import load_model
 
-        model = load_model(p, device=device)
+def prepare_teacher(model: nn.Module, precision: Precision, fold_bn: bool = False) -> nn.Module:
+    """Fold BN (optional, in fp32), cast to ``precision.dtype`` (fp32 when None), channels_last when
+    ``precision`` uses it, then :func:`freeze_teacher`. Returns the model."""
     model = model.float()
-    if half is None:
-        half = device.type == "cuda"
-    if half:
-        model = model.half()
-    if device.type == "cuda":
+    if fold_bn:
+        nn.Module.train(model, False)
+        model.fuse()
+    det = detect_layer(model)
+    anchors = det.anchors.clone()  # kept fp32: in bf16 (8 mantissa bits) 373 px would read 372
+    model = model.to(precision.dtype or torch.float32)
+    det.anchors = anchors
+    if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return freeze_teacher(model)
+
+
+def _build_teacher(p: Path, device: torch.device, cfg: str | Path | dict | None) -> DetectionModel:
+    """The teacher's network from the checkpoint, or ``cfg``'s architecture with its weights."""
+    if not cfg:
+        from models import load_model
+
+        return load_model(p, device=device)
+    from models.checkpoint import load_checkpoint
+    from models.yolo import DetectionModel
+
+    ckpt = load_checkpoint(p)
+    nc = ckpt.get("yaml", {}).get("nc") or len(ckpt.get("names") or [])
+    model = DetectionModel(cfg, nc=nc or None)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0:2]
+        raise ValueError(f"--t_cfg {cfg} does not match the weights in --t_weights {p}: "
+                         f"{' '.join(first)}") from None
+    if ckpt.get("names"):
+        model.names = list(ckpt["names"])
+    return model.to(device)
+
+
+@torch.no_grad()  # not inference_mode: the fp32 outputs enter the student's autograd graph as constants
+def run_teacher(teacher: nn.Module, imgs: torch.Tensor, taps: Iterable[Any] = ()) -> list[torch.Tensor]:
+    """The frozen teacher's raw per-level outputs on ``imgs`` (float 0-1), in fp32, outside autograd.
+
+    The input is cast to the teacher's own dtype and memory format (`teacher_input`); an enclosing
+    autocast region (the student's) is switched off so it cannot mix its dtype into the teacher.
+    The outputs and the features recorded by ``taps`` (`distill.taps.FeatureTaps`, None skipped)
+    are cast to fp32 once here, so every KD loss sees fp32 tensors whatever the teacher's dtype.
+    """
+    teacher.eval()  # a no-op for a frozen teacher; keeps a hand-made one honest too
+    x = teacher_input(imgs, teacher)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        out = [t.float() for t in teacher_raw_outputs(teacher(x))]
+    for tap in taps:
+        if tap is not None and tap.features and all(f is not None for f in tap.features):
+            tap.features = [f.float() for f in tap.features]
+    return out
 
 
 # ----------------------------------------------------------------------------------- compatibility
@@ -244,6 +284,8 @@ __all__ = [
     "check_compatibility",
     "freeze_teacher",
     "load_teacher",
+    "prepare_teacher",
+    "run_teacher",
     "teacher_input",
     "teacher_raw_outputs",
 ]

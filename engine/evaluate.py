@@ -33,6 +33,7 @@ from utils.boxes import non_max_suppression
 from utils.coco_eval import ImageIdLookup, category_ids, coco_evaluate, labels_to_coco_json, predictions_to_coco
 from utils.detect_outputs import split_outputs
 from utils.metrics import IOU_THRESHOLDS, ConfusionMatrix, fitness, match_predictions, score_detections
+from utils.precision import Precision
 from utils.torch_utils import unwrap_model
 
 LOGGER = logging.getLogger(__name__)
@@ -83,12 +84,12 @@ class Unletterbox:
 class EvalSettings:
     """How :func:`evaluate` scores and what it writes (every field has the val.py default).
 
-    ``half`` on CUDA runs an fp16 model as is, and an fp32 model under autocast (the weights are
-    never converted, so a training model is left exactly as it was). ``compute_loss(raw_preds,
-    targets) -> (total, items (3,))`` adds the mean validation loss. With ``save_json`` the
-    predictions go to ``save_dir/json_name`` in COCO format and pycocotools evaluates them against
-    ``anno_json`` (generated from the labels when None). ``plots``, ``save_json`` and ``save_txt``
-    need a ``save_dir``.
+    ``half`` on CUDA runs an fp16 model as is, an fp32 one under autocast (weights never converted, so
+    a training model is left as it was); ``precision`` (:mod:`utils.precision`) replaces ``half``: an
+    fp32 model runs under its autocast (bf16 on CPU, fp16 on CUDA). ``compute_loss(raw_preds, targets)
+    -> (total, items (3,))`` adds the mean validation loss. ``save_json`` writes ``save_dir/json_name``
+    (COCO) for pycocotools against ``anno_json`` (generated from the labels when None). ``plots``,
+    ``save_json`` and ``save_txt`` need a ``save_dir``.
     """
 
     conf_thres: float = 0.001
@@ -105,6 +106,7 @@ class EvalSettings:
     save_txt: bool = False
     save_conf: bool = False
     json_name: str = "predictions.json"
+    precision: Precision | None = None
 
 
 @torch.inference_mode()
@@ -135,6 +137,8 @@ def evaluate(
     model = unwrap_model(model)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
+    if s.precision is None:
+        s = replace(s, precision=Precision(device.type, torch.float16 if s.half and device.type == "cuda" else None))
     try:
         return _evaluate(model, loader, list(names), device, s)
     finally:
@@ -181,18 +185,17 @@ def _evaluate(model: nn.Module, loader: Iterable, names: list[str], device: torc
 def _run_batches(model: nn.Module, loader: Iterable, names: list[str], device: torch.device, s: EvalSettings,
                  save_dir: Path | None) -> _Tally:
     """The batch loop: pre-process, forward (+ loss), NMS, then per-image matching (timed per stage)."""
-    cuda_half = s.half and device.type == "cuda"
     param = next(model.parameters(), None)
-    model_fp16 = param is not None and param.dtype == torch.float16
-    in_dtype = torch.float16 if model_fp16 else torch.float32
+    low = param is not None and param.dtype in (torch.float16, torch.bfloat16)  # a teacher stored low
+    in_dtype = param.dtype if low else torch.float32
     # An fp32 model is run under autocast rather than converted: .half() then .float() would round
     # the caller's weights (e.g. the training EMA) to fp16.
-    amp = torch.autocast("cuda", dtype=torch.float16) if cuda_half and not model_fp16 else nullcontext()
+    amp = s.precision.autocast() if not low else nullcontext()
     tally = _Tally(len(names))
     for bi, (imgs, targets, paths, shapes) in enumerate(loader):
         _sync(device)
         t0 = time.perf_counter()
-        imgs = imgs.to(device, non_blocking=True).to(in_dtype) / 255
+        imgs = s.precision.memory_format(imgs.to(device, non_blocking=True).to(in_dtype) / 255)
         targets = targets.to(device)
         _sync(device)
         t1 = time.perf_counter()

@@ -53,6 +53,8 @@ TRAIN_FLAGS: dict[str, list[tuple[str | tuple[str, ...], str, dict]]] = {
         ("--seed", "global seed (data order, augmentation, init)", {**_INT, "default": 0}),
         ("--device", "cuda device, e.g. 0 or 0,1, or cpu ('' = auto)", {"default": ""}),
         ("--sync-bn", "SyncBatchNorm under DDP", _SWITCH),
+        ("--noamp", "no mixed precision: fp32 everywhere (default: fp16 autocast + GradScaler on CUDA, bf16 "
+                    "autocast on CPUs with native bf16; see README 'Mixed precision')", _SWITCH),
         ("--noval", "validate only after the final epoch", _SWITCH),
         ("--noautoanchor", "keep the model's anchors (no AutoAnchor check/search; placeholder 'anchors: N' are "
                            "still fitted)", _SWITCH),

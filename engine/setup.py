@@ -2,6 +2,10 @@
 
 `prepare_run(opt, info, device) -> Run` does all the one-off work so that the loop in
 `engine.trainer` reads as the algorithm. Each step is a small named function.
+
+Size: about 400 lines because it is one build sequence (folders → data → models → teacher → optimizer
+→ resume) read top to bottom; every step is a function under 60 lines, and each concern with its own
+rules lives elsewhere (engine.runfolder, engine.checkpointing, engine.optim, utils.precision).
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from engine.checkpointing import find_last_checkpoint, namespace_to_dict
 from engine.criterion import TrainingCriterion
 from engine.evaluate import evaluate
 from engine.logger import save_yaml, write_results
-from engine.optim import YOLOV5_GROUP_ORDER, LrCurve, WarmupSchedule, accumulation_steps, build_optimizer
+from engine.optim import YOLOV5_GROUP_ORDER, LrCurve, WarmupSchedule
 from engine.runfolder import archive_previous_run, new_run_id, owning_run_folder, remove_stale_temps
+from engine.step import build_step_state
 from models.checkpoint import CheckpointError, load_checkpoint, transfer_weights
 from models.hub import find_weights
 from models.yolo import DetectionModel
@@ -36,8 +41,9 @@ from utils.data_config import load_data_config
 from utils.dataset import create_dataloader, set_loader_epoch
 from utils.files import find_data_yaml, increment_path
 from utils.geometry import round_to_stride
-from utils.loss import DetectionLoss, scale_hyp
+from utils.loss import scale_hyp
 from utils.plots import plot_labels, plot_results
+from utils.precision import FP32_CPU, Precision, choose_precision
 from utils.torch_utils import DistInfo, WeightEMA, dist_info, seed_everything, select_device
 
 LOGGER = logging.getLogger(__name__)
@@ -74,9 +80,7 @@ class Run:
     history: list[dict] = field(default_factory=list)  # one results.csv row per finished epoch
     trainable_parameters: list = field(default_factory=list)
 
-    @property
-    def amp(self) -> bool:
-        return self.device.type == "cuda"
+    precision: Precision = FP32_CPU  # autocast dtype / channels_last / GradScaler (utils.precision)
 
     @property
     def weights_dir(self) -> Path:
@@ -183,23 +187,19 @@ def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device) -
 
     if ckpt is None:  # a resumed run keeps the anchors it was trained with
         _fit_anchors(opt, model, train_set, hyp, imgsz, info)
-    teacher, distiller = _build_distiller(opt, model, loss_hyp, device)
+    precision = _choose_precision(opt, device, model, info)
+    teacher, distiller = _build_distiller(opt, model, loss_hyp, device, precision)
     nbs = opt.nominal_batch
-    weight_decay = hyp["weight_decay"] * opt.batch_size * accumulation_steps(opt.batch_size, nbs) / nbs
-    trainable = [model] + ([distiller] if distiller is not None else [])
-    optimizer = build_optimizer(trainable, opt.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
+    parts = build_step_state(model, distiller, hyp, loss_hyp, precision, opt.batch_size, nbs, opt.optimizer)
     lf = LrCurve(opt.epochs, hyp["lrf"], opt.cos_lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
-    ema = WeightEMA(model)
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(parts.optimizer, lr_lambda=lf)
     save_dir = _save_dir(opt, info, resumed=ckpt is not None)  # only now: bad data has been refused
 
-    run = Run(opt=opt, info=info, device=device, save_dir=save_dir, hyp=hyp, names=names, model=model, ema=ema,
-              optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+    run = Run(opt=opt, info=info, device=device, save_dir=save_dir, hyp=hyp, names=names, model=model,
+              ema=parts.ema, optimizer=parts.optimizer, scheduler=scheduler, scaler=parts.scaler,
               warmup=WarmupSchedule.from_hyp(hyp, len(train_loader), opt.batch_size, lf, nbs),
-              criterion=TrainingCriterion(DetectionLoss(model, loss_hyp), distiller),
-              train_loader=train_loader, val_loader=val_loader, distiller=distiller,
-              trainable_parameters=[p for m in trainable for p in m.parameters() if p.requires_grad])
+              criterion=parts.criterion, train_loader=train_loader, val_loader=val_loader, distiller=distiller,
+              trainable_parameters=parts.trainable_parameters, precision=precision)
     if ckpt is not None:
         _restore(run, ckpt)
     if info.is_main:
@@ -222,14 +222,19 @@ def _locate_inputs(opt: argparse.Namespace) -> None:
 
 
 def _load_hyp(opt: argparse.Namespace) -> dict:
-    path = Path(opt.hyp)
+    return load_hyp_file(opt.hyp, opt.label_smoothing)
+
+
+def load_hyp_file(path: str | Path, label_smoothing: float = 0.0) -> dict:
+    """A YOLOv5 hyper-parameter yaml (``--hyp``), checked, with ``label_smoothing`` added."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--hyp {path}: file not found (try data/hyps/hyp.scratch-low.yaml)")
     with open(path) as f:
         hyp = yaml.safe_load(f)
     if not isinstance(hyp, dict) or "lr0" not in hyp:
         raise ValueError(f"--hyp {path}: not a YOLOv5 hyper-parameter yaml (no lr0 key)")
-    hyp["label_smoothing"] = opt.label_smoothing
+    hyp["label_smoothing"] = label_smoothing
     return hyp
 
 
@@ -319,20 +324,33 @@ def _fit_anchors(opt: argparse.Namespace, model: DetectionModel, train_set, hyp:
         dist.broadcast(model.detect.anchors, src=0)
 
 
-def _build_distiller(opt: argparse.Namespace, student: DetectionModel, loss_hyp: dict,
-                     device: torch.device) -> tuple[DetectionModel | None, nn.Module | None]:
+def _choose_precision(opt: argparse.Namespace, device: torch.device, model: nn.Module, info: DistInfo) -> Precision:
+    """The run's precision (printed, and recorded as opt.amp in opt.yaml and checkpoints); the
+    student's weights stay fp32 (master weights), in channels_last when AMP is on."""
+    precision = choose_precision(device, amp=not getattr(opt, "noamp", False))
+    opt.amp = precision.name
+    precision.prepare(model)
+    if info.is_main:
+        print(precision.describe())
+    return precision
+
+
+def _build_distiller(opt: argparse.Namespace, student: DetectionModel, loss_hyp: dict, device: torch.device,
+                     precision: Precision) -> tuple[DetectionModel | None, nn.Module | None]:
     if not opt.t_weights:
         config_from_args(opt, loss_hyp)  # rejects KD flags given without a teacher
         return None, None
-    teacher = load_teacher(opt.t_weights, device, cfg=opt.t_cfg or None)
-    distiller = Distiller(student, teacher, config_from_args(opt, loss_hyp)).to(device)
+    cfg = config_from_args(opt, loss_hyp)
+    teacher = load_teacher(opt.t_weights, device, cfg=opt.t_cfg or None, precision=precision,
+                           fold_bn="overhaul" not in cfg.features)
+    distiller = Distiller(student, teacher, cfg).to(device)
     for line in distiller.summary():
         LOGGER.info(line)
     return teacher, distiller
 
 
 def _validate_teacher(run: Run, teacher: DetectionModel) -> dict:
-    metrics = evaluate(teacher, run.val_loader, run.names, run.device, half=run.amp)
+    metrics = evaluate(teacher, run.val_loader, run.names, run.device, precision=run.precision)
     LOGGER.info(f"Teacher {run.opt.t_weights}: mAP50 {metrics['map50']:.4f}  mAP50-95 {metrics['map']:.4f} "
                 "on the val split")
     return metrics

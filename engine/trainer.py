@@ -1,9 +1,10 @@
 """The training loop: `fit(opt)` runs a whole experiment, `train_one_epoch` one pass over the data.
 
 Everything a run holds lives in a `Run` record built by `engine.setup.prepare_run`; this file only
-orders the steps. A training step, as data: batch → student forward → `TrainingCriterion`
-(YOLOv5 loss + distillation terms, weighted in one place) → backward (AMP-scaled on CUDA) →
-optimizer step every `accumulate` batches → EMA update. Validation reads the EMA model.
+orders the steps. A training step (`engine.step.train_step`): batch → student forward under the
+run's autocast (`utils.precision`) → `TrainingCriterion` in fp32 (YOLOv5 loss + distillation terms,
+weighted in one place) → backward (GradScaler for fp16) → optimizer step every `accumulate` batches
+→ EMA update. Validation reads the EMA model.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from engine.evaluate import evaluate
 from engine.logger import progress_line
 from engine.options import check_options
 from engine.setup import Run, prepare_run, setup_distributed
+from engine.step import train_step
 from models import load_model
 from models.checkpoint import save_checkpoint
-from utils.torch_utils import all_reduce_grads, broadcast_flag, set_rng_state, state_digest
+from utils.precision import FP32_CPU, Precision
+from utils.torch_utils import broadcast_flag, set_rng_state, state_digest
 
 EpochHook = Callable[[int, dict], None]
 
@@ -47,19 +50,12 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     for i, (imgs, targets, _paths, _shapes) in enumerate(bar):
         ni = i + n_batches * epoch
         accumulate = run.warmup.step(run.optimizer, ni, epoch)
-        imgs = imgs.to(run.device, non_blocking=True).float() / 255
-        targets = targets.to(run.device)
-        with torch.autocast(run.device.type, enabled=run.amp):
-            preds = model(imgs)
-        loss, terms = run.criterion(imgs, preds, targets, scale)
-        if not _all_finite(loss, run):
+        imgs, targets = imgs.to(run.device, non_blocking=True), targets.to(run.device)
+        terms = train_step(run, imgs, targets, ni, accumulate, scale)
+        if terms is None:
             _skip_step(run, epoch, i)
             continue
         run.nonfinite_streak = 0
-        run.scaler.scale(loss).backward()
-        if ni - run.last_step >= accumulate:
-            _optimizer_step(run)
-            run.last_step = ni
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         if run.info.is_main:
@@ -68,20 +64,8 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     return {k: v / max(n_batches, 1) for k, v in sums.items()}
 
 
-def _optimizer_step(run: Run) -> None:
-    run.scaler.unscale_(run.optimizer)
-    if run.info.distributed and run.distiller is not None:
-        all_reduce_grads(run.distiller, run.info.world_size)
-    torch.nn.utils.clip_grad_norm_(run.trainable_parameters, max_norm=10.0)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.ema.update(run.model)
-
-
 def _skip_step(run: Run, epoch: int, batch: int) -> None:
-    """Drop this batch's gradients; give up with a clear message if the loss keeps blowing up."""
-    run.optimizer.zero_grad(set_to_none=True)
+    """Count a dropped batch (train_step zeroed its gradients); give up if the loss keeps blowing up."""
     run.nonfinite_streak += 1
     if run.info.is_main:
         print(f"WARNING: non-finite loss at epoch {epoch + 1} batch {batch}; step skipped "
@@ -94,26 +78,19 @@ def _skip_step(run: Run, epoch: int, batch: int) -> None:
         )
 
 
-def _all_finite(loss: torch.Tensor, run: Run) -> bool:
-    """Whether the loss is finite on every rank (all ranks must skip together or DDP would hang)."""
-    ok = torch.isfinite(loss).all().float()
-    if run.info.distributed:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
-
-
 def _mem_gb() -> float:
     return torch.cuda.memory_reserved() / 1e9 if torch.cuda.is_available() else 0.0
 
 
-def validate(run: Run, model: torch.nn.Module, plots: bool = False) -> dict:
-    """mAP of `model` on the val split (rank 0 only), with the detection loss on val batches."""
+def validate(run: Run, model: torch.nn.Module, plots: bool = False, precision: Precision | None = None) -> dict:
+    """mAP of `model` on the val split (rank 0 only), with the detection loss on val batches; in the
+    run's precision unless `precision` is given."""
     return evaluate(
         model,
         run.val_loader,
         run.names,
         run.device,
-        half=run.amp,
+        precision=precision or run.precision,
         save_dir=run.save_dir,
         plots=plots,
         compute_loss=run.criterion.detection_loss,
@@ -204,7 +181,8 @@ def _finish(run: Run, last_epoch: int) -> dict:
     best = run.weights_dir / "best.pt"
     if best.exists():
         student = load_model(best, device=run.device)
-        metrics = validate(run, student, plots=not run.opt.noplots)
+        final = run.precision if run.device.type == "cuda" else FP32_CPU  # CPU: best.pt scored in fp32
+        metrics = validate(run, student, plots=not run.opt.noplots, precision=final)
         summary["student"] = {k: metrics[k] for k in ("map50", "map", "precision", "recall", "fitness")}
     if run.teacher_metrics is not None:
         summary["teacher"] = {k: run.teacher_metrics[k] for k in ("map50", "map", "precision", "recall", "fitness")}

@@ -216,10 +216,12 @@ class Detect(nn.Module):
             p = p.view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous()
             raw.append(p)
             if not self.training:
-                s = p.sigmoid()
-                stride = self.stride[i].to(p)
-                anchor_px = (self.anchors[i] * stride).view(1, self.na, 1, 1, 2).to(p)
-                xy = (s[..., 0:2] * 2 + self._grid(ny, nx, p)) * stride
+                # bf16 (8 mantissa bits) would round decoded coordinates to ~1 px at 160-640 px:
+                # decode in fp32 (measured: mAP50-95 -0.005 otherwise, benchmarks/precision_val.py)
+                s = (p.float() if p.dtype == torch.bfloat16 else p).sigmoid()
+                stride = self.stride[i].to(s)
+                anchor_px = (self.anchors[i] * stride).view(1, self.na, 1, 1, 2).to(s)
+                xy = (s[..., 0:2] * 2 + self._grid(ny, nx, s)) * stride
                 wh = (s[..., 2:4] * 2) ** 2 * anchor_px
                 decoded.append(torch.cat((xy, wh, s[..., 4:]), -1).view(bs, -1, self.no))
         if self.training:

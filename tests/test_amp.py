@@ -1,0 +1,131 @@
+"""Mixed precision (utils.precision, engine.step): bf16 training, --noamp = the fp32 numbers, the teacher."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from distill.taps import FeatureTaps
+from distill.teacher import prepare_teacher, run_teacher
+from engine.step import build_step_state, train_step
+from models import load_model
+from models.checkpoint import load_checkpoint
+from tests.conftest import TINY_IMGSZ, train_args, write_data_yaml
+from utils.loss import scale_hyp
+from utils.precision import Precision, choose_precision, to_float
+
+REPO = Path(__file__).resolve().parents[1]
+BF16 = Precision("cpu", torch.bfloat16, "test")
+FP32 = Precision("cpu", None, "test")
+
+
+def _hyp() -> dict:
+    hyp = yaml.safe_load((REPO / "data/hyps/hyp.scratch-low.yaml").read_text())
+    hyp["label_smoothing"] = 0.0
+    return hyp
+
+
+def _batch(seed: int = 0, n: int = 4, nc: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    imgs = torch.randint(0, 256, (n, 3, 64, 64), generator=g, dtype=torch.uint8)
+    wh = 0.1 + 0.3 * torch.rand(n, 2, generator=g)
+    xy = wh / 2 + (1 - wh) * torch.rand(n, 2, generator=g)
+    cls = torch.randint(0, nc, (n, 1), generator=g).float()
+    targets = torch.cat([torch.arange(n).float()[:, None], cls, xy, wh], 1)
+    return imgs, targets
+
+
+def _student(nc: int = 3) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return load_model(str(REPO / "models/yolov5p.yaml"), nc=nc).train()
+
+
+def test_precision_choice_and_noamp() -> None:
+    cpu = choose_precision(torch.device("cpu"), amp=True)
+    assert cpu.dtype in (torch.bfloat16, None) and not cpu.scaler
+    assert choose_precision(torch.device("cpu"), amp=False).name == "fp32"
+    cuda = choose_precision(torch.device("cuda"), amp=True)
+    assert cuda.dtype == torch.float16 and cuda.scaler and "GradScaler" in cuda.describe()
+    assert to_float([torch.ones(2, dtype=torch.bfloat16)])[0].dtype == torch.float32
+
+
+def test_bf16_steps_are_finite_with_fp32_master_weights_and_ema() -> None:
+    model = BF16.prepare(_student())
+    det = model.detect
+    hyp = _hyp()
+    state = build_step_state(model, None, hyp, scale_hyp(hyp, det.nl, det.nc, 64), BF16, 4, 4)
+    before = [p.detach().clone() for p in model.parameters()]
+    imgs, targets = _batch()
+    for ni in range(4):
+        terms = train_step(state, imgs, targets, ni, accumulate=1)
+        assert terms is not None and all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in terms.values())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(v.dtype == torch.float32 for v in state.ema.module.state_dict().values() if v.is_floating_point())
+    assert state.ema.updates == 4 and not state.scaler.is_enabled()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), "weights did not move"
+
+
+def test_teacher_outputs_and_taps_are_fp32_without_grad() -> None:
+    teacher = prepare_teacher(_student().eval(), BF16, fold_bn=True)
+    assert next(teacher.parameters()).dtype == torch.bfloat16 and teacher.detect.anchors.dtype == torch.float32
+    taps = FeatureTaps(teacher)
+    x = torch.rand(2, 3, 64, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the student's region must not leak into the teacher
+        out = run_teacher(teacher, x, [taps])
+    for t in [*out, *taps.get()]:
+        assert t.dtype == torch.float32 and not t.requires_grad and t.grad_fn is None
+
+
+def test_teacher_bn_folding_matches_unfolded() -> None:
+    base = _student().eval()
+    with torch.no_grad():  # BN statistics that are not the identity, so folding has work to do
+        for m in base.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    import copy
+
+    folded = prepare_teacher(copy.deepcopy(base), FP32, fold_bn=True)
+    plain = prepare_teacher(base, FP32, fold_bn=False)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.rand(2, 3, 64, 64)
+    for a, b in zip(run_teacher(folded, x), run_teacher(plain, x)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_benchmark_uses_the_engine_step() -> None:
+    import benchmarks.bench_train_step as bench
+    import engine.step
+
+    assert bench.train_step is engine.step.train_step and bench.build_step_state is engine.step.build_step_state
+    student = BF16.prepare(_student())
+    teacher = prepare_teacher(_student().eval(), BF16, fold_bn=True)
+    imgs, targets = _batch()
+    row = bench.make_row("objmse", student, (teacher, None), _hyp(), imgs, targets, BF16)
+    row.step()
+    assert row.nonfinite == [0] and "kd/out_box" in row.kd_terms
+
+
+@pytest.mark.slow
+def test_noamp_reproduces_the_fp32_numbers_and_records_amp(tmp_path: Path) -> None:
+    """Pinned from a 1-epoch run of the code before mixed precision existed (seed 3, 16 images)."""
+    from engine.trainer import fit
+    from train_distill import parse_options
+    from utils.demo_data import generate_demo
+
+    generate_demo(tmp_path / "data", seed=1, n_train=16, n_val=4, imgsz=TINY_IMGSZ)
+    data = write_data_yaml(tmp_path / "data")
+    summary = fit(parse_options(train_args(data, tmp_path, "b", 1, "--seed", "3", "--noval", "--noamp")))
+    run = Path(summary["save_dir"])
+    with open(run / "results.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    assert [row[f"train/{k}_loss"] for k in ("box", "obj", "cls")] == ["0.124525", "0.0145766", "0.0475908"]
+    ckpt = load_checkpoint(run / "weights/last.pt")["raw"]
+    ema_sum = float(sum(v.double().sum() for v in ckpt["ema"].values() if v.is_floating_point()))
+    assert ema_sum == pytest.approx(4594.4223513109455, rel=1e-9)
+    assert yaml.safe_load((run / "opt.yaml").read_text())["amp"] == "fp32"
+    assert ckpt["opt"]["amp"] == "fp32" and ckpt["opt"]["noamp"] is True
