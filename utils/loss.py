@@ -300,20 +300,34 @@ class DetectionLoss:
 
     def __call__(self, preds: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss of raw per-level predictions against normalised targets; see the class docstring."""
+        weighted, _ = self.weighted_terms(preds, targets)
+        return weighted.sum().reshape(1) * self.raw(preds)[0].shape[0], weighted.detach()
+
+    def raw(self, preds: Any) -> list[torch.Tensor]:
+        """The raw per-level list of a train-mode output or of an eval-mode ``(decoded, raw)`` pair."""
         if isinstance(preds, tuple) and len(preds) == 2 and isinstance(preds[1], list):
             preds = preds[1]  # an eval-mode (decoded, raw) output: the raw list is what we need
         if len(preds) != self.nl:
             raise ValueError(f"DetectionLoss: got {len(preds)} prediction levels, the model has {self.nl}")
+        return list(preds)
+
+    def weighted_terms(self, preds: Any, targets: torch.Tensor) -> tuple[torch.Tensor, list[LevelPositives]]:
+        """(3,) [lbox, lobj, lcls] after their gains, WITH grad (not × bs), and the positives per level.
+
+        The positives are the assignment this loss used, exposed so that distillation terms that
+        need positive cells (chen) reuse it instead of assigning a second time.
+        """
+        preds = self.raw(preds)
         device = preds[0].device
         # fp32 math even when the forward ran under autocast: cast the inputs and switch autocast
         # off here, so no op below is silently downcast (exp/atan/BCE lose too much in fp16).
         with torch.autocast(device_type=device.type, enabled=False):
             preds32 = [p.float() for p in preds]
             targets32 = targets.to(device=device, dtype=torch.float32)
-            levels = zip(preds32, self.assign(preds32, targets32), self.balance)
+            positives = self.assign(preds32, targets32)
+            levels = zip(preds32, positives, self.balance)
             box, obj, cls = (torch.stack(t).sum() for t in zip(*(self._level_terms(*lv) for lv in levels)))
-            weighted = torch.stack((box * self.gains[0], obj * self.gains[1], cls * self.gains[2]))
-            return weighted.sum().reshape(1) * preds32[0].shape[0], weighted.detach()
+            return torch.stack((box * self.gains[0], obj * self.gains[1], cls * self.gains[2])), positives
 
     def _level_terms(
         self, p: torch.Tensor, pos: LevelPositives, balance: float
