@@ -160,3 +160,16 @@ def test_cli_adlik_schedule_mu_and_kd_scale_in_one_place():
     assert not hasattr(DistillConfig, "scale")
     assert crit.kd_scale(5, 10) == crit.distiller.scale(5, 10) and 0 < crit.kd_scale(5, 10) < 1
     assert TrainingCriterion(crit.detection_loss).kd_scale(5, 10) == 0.0
+
+
+def test_ciou_gradient_finite_for_a_vanishing_predicted_height():
+    """The NaN that stopped overhaul runs (epoch 2 on the demo set): a predicted height of 1e-9 grid
+    units became 0 in the xyxy round trip, and atan(w/0)'s backward is NaN."""
+    from utils.loss import complete_iou
+
+    p = torch.tensor([[0.7, 1.0, 0.5, 1e-9], [0.6, 0.9, 0.4, 0.3]], requires_grad=True)
+    t = torch.tensor([[0.6, 0.9, 0.5, 0.4], [0.6, 0.9, 0.4, 0.3]])
+    ciou = complete_iou(p, t)
+    ciou.sum().backward()
+    assert torch.isfinite(p.grad).all() and p.grad[0, :2].abs().sum() > 0
+    assert ciou[1].item() == pytest.approx(1.0, abs=1e-6)  # identical boxes: untouched by the floor

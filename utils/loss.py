@@ -38,6 +38,7 @@ _REQUIRED_KEYS = ("box", "obj", "cls", "anchor_t")
 
 # CIoU's small constant (denominators of IoU, the enclosing diagonal and α), as in the reference.
 _CIOU_EPS = 1e-7
+_WH_FLOOR = 1e-5  # grid units; see complete_iou
 
 
 def objectness_balance(nl: int) -> list[float]:
@@ -225,7 +226,13 @@ def complete_iou(pred_xywh: torch.Tensor, target_xywh: torch.Tensor) -> torch.Te
     α held constant (no gradient). Computed by ``torchvision.ops.complete_box_iou_loss`` (= 1 − CIoU)
     on xyxy corners; its ε placement (in the IoU, diagonal and α denominators, none inside atan)
     differs from YOLOv5's by O(1e-7) relative, well inside the 1e-5 parity of the tests.
+
+    Predicted sizes are floored at ``_WH_FLOOR`` grid units: with no ε inside atan, a predicted
+    height below ~1e-7 (raw logit ≲ −9) vanishes in the xyxy round trip (y2 − y1 = 0 in fp32 at
+    coordinates ~1), and atan(w/0)'s backward is NaN — it killed overhaul runs on the demo set at
+    epoch 2 (issue 17). Boxes that size (1e-5 grid units) only lose the gradient of their own size.
     """
+    pred_xywh = torch.cat((pred_xywh[:, :2], pred_xywh[:, 2:].clamp_min(_WH_FLOOR)), 1)
     to_xyxy = (ops.box_convert(b, "cxcywh", "xyxy") for b in (pred_xywh, target_xywh))
     return 1.0 - ops.complete_box_iou_loss(*to_xyxy, reduction="none", eps=_CIOU_EPS)
 
