@@ -96,7 +96,8 @@ def _qmimic(ctx: BuildContext) -> nn.Module:
                          per_channel=c.q_per_channel, symmetric=c.q_symmetric)
 
 
-def _row(name, build, weight, needs, summary) -> FeatureMethod:
+def _row(name: str, build: Callable[[BuildContext], nn.Module], weight: float, needs: set[str],
+         summary: str) -> FeatureMethod:
     return FeatureMethod(name, build, weight, frozenset(needs), (f"kd/feat_{name}",), summary)
 
 
