@@ -45,6 +45,9 @@ METHODS: dict[str, list[str]] = {
     "feature qmimic, f_weight 0.01": ["--d_output", "none", "--d_feature", "qmimic", "--f_weight", "0.01"],
     "objmse, cosine schedule (the default)": ["--d_output", "objmse", "--d_schedule", "cosine"],
     "objmse, off for the last 5 epochs": ["--d_output", "objmse", "--d_stop_epochs", "5"],
+    # issue 17: the Adlik fork's published form, the paper's batch-statistics teacher for overhaul
+    "output KD (adlik)": ["--d_output", "adlik"],
+    "feature overhaul, teacher BN batch": ["--d_output", "none", "--d_feature", "overhaul", "--d_overhaul_bn", "batch"],
 }
 
 

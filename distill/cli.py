@@ -6,8 +6,9 @@ import argparse
 from collections.abc import Mapping
 from typing import Any
 
-from distill.distiller import DEFAULT_F_WEIGHTS, FEATURE_METHODS, OUTPUT_MODES, DistillConfig
+from distill.distiller import OVERHAUL_BN, DistillConfig
 from distill.feature_qmimic import Q_BITS
+from distill.methods import DEFAULT_F_WEIGHTS, FEATURE_METHODS, FEATURE_TABLE, OUTPUT_MODES, OUTPUT_TABLE
 from distill.schedule import SCHEDULES
 
 
@@ -18,35 +19,40 @@ def add_distill_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
                    help="teacher checkpoint (official YOLOv5 .pt or ours); empty = plain training, no distillation")
     g.add_argument("--t_cfg", default="",
                    help="teacher model yaml: build it, then load --t_weights into it (default: the checkpoint's own)")
+    modes = "; ".join(f"{k} = {m.summary}" for k, m in OUTPUT_TABLE.items())
     g.add_argument("--d_output", default=None, choices=OUTPUT_MODES,
-                   help="output distillation: objmse = teacher-objectness-weighted MSE on head logits (Adlik); "
-                        "soft = T²·BCE soft labels on objectness/classes + objmse box term; chen = Chen et al. "
-                        "2017 weighted soft labels + teacher-bounded regression; none. Default objmse when a "
-                        "teacher is given (silently disabled, with a warning, if the heads' anchors/strides "
-                        "differ; an error when you ask for it explicitly)")
+                   help=f"output distillation: {modes}. Default objmse when a teacher is given (silently "
+                        f"disabled, with a warning, if the heads' anchors/strides differ; an error when you ask "
+                        f"for it explicitly)")
     g.add_argument("--d_weight", type=float, default=10.0,
-                   help="weight of the output terms; each is also multiplied by its detection gain (box/obj/cls)")
+                   help="weight of the objmse/adlik/soft output terms; each is also multiplied by its detection "
+                        "gain (box/obj/cls)")
     g.add_argument("--d_temperature", type=float, default=1.0,
                    help="temperature T of the soft-label terms (soft, chen); Chen et al. found T=1 best for detection")
+    g.add_argument("--d_mu", type=float, default=0.5,
+                   help="chen: μ of L_cls = μ·hard + (1 − μ)·soft (Chen et al. 2017: 0.5); 1 = hard labels only")
+    methods = "; ".join(f"{k} = {r.summary}" for k, r in FEATURE_TABLE.items())
     g.add_argument("--d_feature", default="", metavar="METHOD[,METHOD]",
                    help=f"feature distillation on the tensors entering Detect, any of {','.join(FEATURE_METHODS)} "
-                        f"(mse=FitNets/Chen hint, pkd=Pearson, overhaul=Heo et al., mimic=Li et al. in GT boxes, "
-                        f"cwd=channel-wise, mgd=masked generative, qmimic=Wei et al. quantization mimic: mimic between "
-                        f"uniformly quantised maps, see --q_bits)")
+                        f"({methods})")
     defaults = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_F_WEIGHTS.items())
     g.add_argument("--f_weight", default="",
                    help=f"feature term weight: one float for all --d_feature methods or a comma list in the same "
-                        f"order; default per method ({defaults})")
-    g.add_argument("--d_schedule", default="cosine", choices=SCHEDULES,
-                   help="KD strength over epochs: const, or linear/cosine decay towards 0 at the end; cosine is "
-                        "the default because it measured best (docs/RESULTS.md: objmse mAP50-95 0.70 cosine vs "
-                        "0.62 const vs 0.52 alone on the demo study)")
+                        f"order; default per method ({defaults}; calibrated by benchmarks/kd_terms.py)")
+    g.add_argument("--d_overhaul_bn", default="running", choices=OVERHAUL_BN,
+                   help="overhaul: teacher BN statistics, running (eval mode) or batch (Heo et al.: the batch's "
+                        "statistics; the teacher's weights and running buffers are never changed)")
+    g.add_argument("--d_schedule", default=None, choices=SCHEDULES,
+                   help="KD strength over epochs: const, or linear/cosine decay towards 0 at the end; default "
+                        "cosine because it measured best (docs/RESULTS.md: objmse mAP50-95 0.70 cosine vs 0.62 "
+                        "const vs 0.52 alone on the demo study), const for --d_output adlik (as published)")
     g.add_argument("--d_stop_epochs", type=int, default=0,
                    help="switch distillation off for the last N epochs (the student settles on the labels)")
     g.add_argument("--d_warmup_epochs", type=int, default=0,
                    help="ramp distillation up over the first N epochs")
     g.add_argument("--d_margin", type=float, default=0.0,
-                   help="chen: margin m of the teacher-bounded regression (grid units squared)")
+                   help="chen: margin m of the teacher-bounded regression, in its anchor-relative regression "
+                        "space (x/a_w, y/a_h, log w/a_w, log h/a_h), squared")
     g.add_argument("--d_mimic_conf", type=float, default=0.0,
                    help="mimic, qmimic: also imitate cells whose teacher objectness exceeds this "
                         "(0 = ground-truth boxes only)")
@@ -95,18 +101,22 @@ def config_from_args(args: argparse.Namespace, hyp: Mapping[str, Any]) -> Distil
     if weights and len(weights) != len(features):
         raise ValueError(f"--f_weight: {len(weights)} values for {len(features)} --d_feature methods; give one value "
                          f"or one per method")
+    output = args.d_output or "objmse"
+    schedule = getattr(args, "d_schedule", None) or ("const" if output == "adlik" else "cosine")
     return DistillConfig(
-        output=args.d_output or "objmse",
+        output=output,
         output_explicit=args.d_output is not None,
         d_weight=float(args.d_weight),
         temperature=float(args.d_temperature),
         features=features,
         f_weights=dict(zip(features, weights)),
-        schedule=args.d_schedule,
+        schedule=schedule,
         stop_epochs=int(args.d_stop_epochs),
         warmup_epochs=int(getattr(args, "d_warmup_epochs", 0)),
         hyp=dict(hyp),
+        chen_mu=float(getattr(args, "d_mu", 0.5)),
         chen_margin=float(getattr(args, "d_margin", 0.0)),
+        overhaul_bn=getattr(args, "d_overhaul_bn", "running"),
         mimic_conf=float(getattr(args, "d_mimic_conf", 0.0)),
         q_bits=int(getattr(args, "q_bits", Q_BITS)),
         q_step=float(getattr(args, "q_step", 0.0)),

@@ -9,11 +9,14 @@ m_i the region's size. Li et al. use RPN proposals; a one-stage YOLO has none, s
 the ground-truth boxes projected onto each level, optionally plus one "teacher-confident" region per
 image (the cells where the teacher's objectness exceeds a threshold — objects the labels missed).
 Background outside the regions never contributes: the dominant, easy background does not drown the
-signal, which is the point of the method. Reference weight 1 (our default).
+signal, which is the point of the method. Reference weight 1; our default is in
+:data:`distill.methods.FEATURE_TABLE` (calibrated by benchmarks/kd_terms.py).
 
 Region → cells rule: a box covers the cells it intersects, [floor(x1), ceil(x2)) × [floor(y1),
-ceil(y2)) in grid units of that level, at least one cell, clamped to the map. m_i = the number of
-those cells; ‖·‖² sums over channels and cells.
+ceil(y2)) in grid units of that level, at least one cell, clamped to the map. m_i = C · (the number
+of those cells), the region's feature dimension as in the paper; ‖·‖² sums over channels and cells.
+So the term is a mean squared error per feature value: it does not grow with the width C, and a
+P5 region (wide maps) counts as much as a P3 one.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def mimic_loss(
     targets: torch.Tensor,
     conf_masks: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Σ_levels 1/(2N) Σ_regions (1/m_i)·Σ_{cells∈i, c} (t − s)².
+    """Σ_levels 1/(2N) Σ_regions (1/m_i)·Σ_{cells∈i, c} (t − s)²,  m_i = C·cells(i).
 
     ``s``, ``t``: per-level (B, C, H, W), equal C (adapt the student first; it is resized to the
     teacher's H×W if needed); ``targets`` (n, 6) normalised ``[img, cls, xc, yc, w, h]``;
@@ -72,7 +75,7 @@ def mimic_loss(
     total = None
     for i, (si, ti) in enumerate(zip(s, t)):
         ti = ti.detach().float()
-        d = (resize_to(si.float(), ti) - ti).pow(2).sum(1)  # (B, H, W)
+        d = (resize_to(si.float(), ti) - ti).pow(2).mean(1)  # (B, H, W): Σ_c / C, the C of m_i = C·cells
         H, W = d.shape[1:]
         per_region = []
         if targets.shape[0]:

@@ -29,7 +29,17 @@ decreases to its minimum −0.2785 at x* ≈ −1.2785 and then rises back towar
 
 Loss = Σ_levels w_l · Σ_{n,c,h,w} partial-L2 / N with w_l = 1 / 2^(L−l−1) (l = 0 for P3, the
 shallowest level; P5 gets 1). The paper also divides by a constant (1e3-1e4); we leave that to the
-weight: default ``--f_weight`` 1e-4 (neck maps at 640 px have ~10⁶ elements per image).
+weight: default ``--f_weight`` 1e-4 (neck maps at 640 px have ~10⁶ elements per image; on the demo
+set at 160 px the weighted term is ~11× the detection loss at initialisation, in line with the
+calibrated pkd/mimic, benchmarks/kd_terms.py).
+
+Teacher BN statistics (``--d_overhaul_bn``). Heo et al. distil with the teacher's BN normalising
+with the BATCH statistics (train mode), so target and student (also in train mode) are normalised
+alike. ``running`` (default) keeps the frozen teacher in eval mode; ``batch`` recomputes every
+teacher BN output from the batch's mean/variance through temporary forward hooks
+(:meth:`distill.distiller.Distiller.teacher_forward`) — the teacher's weights and running buffers are
+never written. The margins are computed from the BN's γ/β either way. Needs an unfolded teacher
+(BN layers present).
 """
 
 from __future__ import annotations

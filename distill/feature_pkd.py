@@ -3,7 +3,9 @@
 Cao et al. 2022, "PKD: General Distillation Framework for Object Detectors via Pearson Correlation
 Coefficient" (NeurIPS). Normalising each channel to zero mean and unit variance first removes the
 magnitude gap between teacher and student (different widths, BN scales, FPN designs), so only the
-pattern of activations is imitated. Reference detection configs weight it 6-10 (our default 6).
+pattern of activations is imitated. Reference detection configs weight it 6-10; our default is 1
+(:data:`distill.methods.FEATURE_TABLE`: 6 swamped YOLOv5's smaller detection loss on the demo study,
+docs/RESULTS.md; 1 puts the term at ~12× the detection loss at initialisation, benchmarks/kd_terms.py).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Wei et al. 2018, "Quantization Mimic: Towards Very Tiny CNN for Object Detection
     L_qm = 1/(2N) · Σ_i (1/m_i) · ‖Q(u_i) − Q(r(v_i))‖²
 
 i.e. Li et al.'s mimic loss (:func:`distill.feature_mimic.mimic_loss`: ground-truth boxes as the
-regions, m_i their sizes in cells, N their number; optional teacher-confident regions) computed
+regions, m_i = C·cells their feature dimension, N their number; optional teacher-confident regions) computed
 after a uniform quantiser Q has been applied to the teacher maps u and to the adapted student maps
 r(v). The quantised teacher offers a smaller set of targets; the student only has to land in the
 right bin. Wei et al. also fine-tune the teacher with quantised features first; we do not (the
@@ -37,7 +37,7 @@ Quantiser (:class:`UniformQuantizer`, one per Detect level) — our choices and 
   (zero outside) would leave it stuck.
 
 Under DDP each rank keeps its own running range (from its own batches); checkpoints store rank 0's.
-Reference weight: 1, as ``mimic``.
+Reference weight: 1, as ``mimic``; our default shares mimic's calibration (:mod:`distill.methods`).
 """
 
 from __future__ import annotations

@@ -133,6 +133,41 @@ def soft_output_terms(
     return {"obj": obj, "cls": cls}
 
 
+def chen_soft_terms(
+    s: Sequence[torch.Tensor],
+    t: Sequence[torch.Tensor],
+    cells: Sequence[tuple[torch.Tensor, ...]],
+    nc: int,
+    balance: Sequence[float],
+    T: float = 1.0,
+    bg_weight: float = 1.5,
+) -> dict[str, torch.Tensor]:
+    """Chen et al.'s soft classification term over the SAME samples as YOLOv5's hard terms.
+
+    Chen et al. 2017 (eq. 2): L_cls = μ·L_hard + (1 − μ)·L_soft, so the soft term must average over
+    what the hard one averages over, or μ would not mix like with like. Per level l:
+
+        obj_l = balance_l · soft_label_bce(s_obj, t_obj, T, neg_weight=bg_weight)   all cells
+        cls_l = soft_label_bce(s_cls[pos], t_cls[pos], T)                           positive cells
+
+    exactly the cells/normalisation of the hard objectness (all cells, × balance [4, 1, 0.4]) and
+    class (positives, mean over n·nc) BCE; background (the negative side of objectness) weighs
+    ``bg_weight`` 1.5. ``cells``: per level the (b, a, gj, gi) index of the hard loss's positives
+    (``LevelPositives.cell_index()``). Returns ``{'obj', 'cls'}`` summed over levels (``cls`` an
+    exact 0 when nc == 1 or there are no positives).
+    """
+    obj = cls = None
+    for (si, ti), idx, bal in zip(_pairs(s, t, "chen_soft_terms"), cells, balance):
+        lo = soft_label_bce(si[..., 4], ti[..., 4], T, neg_weight=bg_weight) * bal
+        obj = lo if obj is None else obj + lo
+        if nc > 1 and idx[0].numel():
+            lc = soft_label_bce(si[idx][:, 5:], ti[idx][:, 5:], T)
+            cls = lc if cls is None else cls + lc
+    if cls is None:
+        cls = obj * 0.0
+    return {"obj": obj, "cls": cls}
+
+
 def bounded_regression(
     s_box: torch.Tensor, t_box: torch.Tensor, gt_box: torch.Tensor, margin: float = 0.0
 ) -> torch.Tensor:
@@ -215,6 +250,7 @@ def chen_bounded_box(
 __all__ = [
     "bounded_regression",
     "chen_bounded_box",
+    "chen_soft_terms",
     "decode_cells",
     "regression_space",
     "objectness_weighted_mse",

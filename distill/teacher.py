@@ -188,6 +188,34 @@ def _anchors_px(det: nn.Module) -> torch.Tensor:
     return det.anchors.detach().float().cpu() * det.stride.detach().float().cpu().view(-1, 1, 1)
 
 
+def _check_same_classes(student: nn.Module, teacher: nn.Module) -> None:
+    """ValueError unless teacher and student have the same ``nc`` and (when both know them) names."""
+    s_nc, t_nc = int(detect_layer(student).nc), int(detect_layer(teacher).nc)
+    if s_nc != t_nc:
+        raise ValueError(f"teacher has nc={t_nc} classes but the student has nc={s_nc}: distillation needs "
+                         f"the same classes (use a teacher trained on this dataset, --t_weights)")
+    s_names, t_names = _names(unwrap(student)), _names(unwrap(teacher))
+    if s_names is not None and t_names is not None and s_names != t_names:
+        i = next(k for k, (a, b) in enumerate(zip(s_names, t_names)) if a != b)
+        raise ValueError(f"teacher and student class names differ (class {i}: teacher {t_names[i]!r}, student "
+                         f"{s_names[i]!r}): distillation needs the same classes in the same order")
+
+
+def _head_mismatch(s_det: nn.Module, t_det: nn.Module) -> str:
+    """Why two Detect heads cannot be compared cell by cell ('' when they can)."""
+    s_stride = [float(x) for x in s_det.stride]
+    t_stride = [float(x) for x in t_det.stride]
+    if int(s_det.nl) != int(t_det.nl) or int(s_det.na) != int(t_det.na):
+        return (f"teacher head has {int(t_det.nl)} levels × {int(t_det.na)} anchors, student "
+                f"{int(s_det.nl)} × {int(s_det.na)}")
+    if s_stride != t_stride:
+        return f"strides differ (teacher {t_stride}, student {s_stride})"
+    if not torch.allclose(_anchors_px(s_det), _anchors_px(t_det), rtol=1e-3, atol=1e-2):
+        return (f"anchors differ (teacher {_anchors_px(t_det).view(-1).tolist()} px, student "
+                f"{_anchors_px(s_det).view(-1).tolist()} px)")
+    return ""
+
+
 def check_compatibility(
     student: nn.Module,
     teacher: nn.Module,
@@ -208,31 +236,14 @@ def check_compatibility(
       resized if they differ.
     """
     s_det, t_det = detect_layer(student), detect_layer(teacher)
-    s_nc, t_nc = int(s_det.nc), int(t_det.nc)
-    if s_nc != t_nc:
-        raise ValueError(f"teacher has nc={t_nc} classes but the student has nc={s_nc}: distillation needs "
-                         f"the same classes (use a teacher trained on this dataset, --t_weights)")
-    s_names, t_names = _names(unwrap(student)), _names(unwrap(teacher))
-    if s_names is not None and t_names is not None and s_names != t_names:
-        i = next(k for k, (a, b) in enumerate(zip(s_names, t_names)) if a != b)
-        raise ValueError(f"teacher and student class names differ (class {i}: teacher {t_names[i]!r}, student "
-                         f"{s_names[i]!r}): distillation needs the same classes in the same order")
-
+    _check_same_classes(student, teacher)
     s_stride = [float(x) for x in s_det.stride]
     t_stride = [float(x) for x in t_det.stride]
     rec = Compatibility(output=output_kd, s_channels=detect_input_channels(student),
                         t_channels=detect_input_channels(teacher), strides=s_stride)
 
     if output_kd != "none":
-        reason = ""
-        if int(s_det.nl) != int(t_det.nl) or int(s_det.na) != int(t_det.na):
-            reason = (f"teacher head has {int(t_det.nl)} levels × {int(t_det.na)} anchors, student "
-                      f"{int(s_det.nl)} × {int(s_det.na)}")
-        elif s_stride != t_stride:
-            reason = f"strides differ (teacher {t_stride}, student {s_stride})"
-        elif not torch.allclose(_anchors_px(s_det), _anchors_px(t_det), rtol=1e-3, atol=1e-2):
-            reason = (f"anchors differ (teacher {_anchors_px(t_det).view(-1).tolist()} px, student "
-                      f"{_anchors_px(s_det).view(-1).tolist()} px)")
+        reason = _head_mismatch(s_det, t_det)
         if reason:
             if explicit:
                 raise ValueError(f"--d_output {output_kd}: output distillation needs identical heads but {reason}; "

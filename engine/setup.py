@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distill.cli import config_from_args
 from distill.distiller import Distiller
+from distill.methods import BN_STATS, FEATURE_TABLE
 from distill.teacher import load_teacher
 from engine.checkpointing import find_last_checkpoint, namespace_to_dict
 from engine.criterion import TrainingCriterion
@@ -342,7 +343,7 @@ def _build_distiller(opt: argparse.Namespace, student: DetectionModel, loss_hyp:
         return None, None
     cfg = config_from_args(opt, loss_hyp)
     teacher = load_teacher(opt.t_weights, device, cfg=opt.t_cfg or None, precision=precision,
-                           fold_bn="overhaul" not in cfg.features)
+                           fold_bn=not any(BN_STATS in FEATURE_TABLE[m].needs for m in cfg.features))
     distiller = Distiller(student, teacher, cfg).to(device)
     for line in distiller.summary():
         LOGGER.info(line)

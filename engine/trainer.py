@@ -43,7 +43,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     if run.distiller is not None:
         run.distiller.train()
     run.loader_epoch(epoch)
-    scale = run.distiller.cfg.scale(epoch, opt.epochs) if run.distiller is not None else 0.0
+    scale = run.criterion.kd_scale(epoch, opt.epochs)
     sums: dict[str, float] = {}
     n_batches = len(run.train_loader)
     bar = tqdm(run.train_loader, total=n_batches, disable=not run.info.is_main, bar_format="{l_bar}{bar:10}{r_bar}")

@@ -214,14 +214,27 @@ def test_mgd_hand_value_and_gradients():
     with torch.no_grad():
         for p in m.generators.parameters():
             p.zero_()
-    # a zero generator rebuilds 0: loss = Σ t² / N
+    # a zero generator rebuilds 0: loss = mean over every value of t² (Σ / (N·C·H·W))
     s = [torch.randn(2, 2, 4, 4, requires_grad=True)]
-    assert m(s, t).item() == pytest.approx(t[0].pow(2).sum().item() / 2, rel=1e-6)
+    assert m(s, t).item() == pytest.approx(t[0].pow(2).sum().item() / (2 * 3 * 4 * 4), rel=1e-6)
+    # per value: the same statistics at 4× the resolution give the same magnitude (not 4²× larger)
+    big = [t[0].repeat_interleave(4, 2).repeat_interleave(4, 3)]
+    assert m([torch.randn(2, 2, 16, 16)], big).item() == pytest.approx(m(s, t).item(), rel=1e-6)
     m2 = FeatureMGD([2], [3])
     loss = m2(s, t)
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m2.generators.parameters())
     assert m2.adapters[0].conv.weight.grad is not None and s[0].grad is not None
+    # its own seeded generator: two modules with the same seed draw the same masks, whatever the global RNG
+    a, b = FeatureMGD([2], [3], seed=5), FeatureMGD([2], [3], seed=5)
+    b.load_state_dict(a.state_dict())
+    torch.manual_seed(0)
+    va = a(s, t).item()
+    torch.manual_seed(123)
+    assert b(s, t).item() == va
+    c = FeatureMGD([2], [3], seed=6)
+    c.load_state_dict(a.state_dict())
+    assert c(s, t).item() != va  # another seed, another mask
     mask = random_spatial_mask(torch.zeros(8, 5, 32, 32))
     assert mask.shape == (8, 1, 32, 32)
     assert mask.mean().item() == pytest.approx(0.35, abs=0.03)
@@ -276,17 +289,31 @@ def test_overhaul_module_zero_when_student_equals_teacher():
 def test_mimic_hand_value_and_outside_invariance():
     t = torch.zeros(1, 2, 4, 4)
     s = torch.zeros(1, 2, 4, 4)
-    s[:, :, :2, :2] = 1.0  # inside the box: per-cell Σ_c diff² = 2
+    s[:, :, :2, :2] = 1.0  # inside the box: Σ_{c,cells} diff² = 2·4 = 8
     box = torch.tensor([[0, 0, 0.25, 0.25, 0.5, 0.5]])  # covers cells x,y ∈ [0, 2)
     assert box_cells(box, 4, 4).tolist() == [[0, 0, 0, 2, 2]]
-    assert mimic_loss([s], [t], box).item() == pytest.approx(2.0 / 2)  # 1/(2N) · (1/m)·Σ, N = 1
+    # Li et al.: 1/(2N) · (1/m)·Σ with m = C·cells = 2·4, N = 1 → 8/8/2
+    assert mimic_loss([s], [t], box).item() == pytest.approx(0.5)
     s2 = s.clone()
     s2[:, :, 2:, :] = torch.randn(1, 2, 2, 4)  # change everything outside the box
     s2[:, :, :, 2:] = 7.0
-    assert mimic_loss([s2], [t], box).item() == pytest.approx(1.0)
-    # two regions of different size count equally: (2 + 0)/ (2·2)
+    assert mimic_loss([s2], [t], box).item() == pytest.approx(0.5)
+    # two regions of different size count equally: (1 + 0)/(2·2)
     small = torch.tensor([[0, 0, 0.875, 0.875, 0.25, 0.25]])  # one cell (3, 3), diff 0 there
-    assert mimic_loss([s], [t], torch.cat((box, small))).item() == pytest.approx(2.0 / 4)
+    assert mimic_loss([s], [t], torch.cat((box, small))).item() == pytest.approx(1.0 / 4)
+
+
+def test_mimic_scale_invariant_to_channels():
+    """m_i = C·cells: the same per-value error on 4× the channels gives the same term (before the
+    fix it grew C×, so wide P5 maps outweighed P3 ones)."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    boxes = torch.tensor([[0, 1, 0.5, 0.5, 0.4, 0.3], [1, 0, 0.3, 0.6, 0.2, 0.5]])
+    one = mimic_loss([s], [t], boxes).item()
+    assert mimic_loss([s.repeat(1, 4, 1, 1)], [t.repeat(1, 4, 1, 1)], boxes).item() == pytest.approx(one, rel=1e-6)
+    # two levels of different widths carrying the same per-value error contribute equally
+    two = mimic_loss([s, s.repeat(1, 8, 1, 1)], [t, t.repeat(1, 8, 1, 1)], boxes).item()
+    assert two == pytest.approx(2 * one, rel=1e-6)
     # partial cells count as covered: x ∈ [0.3, 0.4]·4 = [1.2, 1.6] → cell 1
     assert box_cells(torch.tensor([[0, 0, 0.35, 0.35, 0.1, 0.1]]), 4, 4).tolist() == [[0, 1, 1, 2, 2]]
 

@@ -14,6 +14,7 @@ import yaml
 
 import models
 from distill import (
+    DEFAULT_F_WEIGHTS,
     DistillConfig,
     Distiller,
     FeatureTaps,
@@ -234,9 +235,10 @@ def test_distiller_weights():
     d = Distiller(_model(0), freeze_teacher(_model(1)),
                   DistillConfig(d_weight=10, features=("pkd", "mgd"), f_weights={"pkd": 8.0}, hyp=HYP))
     assert d.weights == pytest.approx({"kd/out_box": 0.5, "kd/out_obj": 10.0, "kd/out_cls": 5.0,
-                                       "kd/feat_pkd": 8.0, "kd/feat_mgd": 2e-5})
-    chen = Distiller(_model(0), freeze_teacher(_model(1)), DistillConfig(output="chen", hyp=HYP))
-    assert chen.weights == pytest.approx({"kd/soft_obj": 10.0, "kd/soft_cls": 5.0, "kd/bounded_box": 0.025})
+                                       "kd/feat_pkd": 8.0, "kd/feat_mgd": DEFAULT_F_WEIGHTS["mgd"]})
+    # chen: (1 − μ)·gain on the soft terms (μ 0.5), ν·box on the bounded term; d_weight not used
+    chen = Distiller(_model(0), freeze_teacher(_model(1)), DistillConfig(output="chen", hyp=HYP, d_weight=7))
+    assert chen.weights == pytest.approx({"kd/soft_obj": 0.5, "kd/soft_cls": 0.25, "kd/bounded_box": 0.025})
     one = Distiller(_model(0, nc=1), freeze_teacher(_model(1, nc=1)), DistillConfig(output="soft", hyp=HYP))
     assert set(one.weights) == {"kd/out_box", "kd/soft_obj"}  # no class terms with one class
 

@@ -108,13 +108,13 @@ def test_killed_mid_epoch_leaves_a_loadable_last_pt(tiny_data: Path, tmp_path: P
 def test_persistent_nonfinite_loss_stops_with_a_clear_error(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
     from utils.loss import DetectionLoss
 
-    real_call = DetectionLoss.__call__
+    real_terms = DetectionLoss.weighted_terms  # what the training criterion calls
 
     def nan_loss(self, preds, targets):
-        total, items = real_call(self, preds, targets)
-        return total * float("nan"), items
+        terms, positives = real_terms(self, preds, targets)
+        return terms * float("nan"), positives
 
-    monkeypatch.setattr(DetectionLoss, "__call__", nan_loss)
+    monkeypatch.setattr(DetectionLoss, "weighted_terms", nan_loss)
     with pytest.raises(NonFiniteLossError, match="non-finite"):
         fit(parse_options(train_args(tiny_data, tmp_path, "nan", 2, "--max-nonfinite", "3")))
     assert not (tmp_path / "nan" / "weights" / "last.pt").exists()

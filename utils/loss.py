@@ -39,6 +39,7 @@ _REQUIRED_KEYS = ("box", "obj", "cls", "anchor_t")
 
 # CIoU's small constant (denominators of IoU, the enclosing diagonal and α), as in the reference.
 _CIOU_EPS = 1e-7
+_WH_FLOOR = 1e-5  # grid units; see complete_iou
 
 
 def objectness_balance(nl: int) -> list[float]:
@@ -226,7 +227,13 @@ def complete_iou(pred_xywh: torch.Tensor, target_xywh: torch.Tensor) -> torch.Te
     α held constant (no gradient). Computed by ``torchvision.ops.complete_box_iou_loss`` (= 1 − CIoU)
     on xyxy corners; its ε placement (in the IoU, diagonal and α denominators, none inside atan)
     differs from YOLOv5's by O(1e-7) relative, well inside the 1e-5 parity of the tests.
+
+    Predicted sizes are floored at ``_WH_FLOOR`` grid units: with no ε inside atan, a predicted
+    height below ~1e-7 (raw logit ≲ −9) vanishes in the xyxy round trip (y2 − y1 = 0 in fp32 at
+    coordinates ~1), and atan(w/0)'s backward is NaN — it killed overhaul runs on the demo set at
+    epoch 2 (issue 17). Boxes that size (1e-5 grid units) only lose the gradient of their own size.
     """
+    pred_xywh = torch.cat((pred_xywh[:, :2], pred_xywh[:, 2:].clamp_min(_WH_FLOOR)), 1)
     to_xyxy = (ops.box_convert(b, "cxcywh", "xyxy") for b in (pred_xywh, target_xywh))
     return 1.0 - ops.complete_box_iou_loss(*to_xyxy, reduction="none", eps=_CIOU_EPS)
 
@@ -301,19 +308,33 @@ class DetectionLoss:
 
     def __call__(self, preds: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss of raw per-level predictions against normalised targets; see the class docstring."""
-        preds = raw_outputs(preds)  # an eval-mode (decoded, raw) output: the raw list is what we need
+        weighted, _ = self.weighted_terms(preds, targets)
+        return weighted.sum().reshape(1) * self.raw(preds)[0].shape[0], weighted.detach()
+
+    def raw(self, preds: Any) -> list[torch.Tensor]:
+        """The raw per-level list of a train-mode output or of an eval-mode ``(decoded, raw)`` pair."""
+        preds = raw_outputs(preds)
         if len(preds) != self.nl:
             raise ValueError(f"DetectionLoss: got {len(preds)} prediction levels, the model has {self.nl}")
+        return list(preds)
+
+    def weighted_terms(self, preds: Any, targets: torch.Tensor) -> tuple[torch.Tensor, list[LevelPositives]]:
+        """(3,) [lbox, lobj, lcls] after their gains, WITH grad (not × bs), and the positives per level.
+
+        The positives are the assignment this loss used, exposed so that distillation terms that
+        need positive cells (chen) reuse it instead of assigning a second time.
+        """
+        preds = self.raw(preds)
         device = preds[0].device
         # fp32 math even when the forward ran under autocast: cast the inputs and switch autocast
         # off here, so no op below is silently downcast (exp/atan/BCE lose too much in fp16).
         with torch.autocast(device_type=device.type, enabled=False):
             preds32 = [p.float() for p in preds]
             targets32 = targets.to(device=device, dtype=torch.float32)
-            levels = zip(preds32, self.assign(preds32, targets32), self.balance)
+            positives = self.assign(preds32, targets32)
+            levels = zip(preds32, positives, self.balance)
             box, obj, cls = (torch.stack(t).sum() for t in zip(*(self._level_terms(*lv) for lv in levels)))
-            weighted = torch.stack((box * self.gains[0], obj * self.gains[1], cls * self.gains[2]))
-            return weighted.sum().reshape(1) * preds32[0].shape[0], weighted.detach()
+            return torch.stack((box * self.gains[0], obj * self.gains[1], cls * self.gains[2])), positives
 
     def _level_terms(
         self, p: torch.Tensor, pos: LevelPositives, balance: float
