@@ -21,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from engine.cli import configure_logging, require, run_guarded
+from engine.cli import configure_logging, parser_from_table, require, run_guarded
 from engine.predict import Detections, DetectSettings, predict
 from utils.torch_utils import parse_device
 
@@ -91,12 +91,7 @@ CLI_FLAGS: dict[str, list[tuple[str | tuple[str, ...], str, dict]]] = {
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the `CLI_FLAGS` command line."""
-    parser = argparse.ArgumentParser(description="Detect objects in images and videos")
-    for title, flags in CLI_FLAGS.items():
-        group = parser.add_argument_group(title)
-        for names, text, options in flags:
-            group.add_argument(*((names,) if isinstance(names, str) else names), help=text, **options)
-    return parser.parse_args(argv)
+    return parser_from_table("Detect objects in images and videos", CLI_FLAGS).parse_args(argv)
 
 
 def check_options(opt: argparse.Namespace) -> argparse.Namespace:

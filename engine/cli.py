@@ -13,6 +13,7 @@ other libraries keep the WARNING default. Importing a module configures nothing.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable
@@ -111,3 +112,16 @@ def configure_logging(level: int = logging.INFO) -> None:
         logger.setLevel(level)
         if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
             logger.addHandler(_ConsoleHandler())
+
+
+FlagTable = dict[str, list[tuple[str | tuple[str, ...], str, dict]]]
+
+
+def parser_from_table(description: str, table: FlagTable) -> argparse.ArgumentParser:
+    """An argparse parser with one group per ``table`` title; each row is ``(names, help, argparse options)``."""
+    parser = argparse.ArgumentParser(description=description)
+    for title, flags in table.items():
+        group = parser.add_argument_group(title)
+        for names, text, options in flags:
+            group.add_argument(*((names,) if isinstance(names, str) else names), help=text, **options)
+    return parser
