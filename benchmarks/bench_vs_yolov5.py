@@ -36,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.common import RESULTS_DIR, ROOT
-from utils.dataset import load_data_config
+from utils.data_config import load_data_config
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 _WRAPPER = ("import resource, subprocess, sys, time; t = time.perf_counter(); "

@@ -26,7 +26,8 @@ from benchmarks.common import RESULTS_DIR, ROOT, machine_info, write_results
 from distill.teacher import prepare_teacher
 from engine.evaluate import evaluate
 from models import load_model
-from utils.dataset import create_dataloader, load_data_config
+from utils.data_config import load_data_config
+from utils.dataset import create_dataloader
 from utils.precision import Precision
 
 PASSES = ("fp32", "bf16_autocast", "bf16_weights")
