@@ -22,6 +22,10 @@ order rotated each round) so that drifting machine load hits every row alike; th
 median. ``KD overhead`` = row − student − teacher forward: what a method costs beyond the teacher's
 forward pass, which no distillation method can avoid.
 
+Size: ~460 lines: three measurement modes (per-method rows, the distill / (student + teacher) ratio,
+per-row peak memory in a subprocess) share the row builders and the interleaved timing; the step
+itself is `engine.step.train_step`, not re-implemented here.
+
 Peak memory is measured in a fresh subprocess per row (``--probe``) that builds only that row and
 runs a few steps: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the process's resident-set
 high-water mark (``VmHWM``, see :func:`benchmarks.common.peak_rss_mb`), shown with its excess over

@@ -10,6 +10,10 @@ integer/float/string argument swaps, deleted or repeated opcodes), zip edits (me
 removals, renames, duplicates, compression, forged size fields) and yaml edits (huge widths,
 depths, channels, upsampling).
 
+Size: ~670 lines because each mutation family (bytes, pickle program, zip container, yaml) needs its
+own small generator and the contract checks (no file written, no global changed, one error type)
+must live next to them; splitting would scatter one harness over several files.
+
 Every case runs `load_model` in a private cwd with a private temp dir, under a time limit, and
 checks: the outcome is a successful load or `CheckpointError` with a one-line message naming the
 file; no file appeared anywhere under the case root (cwd, temp dir, the checkpoint's folder, the
