@@ -12,7 +12,7 @@ same calls `engine.setup.prepare_run` uses, so a benchmark can build them withou
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -24,25 +24,14 @@ from utils.loss import DetectionLoss
 from utils.precision import Precision, to_float
 from utils.torch_utils import DistInfo, WeightEMA, all_reduce_grads
 
-
-class StepParts(Protocol):
-    """What `train_step` reads and updates (an `engine.setup.Run` or a `StepState`)."""
-
-    model: nn.Module
-    criterion: TrainingCriterion
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    ema: WeightEMA
-    precision: Precision
-    distiller: nn.Module | None
-    info: DistInfo
-    trainable_parameters: list
-    last_step: int
+if TYPE_CHECKING:  # engine.setup imports this module; the name is only needed for annotations
+    from engine.setup import Run
 
 
 @dataclass
 class StepState:
-    """The `StepParts` of a run without data (benchmarks, tests)."""
+    """What `train_step` reads and updates, for a run without data (benchmarks, tests); an
+    `engine.setup.Run` carries the same attributes."""
 
     model: nn.Module
     criterion: TrainingCriterion
@@ -79,7 +68,7 @@ def build_step_state(model: nn.Module, distiller: nn.Module | None, hyp: dict, l
     )
 
 
-def train_step(s: StepParts, imgs: torch.Tensor, targets: torch.Tensor, ni: int, accumulate: int,
+def train_step(s: StepState | Run, imgs: torch.Tensor, targets: torch.Tensor, ni: int, accumulate: int,
                kd_scale: float = 1.0) -> dict[str, torch.Tensor] | None:
     """One batch: forward, loss, backward; the optimizer steps when ``accumulate`` batches have passed.
 
@@ -106,7 +95,7 @@ def train_step(s: StepParts, imgs: torch.Tensor, targets: torch.Tensor, ni: int,
     return terms
 
 
-def optimizer_step(s: StepParts) -> None:
+def optimizer_step(s: StepState | Run) -> None:
     """Unscale, average the Distiller's gradients under DDP, clip to norm 10, step, zero, EMA."""
     s.scaler.unscale_(s.optimizer)
     if s.info.distributed and s.distiller is not None:
@@ -126,4 +115,4 @@ def _all_finite(loss: torch.Tensor, info: DistInfo) -> bool:
     return bool(ok.item())
 
 
-__all__ = ["StepParts", "StepState", "build_step_state", "optimizer_step", "train_step"]
+__all__ = ["StepState", "build_step_state", "optimizer_step", "train_step"]
