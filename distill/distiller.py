@@ -65,6 +65,7 @@ from distill.output import chen_bounded_box, chen_soft_terms, objectness_weighte
 from distill.schedule import SCHEDULES, kd_scale
 from distill.taps import FeatureTaps, detect_inputs, detect_layer, final_conv
 from distill.teacher import check_compatibility, run_teacher
+from utils.detect_outputs import raw_outputs
 from utils.loss import level_positives, objectness_balance
 from utils.torch_utils import unwrap_model as unwrap
 
@@ -280,9 +281,7 @@ class Distiller(nn.Module):
 
         Returns dict name → 0-dim fp32 tensor, keys exactly those of ``weights``.
         """
-        if isinstance(student_preds, tuple) and len(student_preds) == 2 and isinstance(student_preds[1], list):
-            student_preds = student_preds[1]
-        s_out = list(student_preds)
+        s_out = list(raw_outputs(student_preds))
         t_out = self.teacher_forward(imgs)
         terms = self._output_terms(s_out, t_out, targets, positives)
         if self.cfg.features:

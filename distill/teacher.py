@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import types
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from distill.taps import detect_input_channels, detect_layer
+from utils.detect_outputs import raw_outputs
 from utils.precision import Precision
 from utils.torch_utils import unwrap_model as unwrap
 
@@ -147,7 +148,7 @@ def run_teacher(teacher: nn.Module, imgs: torch.Tensor, taps: Iterable[Any] = ()
     teacher.eval()  # a no-op for a frozen teacher; keeps a hand-made one honest too
     x = teacher_input(imgs, teacher)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        out = [t.float() for t in teacher_raw_outputs(teacher(x))]
+        out = [t.float() for t in raw_outputs(teacher(x))]
     for tap in taps:
         if tap is not None and tap.features and all(f is not None for f in tap.features):
             tap.features = [f.float() for f in tap.features]
@@ -281,15 +282,6 @@ def teacher_input(imgs: torch.Tensor, teacher: nn.Module) -> torch.Tensor:
     return x
 
 
-def teacher_raw_outputs(out: Any) -> Sequence[torch.Tensor]:
-    """The raw per-level list from a DetectionModel output in either mode."""
-    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], list):
-        return out[1]
-    if isinstance(out, list):
-        return out
-    raise TypeError(f"teacher forward returned {type(out).__name__}; expected a raw list or (decoded, raw)")
-
-
 __all__ = [
     "Compatibility",
     "check_compatibility",
@@ -298,5 +290,4 @@ __all__ = [
     "prepare_teacher",
     "run_teacher",
     "teacher_input",
-    "teacher_raw_outputs",
 ]
