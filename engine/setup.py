@@ -121,9 +121,12 @@ class Run:
         return self.save_dir / "results.csv"
 
     def write_results(self) -> None:
-        """results.csv (and results.png) from the whole history, atomically."""
+        """results.csv from the whole history, atomically (every epoch: what --resume and readers rely on)."""
         write_results(self.results_csv, self.history)
-        if not self.opt.noplots:
+
+    def plot_results(self) -> None:
+        """results.png from results.csv, once at the end (a matplotlib figure per epoch cost ~1.5 s each)."""
+        if not self.opt.noplots and self.results_csv.exists():
             plot_results(self.results_csv, self.save_dir / "results.png")
 
     def print_epoch(self, epoch: int, row: dict) -> None:

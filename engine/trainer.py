@@ -165,6 +165,8 @@ def _save(run: Run, epoch: int, improved: bool, final: bool) -> None:
 def _interrupted(run: Run) -> TrainingInterrupted:
     """Ctrl-C: the atomic saves leave last.pt at the last finished epoch (or absent)."""
     last = run.weights_dir / "last.pt"
+    if run.info.is_main:
+        run.plot_results()
     return TrainingInterrupted(run.epoch, run.opt.epochs, last if last.is_file() else None)
 
 
@@ -178,6 +180,7 @@ def _finish(run: Run, last_epoch: int) -> dict:
     summary: dict = {"save_dir": str(run.save_dir), "epochs_run": last_epoch + 1, "rank_digests": digests}
     if not run.info.is_main:
         return summary
+    run.plot_results()
     best = run.weights_dir / "best.pt"
     if best.exists():
         student = load_model(best, device=run.device)

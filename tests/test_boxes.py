@@ -121,3 +121,21 @@ def test_nms_batch_keeps_images_apart() -> None:
     b = [[50, 50, 20, 20, 0.8, 0.1, 0.9]]
     outs = non_max_suppression(torch.cat((_pred(a), _pred(b))), 0.25, 0.45)
     assert [o[:, 5].tolist() for o in outs] == [[0.0], [1.0]]
+
+
+@pytest.mark.parametrize("spread", [40.0, 400.0])  # crowded (most suppressed: prefixes grow) / spread out
+def test_nms_score_prefix_shortcut_equals_full_batched_nms(spread: float) -> None:
+    from torchvision.ops import batched_nms
+
+    from utils.boxes import _first_kept
+
+    g = torch.Generator().manual_seed(3)
+    n = 5000
+    xy = torch.rand(n, 2, generator=g) * spread
+    wh = 4 + torch.rand(n, 2, generator=g) * 30
+    boxes = torch.cat((xy, xy + wh), 1)
+    scores = torch.randperm(n, generator=g).float() / n  # distinct scores: one greedy order
+    cls = torch.randint(0, 4, (n,), generator=g)
+    for max_det in (1, 30, 300, 3000):
+        full = batched_nms(boxes, scores, cls, 0.5)[:max_det]
+        assert torch.equal(_first_kept(boxes, scores, cls, 0.5, max_det), full)

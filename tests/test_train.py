@@ -145,3 +145,17 @@ def test_ddp_two_cpu_processes_hold_identical_weights(tiny_data: Path, tmp_path:
     assert len(digests) == 2 and digests[0] == digests[1]
     model = load_model(tmp_path / "ddp" / "weights" / "best.pt")
     assert model.nc == 4
+
+
+def test_plots_come_once_at_the_end_and_results_png_covers_every_epoch(tiny_data: Path, tmp_path: Path) -> None:
+    seen_png_during_training: list[bool] = []
+
+    def look(epoch: int, row: dict) -> None:
+        seen_png_during_training.append((tmp_path / "plots" / "results.png").exists())
+
+    args = [a for a in train_args(tiny_data, tmp_path, "plots", 2) if a != "--noplots"]
+    summary = fit(parse_options(args), on_epoch_end=look)
+    save_dir = Path(summary["save_dir"])
+    assert seen_png_during_training == [False, False]  # results.csv every epoch, the figure once
+    for name in ("results.png", "labels.jpg", "PR_curve.png", "confusion_matrix.png"):
+        assert (save_dir / name).stat().st_size > 1000, name
