@@ -23,6 +23,7 @@ from models.hub import find_weights
 from utils.data_config import load_data_config
 from utils.dataset import create_dataloader
 from utils.files import find_data_yaml, increment_path
+from utils.precision import Precision, choose_precision
 from utils.torch_utils import select_device
 
 TASKS = ("val", "test", "speed")
@@ -64,8 +65,9 @@ def validate(
     workers: int = 8,
 ) -> dict:
     """Evaluate ``weights`` on the ``task`` split of ``data``; returns :func:`engine.evaluate.evaluate`'s
-    dict plus ``save_dir``, ``imgsz``, ``batch_size``, ``device``, ``half``, ``backend``, ``weights``,
-    ``data``, ``task`` and ``notes`` (lines saying which requested settings the file changed).
+    dict plus ``save_dir``, ``imgsz``, ``batch_size``, ``device``, ``half``, ``arithmetic`` ('fp32', 'fp16',
+    'bf16'), ``backend``, ``weights``, ``data``, ``task`` and ``notes`` (lines saying which requested
+    settings the file changed).
 
     ``settings`` carries thresholds and outputs (``save_dir`` and ``json_name`` are set here).
     ``task='speed'`` times inference on square batches with deployment thresholds (conf 0.25,
@@ -82,6 +84,10 @@ def validate(
     half = s.half and dev.type == "cuda" and not is_onnx  # fp16 convolutions are a CUDA feature
     if half:
         model.half()  # our own copy, so converting it is fine (evaluate never converts a caller's model)
+    precision = s.precision
+    if s.half and dev.type == "cpu" and not is_onnx:  # --half on CPU: bf16 autocast where the CPU has it
+        precision, note = _cpu_half(model)
+        notes.append(note)
     speed = task == "speed"
     if speed:
         s = replace(s, conf_thres=0.25, iou_thres=0.45, save_json=False, plots=False)
@@ -94,12 +100,28 @@ def validate(
     anno_json = cfg.get("val_json") if s.anno_json is None and split == "val" else s.anno_json
     if dev.type == "cuda" and not is_onnx:
         _warm_up(model, imgsz, dev)
-    s = replace(s, half=half, save_dir=save_dir, anno_json=anno_json, json_name=f"{weights.stem}_predictions.json")
+    s = replace(s, half=half, precision=precision, save_dir=save_dir, anno_json=anno_json,
+                json_name=f"{weights.stem}_predictions.json")
     results = evaluate(model, loader, cfg["names"], dev, s)
+    arithmetic = "fp16" if half else (precision.name if precision is not None else "fp32")
     results.update(save_dir=save_dir, imgsz=imgsz, batch_size=batch_size, device=dev, half=half, notes=notes,
+                   arithmetic=arithmetic,
                    backend="onnxruntime" if is_onnx else "pytorch", weights=weights, data=data, task=task)
     (save_dir / "metrics.json").write_text(json.dumps(metrics_record(results, s), indent=2))
     return results
+
+
+def _cpu_half(model: torch.nn.Module) -> tuple[Precision, str]:
+    """``--half`` on a CPU: bf16 autocast + channels_last when the CPU has native bf16, else fp32.
+
+    fp32 stays the CPU default because it reproduces YOLOv5's val.py to 1e-6; bf16 moved the demo
+    teacher's mAP50-95 by 1e-4 (benchmarks/results/precision_val.md) and runs ~2x faster with AMX.
+    """
+    precision = choose_precision(torch.device("cpu"))
+    if not precision.enabled:
+        return precision, f"--half: {precision.reason}; validating in fp32"
+    precision.prepare(model)  # our own copy: channels_last for oneDNN's bf16 kernels
+    return precision, f"--half on CPU: bf16 autocast ({precision.reason}); fp32 reproduces YOLOv5's figures exactly"
 
 
 def metrics_record(results: dict, s: EvalSettings) -> dict:
@@ -124,5 +146,6 @@ def metrics_record(results: dict, s: EvalSettings) -> dict:
         "speed_ms": results["speed_ms"],
         "device": str(results["device"]),
         "half": results["half"],
+        "arithmetic": results["arithmetic"],
         "backend": results["backend"],
     }

@@ -129,3 +129,17 @@ def test_noamp_reproduces_the_fp32_numbers_and_records_amp(tmp_path: Path) -> No
     assert ema_sum == pytest.approx(4594.4223513109455, rel=1e-9)
     assert yaml.safe_load((run / "opt.yaml").read_text())["amp"] == "fp32"
     assert ckpt["opt"]["amp"] == "fp32" and ckpt["opt"]["noamp"] is True
+
+
+def test_val_half_on_cpu_is_bf16_where_native_and_close_to_fp32(tiny_trained: Path, tiny_data: Path,
+                                                                 tmp_path: Path) -> None:
+    from engine.evaluate import EvalSettings
+    from engine.validate import validate
+
+    runs = {half: validate(tiny_trained, tiny_data, imgsz=TINY_IMGSZ, device="cpu", project=tmp_path, workers=0,
+                           settings=EvalSettings(half=half)) for half in (False, True)}
+    assert runs[False]["arithmetic"] == "fp32" and not runs[False]["notes"]
+    native = choose_precision(torch.device("cpu")).enabled
+    assert runs[True]["arithmetic"] == ("bf16" if native else "fp32")
+    assert runs[True]["notes"] and "--half" in runs[True]["notes"][-1]
+    assert abs(runs[True]["map50"] - runs[False]["map50"]) < 0.05  # a 2-epoch model: scores near thresholds
