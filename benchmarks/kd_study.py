@@ -223,7 +223,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    jobs = [(label, seed) for seed in args.seeds for label in args.methods]
+    # whole rows first, so a study cut short still has a spread for every row it finished
+    jobs = [(label, seed) for label in args.methods for seed in args.seeds]
     if not args.report_only:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(lambda job: run_one(args, *job), jobs))
