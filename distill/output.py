@@ -53,19 +53,33 @@ def objectness_weighted_mse(
     (bs, na, ny, nx, 5 + nc). Returns ``{'box', 'obj', 'cls'}`` scalars (``cls`` is an exact zero
     when nc == 1: a single class is learnt through objectness alone, as in the detection loss).
     """
-    box = obj = cls = None
+    sums = None
     for si, ti in _pairs(s, t, "objectness_weighted_mse"):
-        w = ti[..., 4].sigmoid()
-        lb = (w.unsqueeze(-1) * (si[..., :4] - ti[..., :4]).pow(2)).mean()
-        lo = (w * (si[..., 4] - ti[..., 4]).pow(2)).mean()
-        box = lb if box is None else box + lb
-        obj = lo if obj is None else obj + lo
-        if nc > 1:
-            lc = (w.unsqueeze(-1) * (si[..., 5:] - ti[..., 5:]).pow(2)).mean()
-            cls = lc if cls is None else cls + lc
-    if cls is None:
+        w = ti[..., 4].sigmoid()  # (bs, na, ny, nx)
+        # Σ over each term's channels by one matmul with a 0/1 (no, 3) matrix: one pass over the
+        # level instead of three slices (whose backward each zero-fills a full-size gradient)
+        sq = F.mse_loss(si, ti, reduction="none")  # (s − t)², one fused pass each way
+        per_cell = sq @ _term_columns(si.shape[-1], si)  # (bs, na, ny, nx, 3)
+        level = (w.unsqueeze(-1) * per_cell).flatten(0, -2).sum(0) / (w.numel() * _term_sizes(nc, si))
+        sums = level if sums is None else sums + level
+    box, obj, cls = sums.unbind()
+    if nc <= 1:
         cls = box * 0.0
     return {"box": box, "obj": obj, "cls": cls}
+
+
+def _term_columns(no: int, like: torch.Tensor) -> torch.Tensor:
+    """(no, 3) 0/1 matrix: column 0 sums the 4 box logits, 1 the objectness, 2 the class logits."""
+    cols = torch.zeros(no, 3, dtype=like.dtype, device=like.device)
+    cols[:4, 0] = 1
+    cols[4, 1] = 1
+    cols[5:, 2] = 1
+    return cols
+
+
+def _term_sizes(nc: int, like: torch.Tensor) -> torch.Tensor:
+    """Channels per term (box 4, obj 1, cls nc; nc 0 → 1 to keep the empty term 0, not NaN)."""
+    return torch.tensor([4.0, 1.0, float(max(nc, 1))], dtype=like.dtype, device=like.device)
 
 
 def soft_label_bce(

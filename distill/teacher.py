@@ -147,8 +147,13 @@ def run_teacher(teacher: nn.Module, imgs: torch.Tensor, taps: Iterable[Any] = ()
     """
     teacher.eval()  # a no-op for a frozen teacher; keeps a hand-made one honest too
     x = teacher_input(imgs, teacher)
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        out = [t.float() for t in raw_outputs(teacher(x))]
+    head = detect_layer(teacher)
+    head.raw_only = True  # raw logits only: the decoded boxes would be thrown away
+    try:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            out = [t.float() for t in raw_outputs(teacher(x))]
+    finally:
+        head.raw_only = False
     for tap in taps:
         if tap is not None and tap.features and all(f is not None for f in tap.features):
             tap.features = [f.float() for f in tap.features]

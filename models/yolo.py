@@ -167,8 +167,12 @@ class Detect(nn.Module):
       training: list of raw logits (bs, na, ny_i, nx_i, no).
       eval:     (decoded (bs, Σ na·ny_i·nx_i, no), raw list) with
                 xy = (2σ(t_xy) − 0.5 + cell)·stride, wh = (2σ(t_wh))²·anchor_px,
-                objectness and class scores = σ(logits).
+                objectness and class scores = σ(logits);
+                with `raw_only` set: the raw list alone, as in training (a distillation teacher
+                needs no decoding: ~5 passes over its largest outputs saved per step).
     """
+
+    raw_only: bool = False
 
     def __init__(self, nc: int = 80, anchors: list | tuple = (), ch: list[int] | tuple[int, ...] = ()) -> None:
         super().__init__()
@@ -215,7 +219,7 @@ class Detect(nn.Module):
             # (bs, na·no, ny, nx) -> (bs, na, ny, nx, no)
             p = p.view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous()
             raw.append(p)
-            if not self.training:
+            if not (self.training or self.raw_only):
                 # bf16 (8 mantissa bits) would round decoded coordinates to ~1 px at 160-640 px:
                 # decode in fp32 (measured: mAP50-95 -0.005 otherwise, benchmarks/precision_val.py)
                 s = (p.float() if p.dtype == torch.bfloat16 else p).sigmoid()
@@ -224,7 +228,7 @@ class Detect(nn.Module):
                 xy = (s[..., 0:2] * 2 + self._grid(ny, nx, s)) * stride
                 wh = (s[..., 2:4] * 2) ** 2 * anchor_px
                 decoded.append(torch.cat((xy, wh, s[..., 4:]), -1).view(bs, -1, self.no))
-        if self.training:
+        if self.training or self.raw_only:
             return raw
         return torch.cat(decoded, 1), raw
 
