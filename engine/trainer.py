@@ -183,7 +183,7 @@ def _finish(run: Run, last_epoch: int) -> dict:
     run.plot_results()
     best = run.weights_dir / "best.pt"
     if best.exists():
-        student = load_model(best, device=run.device)
+        student = load_model(best, device=run.device).eval().fuse()  # as val.py scores it
         final = run.precision if run.device.type == "cuda" else FP32_CPU  # CPU: best.pt scored in fp32
         metrics = validate(run, student, plots=not run.opt.noplots, precision=final)
         summary["student"] = {k: metrics[k] for k in ("map50", "map", "precision", "recall", "fitness")}
