@@ -71,13 +71,27 @@ class FeatureMGD(nn.Module):
         self.drop_ratio = float(drop_ratio)
         self.rng = generator
         self.seed = int(seed)
+        self._restored_rng: torch.Tensor | None = None  # a checkpoint's mask-RNG state, applied at first use
         self.adapters = make_connectors(c_s, c_t, always=False)
         self.generators = nn.ModuleList(mgd_generator(c) for c in c_t)
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The mask generator's state (uint8; empty before the first step): saved with the connectors in
+        last.pt, so a resumed run draws the masks the uninterrupted run would have drawn."""
+        if self._restored_rng is not None:
+            return self._restored_rng
+        return self.rng.get_state() if self.rng is not None else torch.empty(0, dtype=torch.uint8)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self._restored_rng = state.clone() if state.numel() else None
 
     def forward(self, s: Sequence[torch.Tensor], t: Sequence[torch.Tensor]) -> torch.Tensor:
         check_levels(list(s), list(t), "FeatureMGD")
         if self.rng is None or self.rng.device != t[0].device:
             self.rng = torch.Generator(device=t[0].device).manual_seed(self.seed)
+        if self._restored_rng is not None:
+            self.rng.set_state(self._restored_rng)
+            self._restored_rng = None
         total = None
         for align, gen, si, ti in zip(self.adapters, self.generators, s, t):
             ti = ti.detach().float()

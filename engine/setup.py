@@ -386,13 +386,22 @@ def _resume_options(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
     return saved, ckpt
 
 
+def _restore_distiller(distiller: nn.Module, state: dict) -> None:
+    """Connectors strictly; a method's extra state (MGD's mask RNG) may be absent from an older last.pt."""
+    missing, unexpected = distiller.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ValueError(f"--resume: the checkpoint's distillation state does not match this run "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]}); resume with the same --d_* flags")
+
+
 def _restore(run: Run, ckpt: dict) -> None:
     run.ema.module.load_state_dict(ckpt["ema"])
     run.ema.updates = ckpt["updates"]
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scaler.load_state_dict(ckpt["scaler"])
     if run.distiller is not None and ckpt.get("adapters") is not None:
-        run.distiller.load_state_dict(ckpt["adapters"])
+        _restore_distiller(run.distiller, ckpt["adapters"])
     run.start_epoch = ckpt["epoch"] + 1
     run.best_fitness = ckpt["best_fitness"]
     run.scheduler.last_epoch = ckpt["epoch"] + 1  # the optimizer state already holds that epoch's LR

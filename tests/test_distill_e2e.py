@@ -88,3 +88,29 @@ def test_kd_switched_off_for_the_last_epochs_logs_zero(tiny_data: Path, wide_tea
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all(None not in r.values() for r in rows)  # every row has every column
     assert float(rows[0]["train/kd/out_obj"]) > 0 and float(rows[1]["train/kd/out_obj"]) == 0
+
+
+class _Stop(Exception):  # noqa: N818 - control flow in the test below
+    pass
+
+
+@pytest.mark.slow
+def test_mgd_resume_draws_the_masks_of_the_uninterrupted_run(tiny_data: Path, wide_teacher: Path,
+                                                            tmp_path: Path) -> None:
+    kd = ["--t_weights", str(wide_teacher), "--d_output", "none", "--d_feature", "mgd"]
+    full = fit(parse_options(train_args(tiny_data, tmp_path, "full", 2, *kd, "--noval")))
+
+    def stop(epoch: int, row: dict) -> None:
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        fit(parse_options(train_args(tiny_data, tmp_path, "cut", 2, *kd, "--noval")), on_epoch_end=stop)
+    last = tmp_path / "cut" / "weights" / "last.pt"
+    saved_rng = [v for k, v in load_checkpoint(last)["raw"]["adapters"].items() if k.endswith("_extra_state")]
+    assert saved_rng and saved_rng[0].dtype == torch.uint8 and saved_rng[0].numel() > 0
+    fit(parse_options(["--resume", str(last)]))
+    a = load_checkpoint(Path(full["save_dir"]) / "weights" / "last.pt")["raw"]
+    b = load_checkpoint(last)["raw"]
+    for key in ("model", "adapters"):
+        for name, value in a[key].items():
+            torch.testing.assert_close(b[key][name], value, rtol=0, atol=1e-6, msg=f"{key}.{name}")
