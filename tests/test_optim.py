@@ -110,3 +110,26 @@ def test_warmup_step_writes_into_the_optimizer() -> None:
     opt.param_groups[0]["lr"] = 123.0
     schedule.step(opt, 150, 3)  # after warm-up the scheduler's values are left alone
     assert opt.param_groups[0]["lr"] == 123.0
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_fused_optimizer_takes_the_steps_of_the_plain_loop(name: str) -> None:
+    import copy
+
+    torch.manual_seed(0)
+    fused_model = DetectionModel(tiny_cfg())
+    loop_model = copy.deepcopy(fused_model)
+    fused = build_optimizer([fused_model], name, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    assert all(g["fused"] for g in fused.param_groups)
+    loop = build_optimizer([loop_model], name, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    for g in loop.param_groups:  # the reference: torch's per-tensor Python loop
+        g["fused"], g["foreach"] = False, False
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        for a, b in zip(fused_model.parameters(), loop_model.parameters(), strict=True):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        fused.step()
+        loop.step()
+    for a, b in zip(fused_model.parameters(), loop_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
