@@ -20,6 +20,7 @@ Three families (see ``/work/shared/REFERENCE.md`` §6):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -56,11 +57,11 @@ def objectness_weighted_mse(
     sums = None
     for si, ti in _pairs(s, t, "objectness_weighted_mse"):
         w = ti[..., 4].sigmoid()  # (bs, na, ny, nx)
-        # Σ over each term's channels by one matmul with a 0/1 (no, 3) matrix: one pass over the
-        # level instead of three slices (whose backward each zero-fills a full-size gradient)
+        # per-cell mean over each term's channels by one matmul: one pass over the level instead of
+        # three slices (whose backward each zero-fills a full-size gradient)
         sq = F.mse_loss(si, ti, reduction="none")  # (s − t)², one fused pass each way
-        per_cell = sq @ _term_columns(si.shape[-1], si)  # (bs, na, ny, nx, 3)
-        level = (w.unsqueeze(-1) * per_cell).flatten(0, -2).sum(0) / (w.numel() * _term_sizes(nc, si))
+        per_cell = sq @ _term_means(si.shape[-1], si.dtype, si.device)  # (bs, na, ny, nx, 3)
+        level = (w.unsqueeze(-1) * per_cell).flatten(0, -2).mean(0)  # (3,) box, obj, cls
         sums = level if sums is None else sums + level
     box, obj, cls = sums.unbind()
     if nc <= 1:
@@ -68,18 +69,15 @@ def objectness_weighted_mse(
     return {"box": box, "obj": obj, "cls": cls}
 
 
-def _term_columns(no: int, like: torch.Tensor) -> torch.Tensor:
-    """(no, 3) 0/1 matrix: column 0 sums the 4 box logits, 1 the objectness, 2 the class logits."""
-    cols = torch.zeros(no, 3, dtype=like.dtype, device=like.device)
-    cols[:4, 0] = 1
+@functools.lru_cache(maxsize=16)
+def _term_means(no: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(no, 3) matrix averaging a cell's channels per term: column 0 the 4 box logits, 1 the
+    objectness, 2 the class logits (all-zero when there are none). Built once per shape/device."""
+    cols = torch.zeros(no, 3, dtype=dtype, device=device)
+    cols[:4, 0] = 1 / 4
     cols[4, 1] = 1
-    cols[5:, 2] = 1
+    cols[5:, 2] = 1 / max(no - 5, 1)
     return cols
-
-
-def _term_sizes(nc: int, like: torch.Tensor) -> torch.Tensor:
-    """Channels per term (box 4, obj 1, cls nc; nc 0 → 1 to keep the empty term 0, not NaN)."""
-    return torch.tensor([4.0, 1.0, float(max(nc, 1))], dtype=like.dtype, device=like.device)
 
 
 def soft_label_bce(
