@@ -55,7 +55,8 @@ METHODS: dict[str, list[str]] = {
     "feature mgd (default weight)": ["--d_output", "none", "--d_feature", "mgd"],
     "objmse + pkd (default weights, cosine)": ["--d_output", "objmse", "--d_feature", "pkd", "--d_schedule", "cosine"],
     "objmse + cwd (default weights, cosine)": ["--d_output", "objmse", "--d_feature", "cwd", "--d_schedule", "cosine"],
-    "objmse + mimic (default weights, cosine)": ["--d_output", "objmse", "--d_feature", "mimic", "--d_schedule", "cosine"],
+    "objmse + mimic (default weights, cosine)": ["--d_output", "objmse", "--d_feature", "mimic",
+                                                 "--d_schedule", "cosine"],
 }
 
 

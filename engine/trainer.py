@@ -26,7 +26,7 @@ from engine.setup import Run, prepare_run, setup_distributed
 from engine.step import train_step
 from models import load_model
 from models.checkpoint import save_checkpoint
-from utils.precision import FP32_CPU, Precision
+from utils.precision import FP32_CPU_INFERENCE, Precision
 from utils.torch_utils import broadcast_flag, set_rng_state, state_digest
 
 EpochHook = Callable[[int, dict], None]
@@ -184,7 +184,8 @@ def _finish(run: Run, last_epoch: int) -> dict:
     best = run.weights_dir / "best.pt"
     if best.exists():
         student = load_model(best, device=run.device).eval().fuse()  # as val.py scores it
-        final = run.precision if run.device.type == "cuda" else FP32_CPU  # CPU: best.pt scored in fp32
+        final = run.precision if run.device.type == "cuda" else FP32_CPU_INFERENCE  # CPU: fp32, as val.py
+        final.prepare(student)
         metrics = validate(run, student, plots=not run.opt.noplots, precision=final)
         summary["student"] = {k: metrics[k] for k in ("map50", "map", "precision", "recall", "fitness")}
     if run.teacher_metrics is not None:

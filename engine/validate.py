@@ -23,7 +23,7 @@ from models.hub import find_weights
 from utils.data_config import load_data_config
 from utils.dataset import create_dataloader
 from utils.files import find_data_yaml, increment_path
-from utils.precision import Precision, choose_precision
+from utils.precision import FP32_CPU_INFERENCE, Precision, choose_precision
 from utils.torch_utils import select_device
 
 TASKS = ("val", "test", "speed")
@@ -89,6 +89,9 @@ def validate(
     if s.half and dev.type == "cpu" and not is_onnx:  # --half on CPU: bf16 autocast where the CPU has it
         precision, note = _cpu_half(model)
         notes.append(note)
+    elif precision is None and dev.type == "cpu" and not is_onnx:
+        precision = FP32_CPU_INFERENCE  # fp32 as YOLOv5 computes it, in the memory format oneDNN runs fastest
+        precision.prepare(model)  # our own copy
     speed = task == "speed"
     if speed:
         s = replace(s, conf_thres=0.25, iou_thres=0.45, save_json=False, plots=False)

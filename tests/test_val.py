@@ -253,3 +253,33 @@ def test_training_plots(tmp_path):
     imgs = torch.randint(0, 255, (3, 3, 64, 96), dtype=torch.uint8)
     boxes = [np.array([[1, 5, 5, 40, 30, 0.9]]), np.zeros((0, 6)), np.array([[0, 1, 1, 10, 10, 0.1]])]
     assert plot_images(imgs, boxes, ["a", "b"], tmp_path / "grid.jpg").is_file()
+
+
+def test_cpu_validation_is_fp32_in_channels_last_with_the_contiguous_figures(demo, tmp_path, monkeypatch):
+    """val.py on a CPU runs fp32 in channels_last (utils.precision.FP32_CPU_INFERENCE): the same
+    arithmetic as contiguous fp32 up to summation order, so a trained model's figures agree to 1e-6."""
+    import engine.validate as validate_mod
+    from engine.evaluate import EvalSettings
+    from utils.precision import FP32_CPU
+
+    seen = []
+
+    def spy(model, *args, **kwargs):
+        conv = next(p for p in model.parameters() if p.dim() == 4)
+        seen.append((conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous(),
+                     args[-1].precision))
+        return evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(validate_mod, "evaluate", spy)
+    teacher = REPO / "weights" / "demo_teacher.pt"  # trained: no near-tied scores at the threshold
+    kw = dict(imgsz=128, batch_size=4, device="cpu", workers=0, project=tmp_path, exist_ok=True)
+    quiet = dict(verbose=False, plots=False, save_json=False)
+    nhwc = validate_mod.validate(teacher, demo["without_json"], settings=EvalSettings(**quiet), name="nhwc", **kw)
+    plain = validate_mod.validate(teacher, demo["without_json"], settings=EvalSettings(precision=FP32_CPU, **quiet),
+                                  name="plain", **kw)
+    assert seen[0][0] and seen[0][1].channels_last and seen[0][1].dtype is None  # fp32, channels_last
+    assert not seen[1][0] and not seen[1][1].channels_last
+    assert nhwc["arithmetic"] == plain["arithmetic"] == "fp32"
+    assert nhwc["map"] > 0.1  # a real score, not two empty runs agreeing
+    for k in ("map50", "map", "precision", "recall"):
+        assert nhwc[k] == pytest.approx(plain[k], abs=1e-6), k

@@ -8,6 +8,11 @@ teacher and validation, so all three agree:
   GradScaler (bf16 has fp32's exponent range, so gradients do not underflow);
 * otherwise (or `--noamp`) → plain fp32, contiguous tensors: bit-for-bit the fp32 code path.
 
+Inference in fp32 on a CPU (val.py, the final scoring of best.pt) uses `FP32_CPU_INFERENCE`: fp32
+arithmetic in channels_last, which oneDNN runs without re-laying out every activation (1.7-2.5x
+faster for a fused yolov5n at 320 px on this project's box); the outputs differ from contiguous fp32
+by summation order only (~1e-7 relative), so the mAP stays YOLOv5's.
+
 Weights stay fp32 (master weights) in every mode: autocast casts per op. The loss, the EMA and the
 metrics are computed in fp32 (predictions are cast to float before the loss).
 """
@@ -23,11 +28,13 @@ import torch
 
 @dataclass(frozen=True)
 class Precision:
-    """``device_type`` 'cpu'/'cuda'; ``dtype`` the autocast dtype (None = fp32, autocast off)."""
+    """``device_type`` 'cpu'/'cuda'; ``dtype`` the autocast dtype (None = fp32, autocast off);
+    ``nhwc`` the memory format (None: channels_last exactly when autocast is on)."""
 
     device_type: str
     dtype: torch.dtype | None = None
     reason: str = ""
+    nhwc: bool | None = None
 
     @property
     def enabled(self) -> bool:
@@ -35,7 +42,7 @@ class Precision:
 
     @property
     def channels_last(self) -> bool:
-        return self.enabled
+        return self.enabled if self.nhwc is None else self.nhwc
 
     @property
     def scaler(self) -> bool:
@@ -72,6 +79,7 @@ class Precision:
 
 
 FP32_CPU = Precision("cpu")
+FP32_CPU_INFERENCE = Precision("cpu", None, "fp32 inference in channels_last", nhwc=True)
 
 
 def cpu_bf16_support() -> str:
@@ -120,4 +128,4 @@ def to_float(tree):
     return tree
 
 
-__all__ = ["FP32_CPU", "Precision", "choose_precision", "cpu_bf16_support", "to_float"]
+__all__ = ["FP32_CPU", "FP32_CPU_INFERENCE", "Precision", "choose_precision", "cpu_bf16_support", "to_float"]
