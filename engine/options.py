@@ -20,6 +20,7 @@ DEMO_PRESET = [
     "--batch-size", "16",
     "--nominal-batch", "16",
     "--name", "demo",
+    "--cache", "ram",  # 750 small images (55 MB) decoded once, not four times per mosaic per epoch
 ]  # fmt: skip
 
 

@@ -415,3 +415,16 @@ def test_augmentation_depends_on_seed_epoch_index_only(tmp_path: Path) -> None:
     assert not torch.equal(first, ds0[1][0])
     ds0.set_epoch(3)
     assert torch.equal(first, ds0[1][0])
+
+
+def test_ram_cache_gives_the_same_augmented_batches(tmp_path: Path) -> None:
+    """`--cache ram` (the demo preset uses it) only saves decoding: mosaic/mixup batches are identical."""
+    make_split(tmp_path, "train", 6)
+    kw = dict(hyp={"mixup": 0.5, "degrees": 5.0}, augment=True, shuffle=True, nc=2, seed=2, workers=0)
+    src = tmp_path / "images" / "train"
+    disk = _batches(create_dataloader(src, 64, 3, 32, **kw)[0], 2)
+    ram_loader, ram_ds = create_dataloader(src, 64, 3, 32, cache="ram", **kw)
+    assert all(im is not None for im in ram_ds.ims)
+    ram = _batches(ram_loader, 2)
+    for (ia, ta, pa), (ib, tb, pb) in zip(disk, ram):
+        assert pa == pb and torch.equal(ia, ib) and torch.equal(ta, tb)
