@@ -77,8 +77,7 @@ def run_command(args: argparse.Namespace, label: str, seed: int) -> list[str]:
            "--nominal-batch", str(args.nominal_batch), "--workers", str(args.workers), "--device", args.device,
            "--seed", str(seed), "--project", str(args.runs), "--name", f"{slug(label)}_s{seed}", "--exist-ok",
            "--noplots", "--no-t_val"]
-    if args.cache != "none":
-        cmd += ["--cache", args.cache]
+    cmd += ["--cache", args.cache]
     if METHODS[label]:
         cmd += ["--t_weights", args.teacher, *kd_flags(label)]
     return cmd
@@ -200,7 +199,7 @@ STUDY_FLAGS: tuple[tuple[str, object, str], ...] = (
     ("--nominal-batch", 16, "nominal batch (gradient accumulation)"),
     ("--workers", 1, "dataloader workers per run"),
     ("--threads", 1, "torch threads per run (OMP_NUM_THREADS)"),
-    ("--cache", "ram", "image cache of every run: 'ram' (images decoded once; the same batches) or 'none'"),
+    ("--cache", "ram", "train_distill.py --cache of every run: ram, auto or none (the same batches either way)"),
     ("--jobs", 2, "runs in parallel"),
     ("--device", "cpu", "device for every run"),
     ("--seeds", [0, 1], "seeds (at least two for a spread)"),

@@ -20,7 +20,6 @@ DEMO_PRESET = [
     "--batch-size", "16",
     "--nominal-batch", "16",
     "--name", "demo",
-    "--cache", "ram",  # 750 small images (55 MB) decoded once, not four times per mosaic per epoch
 ]  # fmt: skip
 
 
@@ -38,7 +37,9 @@ TRAIN_FLAGS: dict[str, list[tuple[str | tuple[str, ...], str, dict]]] = {
         (("--imgsz", "--img", "--img-size"), "train/val image size (pixels)", {**_INT, "default": 640}),
         ("--single-cls", "train multi-class data as one class", _SWITCH),
         ("--rect", "rectangular training batches (no mosaic)", _SWITCH),
-        ("--cache", "cache images in RAM", {"nargs": "?", "const": "ram", "default": None, "choices": ["ram"]}),
+        ("--cache", "image cache: ram (as --cache alone), none, or auto (default: ram when the resized images "
+                    "take at most 1/8 of the available memory; the same batches, decoded once)",
+         {"nargs": "?", "const": "ram", "default": "auto", "choices": ["ram", "auto", "none"]}),
         ("--workers", "dataloader workers per process", {**_INT, "default": 2}),
     ],
     "training": [

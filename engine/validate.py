@@ -85,13 +85,7 @@ def validate(
     half = s.half and dev.type == "cuda" and not is_onnx  # fp16 convolutions are a CUDA feature
     if half:
         model.half()  # our own copy, so converting it is fine (evaluate never converts a caller's model)
-    precision = s.precision
-    if s.half and dev.type == "cpu" and not is_onnx:  # --half on CPU: bf16 autocast where the CPU has it
-        precision, note = _cpu_half(model)
-        notes.append(note)
-    elif precision is None and dev.type == "cpu" and not is_onnx:
-        precision = FP32_CPU_INFERENCE  # fp32 as YOLOv5 computes it, in the memory format oneDNN runs fastest
-        precision.prepare(model)  # our own copy
+    precision = _cpu_precision(model, s, notes) if dev.type == "cpu" and not is_onnx else s.precision
     speed = task == "speed"
     if speed:
         s = replace(s, conf_thres=0.25, iou_thres=0.45, save_json=False, plots=False)
@@ -113,6 +107,19 @@ def validate(
                    backend="onnxruntime" if is_onnx else "pytorch", weights=weights, data=data, task=task)
     (save_dir / "metrics.json").write_text(json.dumps(metrics_record(results, s), indent=2))
     return results
+
+
+def _cpu_precision(model: torch.nn.Module, s: EvalSettings, notes: list[str]) -> Precision | None:
+    """The CPU arithmetic of ``model`` (our own copy, put in its memory format): bf16 for ``--half``
+    (:func:`_cpu_half`), else fp32 as YOLOv5 computes it, in channels_last (oneDNN's fast layout)."""
+    if s.half:
+        precision, note = _cpu_half(model)
+        notes.append(note)
+        return precision
+    if s.precision is not None:
+        return s.precision
+    FP32_CPU_INFERENCE.prepare(model)
+    return FP32_CPU_INFERENCE
 
 
 def _cpu_half(model: torch.nn.Module) -> tuple[Precision, str]:

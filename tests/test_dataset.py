@@ -428,3 +428,20 @@ def test_ram_cache_gives_the_same_augmented_batches(tmp_path: Path) -> None:
     ram = _batches(ram_loader, 2)
     for (ia, ta, pa), (ib, tb, pb) in zip(disk, ram):
         assert pa == pb and torch.equal(ia, ib) and torch.equal(ta, tb)
+
+
+def test_auto_cache_only_when_the_images_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--cache auto` (the default) caches a set whose resized images fit in 1/8 of the free memory."""
+    import utils.dataset as dataset_mod
+
+    make_split(tmp_path, "train", 4, h=48, w=64)
+    src = tmp_path / "images" / "train"
+    need = 4 * 3 * 48 * 64  # long side 64 = imgsz: no resize
+    assert YoloDataset(src, imgsz=64).resized_bytes() == need
+    monkeypatch.setattr(dataset_mod, "available_memory", lambda: 8 * need)
+    assert all(im is not None for im in YoloDataset(src, imgsz=64, cache="auto").ims)
+    monkeypatch.setattr(dataset_mod, "available_memory", lambda: 8 * need - 1)
+    assert all(im is None for im in YoloDataset(src, imgsz=64, cache="auto").ims)
+    monkeypatch.setattr(dataset_mod, "available_memory", lambda: 0)  # unknown: never cache
+    assert all(im is None for im in YoloDataset(src, imgsz=64, cache="auto").ims)
+    assert all(im is None for im in YoloDataset(src, imgsz=64, cache="none").ims)

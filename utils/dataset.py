@@ -65,6 +65,20 @@ def load_bgr(path: str) -> np.ndarray:
     return im
 
 
+AUTO_CACHE_FRACTION = 0.125  # --cache auto: at most 1/8 of the available memory per process
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (Linux MemAvailable); 0 when unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def long_side_hw(hw: tuple[int, int], size: int) -> tuple[int, int]:
     """(h, w) scaled by one factor so the longer side is ``size`` (each side at least 1 pixel)."""
     factor = size / max(hw)
@@ -164,16 +178,29 @@ class YoloDataset(Dataset):
 
     # ---- construction helpers
     def _cache_images(self, cache: str | bool | None) -> None:
-        """``cache='ram'`` (or True): read and resize every image now, in threads."""
+        """``cache='ram'`` (or True): read and resize every image now, in threads. ``'auto'``: the same
+        when the resized images take at most :data:`AUTO_CACHE_FRACTION` of the available memory
+        (a mosaic reads four images per item: a small set is then decoded once instead of ~4x per
+        epoch, with the same batches); ``'none'``/None: read from disk every time."""
         if cache is True:
             cache = "ram"
-        if cache not in (None, False, "ram"):
-            raise ValueError(f"cache={cache!r} is not supported (use 'ram' or None)")
+        if cache not in (None, False, "ram", "auto", "none"):
+            raise ValueError(f"cache={cache!r} is not supported (use 'ram', 'auto' or 'none')")
+        if cache == "auto":
+            need, free = self.resized_bytes(), available_memory()
+            cache = "ram" if free and need <= AUTO_CACHE_FRACTION * free else None
+            if cache:
+                LOGGER.info("--cache auto: the resized images (%.0f MB) fit in RAM (%.1f GB available); "
+                            "--cache none reads them from disk", need / 2**20, free / 2**30)
         if cache == "ram":
             with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
                 self.ims = list(pool.map(self._read_resized_or_none, range(self.n)))
             mb = sum(x[0].nbytes for x in self.ims if x is not None) / 2**20
             LOGGER.info("cached %d images in RAM (%.0f MB)", self.n, mb)
+
+    def resized_bytes(self) -> int:
+        """Bytes the RAM cache takes: every image resized to its long side ``imgsz``, 3 channels, uint8."""
+        return sum(3 * h * w for h, w in (long_side_hw((int(h0), int(w0)), self.imgsz) for w0, h0 in self.shapes))
 
     @staticmethod
     def _filter(im_files, label_files, scan, nc):
