@@ -57,6 +57,8 @@ METHODS: dict[str, list[str]] = {
     "objmse + cwd (default weights, cosine)": ["--d_output", "objmse", "--d_feature", "cwd", "--d_schedule", "cosine"],
     "objmse + mimic (default weights, cosine)": ["--d_output", "objmse", "--d_feature", "mimic",
                                                  "--d_schedule", "cosine"],
+    "objmse + pkd, f_weight 0.25 (cosine)": ["--d_output", "objmse", "--d_feature", "pkd", "--f_weight", "0.25",
+                                             "--d_schedule", "cosine"],
 }
 
 
