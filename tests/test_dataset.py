@@ -442,6 +442,8 @@ def test_auto_cache_only_when_the_images_fit(tmp_path: Path, monkeypatch: pytest
     assert all(im is not None for im in YoloDataset(src, imgsz=64, cache="auto").ims)
     monkeypatch.setattr(dataset_mod, "available_memory", lambda: 8 * need - 1)
     assert all(im is None for im in YoloDataset(src, imgsz=64, cache="auto").ims)
+    monkeypatch.setattr(dataset_mod, "available_memory", lambda: 16 * need)
+    assert all(im is None for im in YoloDataset(src, imgsz=64, cache="auto", processes=3).ims)  # 3 ranks' caches
     monkeypatch.setattr(dataset_mod, "available_memory", lambda: 0)  # unknown: never cache
     assert all(im is None for im in YoloDataset(src, imgsz=64, cache="auto").ims)
     assert all(im is None for im in YoloDataset(src, imgsz=64, cache="none").ims)

@@ -135,6 +135,7 @@ class YoloDataset(Dataset):
         single_cls: bool = False,
         seed: int = 0,
         nc: int | None = None,
+        processes: int = 1,
     ) -> None:
         self.imgsz, self.augment, self.rect, self.stride, self.pad = int(imgsz), augment, rect, int(stride), pad
         self.hyp = {**AUG_DEFAULTS, **(hyp or {})}
@@ -174,21 +175,22 @@ class YoloDataset(Dataset):
         # image was found unreadable and warned about (once per file, not once per worker or epoch).
         self._warned_unreadable = torch.zeros(self.n, dtype=torch.uint8).share_memory_()
         self.ims: list[tuple | None] = [None] * self.n
-        self._cache_images(cache)
+        self._cache_images(cache, processes)
 
     # ---- construction helpers
-    def _cache_images(self, cache: str | bool | None) -> None:
+    def _cache_images(self, cache: str | bool | None, processes: int = 1) -> None:
         """``cache='ram'`` (or True): read and resize every image now, in threads. ``'auto'``: the same
         when the resized images take at most :data:`AUTO_CACHE_FRACTION` of the available memory
-        (a mosaic reads four images per item: a small set is then decoded once instead of ~4x per
-        epoch, with the same batches); ``'none'``/None: read from disk every time."""
+        shared by ``processes`` (DDP ranks, each with its own cache); a mosaic reads four images per
+        item, so a small set is then decoded once instead of ~4x per epoch, with the same batches.
+        ``'none'``/None: read from disk every time."""
         if cache is True:
             cache = "ram"
         if cache not in (None, False, "ram", "auto", "none"):
             raise ValueError(f"cache={cache!r} is not supported (use 'ram', 'auto' or 'none')")
         if cache == "auto":
             need, free = self.resized_bytes(), available_memory()
-            cache = "ram" if free and need <= AUTO_CACHE_FRACTION * free else None
+            cache = "ram" if free and need * max(processes, 1) <= AUTO_CACHE_FRACTION * free else None
             if cache:
                 LOGGER.info("--cache auto: the resized images (%.0f MB) fit in RAM (%.1f GB available); "
                             "--cache none reads them from disk", need / 2**20, free / 2**30)
@@ -443,7 +445,7 @@ def create_dataloader(
     rank_offset = max(rank, 0)  # ranks augment differently but shuffle alike (sampler seed)
     dataset = YoloDataset(sources, imgsz=imgsz, batch_size=batch_size, augment=augment, hyp=hyp, rect=rect,
                           cache=cache, stride=stride, pad=pad, single_cls=single_cls, seed=seed + rank_offset,
-                          nc=nc)
+                          nc=nc, processes=world_size)
     batch_size = min(batch_size, len(dataset))
     nw = max(0, min(int(workers), os.cpu_count() or 1))
     sampler = None
