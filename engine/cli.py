@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -46,6 +48,38 @@ class TrainingInterrupted(Exception):  # noqa: N818 - an outcome reported to the
         else:
             message = f"{where}; resume with: python train_distill.py --resume {checkpoint}"
         super().__init__(message)
+
+
+class InterruptLatch:
+    """Ctrl-C that cannot be lost: SIGINT sets ``fired`` and raises KeyboardInterrupt as usual.
+
+    Python drops an exception raised inside a finalizer (it only prints "Exception ignored in ..."),
+    and a DataLoader iterator's ``__del__`` shuts its workers down at every epoch change, so a Ctrl-C
+    landing there would vanish and training would go on; :meth:`check` raises it again at the next
+    batch. Installed only from the main thread (the only one Python delivers signals to).
+    """
+
+    def __init__(self) -> None:
+        self.fired = False
+        self._previous = None
+
+    def __enter__(self) -> InterruptLatch:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.fired = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if a Ctrl-C arrived (even one whose exception was swallowed)."""
+        if self.fired:
+            raise KeyboardInterrupt
 
 
 def one_line(error: BaseException) -> str:

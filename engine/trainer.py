@@ -18,7 +18,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from engine.checkpointing import deployable, training_checkpoint
-from engine.cli import TrainingInterrupted
+from engine.cli import InterruptLatch, TrainingInterrupted
 from engine.evaluate import evaluate
 from engine.logger import progress_line
 from engine.options import check_options
@@ -36,8 +36,9 @@ class NonFiniteLossError(RuntimeError):
     """Raised when the loss stays NaN/inf for too many consecutive steps."""
 
 
-def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
-    """One pass over the training loader; returns the mean of every named loss term."""
+def train_one_epoch(run: Run, epoch: int, latch: InterruptLatch | None = None) -> dict[str, float]:
+    """One pass over the training loader; returns the mean of every named loss term. ``latch``
+    re-raises a Ctrl-C that a finalizer swallowed (see :class:`engine.cli.InterruptLatch`)."""
     model, opt = run.model, run.opt
     model.train()
     if run.distiller is not None:
@@ -48,6 +49,8 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     n_batches = len(run.train_loader)
     bar = tqdm(run.train_loader, total=n_batches, disable=not run.info.is_main, bar_format="{l_bar}{bar:10}{r_bar}")
     for i, (imgs, targets, _paths, _shapes) in enumerate(bar):
+        if latch is not None:
+            latch.check()
         ni = i + n_batches * epoch
         accumulate = run.warmup.step(run.optimizer, ni, epoch)
         imgs, targets = imgs.to(run.device, non_blocking=True), targets.to(run.device)
@@ -109,7 +112,8 @@ def fit(opt: argparse.Namespace, on_epoch_end: EpochHook | None = None) -> dict:
     try:
         run = prepare_run(opt, info, device)
         try:
-            return _train_loop(run, on_epoch_end)
+            with InterruptLatch() as latch:
+                return _train_loop(run, on_epoch_end, latch)
         except KeyboardInterrupt:
             raise _interrupted(run) from None
     finally:
@@ -117,7 +121,7 @@ def fit(opt: argparse.Namespace, on_epoch_end: EpochHook | None = None) -> dict:
             dist.destroy_process_group()
 
 
-def _train_loop(run: Run, on_epoch_end: EpochHook | None) -> dict:
+def _train_loop(run: Run, on_epoch_end: EpochHook | None, latch: InterruptLatch | None = None) -> dict:
     opt = run.opt
     if run.resume_rng is not None:
         set_rng_state(run.resume_rng)
@@ -125,7 +129,7 @@ def _train_loop(run: Run, on_epoch_end: EpochHook | None) -> dict:
     for epoch in range(run.start_epoch, opt.epochs):
         run.epoch = epoch
         t0 = time.time()
-        losses = train_one_epoch(run, epoch)
+        losses = train_one_epoch(run, epoch, latch)
         lrs = run.learning_rates()  # those of the epoch's last step, as YOLOv5 records them
         run.scheduler.step()
         stop = False

@@ -142,10 +142,10 @@ def save(obj, path):
         die()
     return out
 
-def train_one_epoch(run, epoch):
+def train_one_epoch(run, epoch, *rest):
     if where == "next_epoch" and epoch == kill_epoch + 1:
         die()
-    return real_epoch(run, epoch)
+    return real_epoch(run, epoch, *rest)
 
 torch.save, trainer.save_checkpoint, trainer.train_one_epoch = torch_save, save, train_one_epoch
 import train_distill
@@ -340,3 +340,27 @@ def test_run_folder_housekeeping_touches_only_what_is_ours(tmp_path: Path) -> No
     second = archive_previous_run(run)
     assert second != first and sorted(p.name for p in run.iterdir()) == sorted([first.name, second.name])
     assert (second / "results.csv").read_text() == "epoch\n0\n" and (first / "weights" / "last.pt").exists()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_interrupt_latch_keeps_a_ctrl_c_that_a_finalizer_swallowed() -> None:
+    """A SIGINT whose KeyboardInterrupt is raised inside __del__ is lost to Python, not to the latch."""
+    import gc
+
+    from engine.cli import InterruptLatch
+
+    class Finalizer:
+        def __del__(self) -> None:  # what a DataLoader iterator's shutdown at an epoch change looks like
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs between bytecodes
+                pass
+
+    before = signal.getsignal(signal.SIGINT)
+    with InterruptLatch() as latch:
+        latch.check()  # nothing yet
+        Finalizer()
+        gc.collect()  # Python prints "Exception ignored" and goes on
+        assert latch.fired
+        with pytest.raises(KeyboardInterrupt):
+            latch.check()
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
