@@ -418,7 +418,7 @@ def test_augmentation_depends_on_seed_epoch_index_only(tmp_path: Path) -> None:
 
 
 def test_ram_cache_gives_the_same_augmented_batches(tmp_path: Path) -> None:
-    """`--cache ram` (the demo preset uses it) only saves decoding: mosaic/mixup batches are identical."""
+    """`--cache ram` (and `auto` when it caches) only saves decoding: mosaic/mixup batches are identical."""
     make_split(tmp_path, "train", 6)
     kw = dict(hyp={"mixup": 0.5, "degrees": 5.0}, augment=True, shuffle=True, nc=2, seed=2, workers=0)
     src = tmp_path / "images" / "train"

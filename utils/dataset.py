@@ -202,7 +202,11 @@ class YoloDataset(Dataset):
 
     def resized_bytes(self) -> int:
         """Bytes the RAM cache takes: every image resized to its long side ``imgsz``, 3 channels, uint8."""
-        return sum(3 * h * w for h, w in (long_side_hw((int(h0), int(w0)), self.imgsz) for w0, h0 in self.shapes))
+        total = 0
+        for w0, h0 in self.shapes:  # scan shapes are (w, h)
+            h, w = long_side_hw((int(h0), int(w0)), self.imgsz)
+            total += 3 * h * w
+        return total
 
     @staticmethod
     def _filter(im_files, label_files, scan, nc):
