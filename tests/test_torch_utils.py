@@ -130,3 +130,30 @@ def test_select_device_on_this_machine() -> None:
     assert select_device("") == torch.device("cpu")
     with pytest.raises(ValueError, match="--device 0 requested but only 0 CUDA device"):
         select_device("0")
+
+
+def test_ema_update_equals_averaged_model_update_parameters() -> None:
+    """Our pairing of tensors gives what torch's AveragedModel.update_parameters gives, step for step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.SiLU(), nn.Conv2d(4, 2, 1))
+    model = model.to(memory_format=torch.channels_last)
+    ours, library = WeightEMA(model, tau=3.0), WeightEMA(model, tau=3.0)
+    model.train()
+    for _ in range(4):
+        model(torch.randn(2, 3, 8, 8))  # moves the BN buffers
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ours.update(model)
+        library.update_parameters(model)
+    assert ours.updates == library.updates == 4
+    expected = library.module.state_dict()
+    for key, value in ours.module.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+    assert ours.module[1].num_batches_tracked.item() == 4
+
+
+def test_ema_update_refuses_a_different_model() -> None:
+    ema = WeightEMA(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="EMA: the model has 4 tensors, its average 2"):
+        ema.update(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))

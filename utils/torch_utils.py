@@ -163,7 +163,12 @@ class WeightEMA(AveragedModel):
     A `torch.optim.swa_utils.AveragedModel` (``use_buffers=True``, so BatchNorm running mean/var are
     averaged as well rather than copied) whose averaging function is the ramped EMA of `ema_decay`:
     at step k, avg ← d(k)·avg + (1 − d(k))·model, done with one fused ``torch._foreach_lerp_`` per
-    device/dtype group. Integer buffers (BN ``num_batches_tracked``) follow the model.
+    dtype. Integer buffers (BN ``num_batches_tracked``) follow the model.
+
+    `update` pairs the tensors itself (one walk of each module tree per step) instead of calling
+    ``AveragedModel.update_parameters``, which in torch 2.14 walks the tree again for every tensor:
+    3.4 → 2.0 ms per step on a YOLOv5 model (~350 tensors; ~1 % of the demo's training time), for
+    the same arithmetic (tested equal).
 
     ``.module`` is the averaged network (validated and saved as the deployable model);
     ``.updates`` is the number of EMA steps taken, as stored in checkpoints under ``updates``.
@@ -188,10 +193,23 @@ class WeightEMA(AveragedModel):
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Fold the current weights of ``model`` (wrapped or not) into the average: one EMA step."""
-        self.update_parameters(unwrap_model(model))
+        source = unwrap_model(model)
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [*source.parameters(), *source.buffers()]
+        if len(averaged) != len(current):
+            raise ValueError(f"EMA: the model has {len(current)} tensors, its average {len(averaged)}")
+        groups: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for avg, cur in zip(averaged, current):
+            pair = groups.setdefault(avg.dtype, ([], []))
+            pair[0].append(avg)
+            pair[1].append(cur.detach().to(avg.device, avg.dtype))
+        for group in groups.values():
+            self._blend(*group, self.n_averaged)
+        self.n_averaged += 1
 
     def _blend(self, averaged: list[torch.Tensor], current: list[torch.Tensor], _n: torch.Tensor) -> None:
-        # Called by update_parameters before it increments n_averaged: this is step n_averaged.
+        # Called before n_averaged is incremented (by `update`, or by AveragedModel.update_parameters,
+        # which still works): this is step n_averaged.
         if not averaged[0].is_floating_point():
             torch._foreach_copy_(averaged, current)
             return
