@@ -195,7 +195,7 @@ def _run_batches(model: nn.Module, loader: Iterable, names: list[str], device: t
     for bi, (imgs, targets, paths, shapes) in enumerate(loader):
         _sync(device)
         t0 = time.perf_counter()
-        imgs = s.precision.memory_format(imgs.to(device, non_blocking=True).to(in_dtype) / 255)
+        imgs = s.precision.images(imgs.to(device, non_blocking=True), in_dtype)
         targets = targets.to(device)
         _sync(device)
         t1 = time.perf_counter()

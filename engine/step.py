@@ -80,8 +80,7 @@ def train_step(s: StepState | Run, imgs: torch.Tensor, targets: torch.Tensor, ni
     Returns the detached named loss terms, or None when the loss was not finite on some rank (this
     batch's gradients are then dropped and nothing stepped).
     """
-    x = imgs.float() / 255 if not imgs.is_floating_point() else imgs
-    x = s.precision.memory_format(x)
+    x = s.precision.images(imgs)
     with s.precision.autocast():
         preds = s.model(x)
     loss, terms = s.criterion(x, to_float(preds), targets, kd_scale)  # loss in fp32, outside autocast

@@ -53,6 +53,20 @@ def test_precision_choice_and_noamp() -> None:
     assert to_float([torch.ones(2, dtype=torch.bfloat16)])[0].dtype == torch.float32
 
 
+@pytest.mark.parametrize("nhwc", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_images_are_scaled_and_laid_out_in_one_pass(nhwc: bool, dtype: torch.dtype) -> None:
+    """Precision.images gives exactly cast-then-divide, in the precision's memory format."""
+    imgs = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    p = Precision("cpu", None, nhwc=nhwc)
+    x = p.images(imgs, dtype)
+    assert x.dtype == dtype and torch.equal(x, imgs.to(dtype) / 255)
+    assert x.is_contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+    assert x.is_contiguous() != nhwc  # a real re-layout, not a tensor contiguous both ways
+    scaled = torch.rand(2, 3, 5, 7)
+    assert torch.equal(p.images(scaled), scaled)  # float input: already 0-1, only re-laid out
+
+
 def test_bf16_steps_are_finite_with_fp32_master_weights_and_ema() -> None:
     model = BF16.prepare(_student())
     det = model.detect
