@@ -33,9 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
-from benchmarks.common import RESULTS_DIR, ROOT
+from benchmarks.common import RESULTS_DIR, ROOT, machine_info
 from utils.data_config import load_data_config
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {k: getattr(args, k) for k in ("cfg", "imgsz", "batch", "val_batch", "epochs", "workers", "device",
                                                   "rounds", "max_images", "noamp")} | {"data": Path(args.data).name},
         "images": {"train": n_train, "val": n_val},
-        "machine": {"cpus": os.cpu_count(), "load_average_start": list(load_start),
+        "machine": {**machine_info(torch.device("cpu")), "load_average_start": list(load_start),
                     "load_average_end": list(os.getloadavg())},
         **summarize(samples, n_train, n_val, args.epochs),
         "samples": samples, "work_dir": str(work) if args.keep else None,
