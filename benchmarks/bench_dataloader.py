@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from benchmarks.common import write_results
+from benchmarks.common import machine_info, write_results
 from utils.data_config import load_data_config
 from utils.dataset import create_dataloader
 
@@ -53,13 +52,14 @@ def measure(sources: list[str], imgsz: int, batch: int, workers: int, batches: i
             "seconds": round(dt, 3), "images_per_s": round(seen / dt, 1), "dataset_images": len(dataset)}
 
 
-def train_images_per_s(model: str, imgsz: int, batch: int) -> tuple[float, str]:
-    """The training step's images/s of ``model`` (student alone, the run's default precision)."""
+def train_images_per_s(model: str, imgsz: int, batch: int, out: str) -> tuple[float, str]:
+    """The training step's images/s of ``model`` (student alone, the run's default precision); its
+    own table is written next to this benchmark's, as ``<out>_train_step_<imgsz>``."""
     from benchmarks.bench_train_step import main as bench_step
 
     res = bench_step(["--student", model, "--teacher", model, "--methods", "none", "--imgsz", str(imgsz),
                       "--batch-size", str(batch), "--no-mem", "--repeats", "3", "--steps", "2", "--warmup", "1",
-                      "--out", str(ROOT / "benchmarks" / "results" / f"train_step_student_{imgsz}")])
+                      "--out", f"{out}_train_step_{imgsz}"])
     amp = res["config"]["amp"]  # Precision.describe(): "AMP: bf16 autocast ..." or "AMP: off, fp32 ..."
     return res["rows"][0]["images_per_s"], "fp32" if "off" in amp else amp.split()[1]
 
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [measure(data["train"], s, args.batch, args.workers, args.batches, args.warmup, hyp) for s in args.imgsz]
     if args.train_model:
         for r in rows:
-            r["train_images_per_s"], r["train_precision"] = train_images_per_s(args.train_model, r["imgsz"], args.batch)
+            r["train_images_per_s"], r["train_precision"] = train_images_per_s(args.train_model, r["imgsz"], args.batch,
+                                                                               args.out)
             r["loader_over_train"] = round(r["images_per_s"] / r["train_images_per_s"], 2)
     result = {
         "benchmark": "dataloader",
@@ -91,8 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         "hyp": str(Path(args.hyp).name),
         "mosaic": hyp.get("mosaic"),
         "mixup": hyp.get("mixup"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                    "platform": platform.platform(), "load_avg_1m_before": round(load_before, 2)},
+        "machine": {**machine_info(torch.device("cpu")), "load_avg_1m_before": round(load_before, 2)},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "results": rows,
     }
