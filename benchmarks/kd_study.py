@@ -59,6 +59,8 @@ METHODS: dict[str, list[str]] = {
                                                  "--d_schedule", "cosine"],
     "objmse + pkd, f_weight 0.25 (cosine)": ["--d_output", "objmse", "--d_feature", "pkd", "--f_weight", "0.25",
                                              "--d_schedule", "cosine"],
+    "objmse + mimic, f_weight 0.25 (cosine)": ["--d_output", "objmse", "--d_feature", "mimic", "--f_weight", "0.25",
+                                               "--d_schedule", "cosine"],
 }
 
 
