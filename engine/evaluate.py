@@ -6,10 +6,11 @@ inverse of the letterbox (:class:`Unletterbox`), so the numbers do not depend on
 resolution's padding. The figures follow YOLOv5's val.py conventions (``utils.metrics``, convention
 ``"yolov5"``); with ``save_json`` pycocotools adds the COCO figure.
 
-Two pipeline details that YOLOv5 does differently and that we keep: NMS keeps classes apart with
-``torchvision.ops.batched_nms`` (exact per class) where YOLOv5 shifts boxes by class × 7680 px in
-float32 before one NMS; the shift's rounding changed 6 of 149k kept boxes in a synthetic 80-class
-test with 3-15 px boxes, 0 with larger boxes, and nothing on the oracle fixture. Rect batches
+Two pipeline details that YOLOv5 does differently and that we keep: NMS keeps classes apart exactly
+(``utils.boxes.batched_nms``: integer shifts in float64, the per-class result of
+``torchvision.ops.batched_nms``) where YOLOv5 shifts boxes by class × 7680 px in float32 before one
+NMS; that shift's rounding changed 6 of 149k kept boxes in a synthetic 80-class test with 3-15 px
+boxes, 0 with larger boxes, and nothing on the oracle fixture. Rect batches
 depend on how images of equal aspect ratio are ordered (utils/dataset.py); the oracle fixture gives
 every image its own ratio.
 """
@@ -27,9 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torchvision.ops import box_convert, clip_boxes_to_image
 
-from utils.boxes import non_max_suppression
+from utils.boxes import clip_boxes, non_max_suppression, xywh2xyxy, xyxy2xywh
 from utils.coco_eval import ImageIdLookup, category_ids, coco_evaluate, labels_to_coco_json, predictions_to_coco
 from utils.detect_outputs import split_outputs
 from utils.metrics import IOU_THRESHOLDS, ConfusionMatrix, fitness, match_predictions, score_detections
@@ -70,14 +70,14 @@ class Unletterbox:
         """(n, 4) xyxy in batch-image pixels -> (n, 4) float64 xyxy in original pixels."""
         offset = torch.tensor(self.pad * 2, dtype=torch.float64)  # (pw, ph, pw, ph)
         gain = torch.tensor(self.gain[::-1] * 2, dtype=torch.float64)  # (gw, gh, gw, gh)
-        return clip_boxes_to_image((xyxy.double() - offset) / gain, self.shape0)
+        return clip_boxes((xyxy.double() - offset) / gain, self.shape0)
 
     def normalised(self, cxcywh: torch.Tensor, batch_hw: tuple[int, int]) -> torch.Tensor:
         """(n, 4) centre/size boxes normalised to the batch image (the loader's label rows) ->
         (n, 4) float64 xyxy in original pixels."""
         h, w = batch_hw
         size = torch.tensor((w, h, w, h), dtype=torch.float64)
-        return self.pixels(box_convert(cxcywh.double(), "cxcywh", "xyxy") * size)
+        return self.pixels(xywh2xyxy(cxcywh.double()) * size)
 
 
 @dataclass(frozen=True)
@@ -296,7 +296,7 @@ def _save_txt(predn: torch.Tensor, shape0: tuple[int, int], save_conf: bool, pat
     path.parent.mkdir(parents=True, exist_ok=True)
     gain = torch.tensor((shape0[1], shape0[0]) * 2, dtype=torch.float64)
     p = predn.cpu().double()
-    xywh = (box_convert(p[:, :4], "xyxy", "cxcywh") / gain).tolist()
+    xywh = (xyxy2xywh(p[:, :4]) / gain).tolist()
     with path.open("w") as f:
         for (xc, yc, w, h), conf, cls in zip(xywh, p[:, 4].tolist(), p[:, 5].tolist()):
             f.write(f"{int(cls)} {xc:.6f} {yc:.6f} {w:.6f} {h:.6f}" + (f" {conf:.5f}" if save_conf else "") + "\n")
@@ -310,7 +310,7 @@ def _plot_batch(imgs, targets, preds, paths, names, save_dir: Path, bi: int) -> 
     scale = torch.tensor((W, H, W, H), device=targets.device, dtype=torch.float32)
     t = targets.float()
     labels = [
-        torch.cat((t[t[:, 0] == i, 1:2], box_convert(t[t[:, 0] == i, 2:6], "cxcywh", "xyxy") * scale), 1).cpu()
+        torch.cat((t[t[:, 0] == i, 1:2], xywh2xyxy(t[t[:, 0] == i, 2:6]) * scale), 1).cpu()
         for i in range(len(imgs))
     ]
     dets = [torch.cat((p[:, 5:6], p[:, :4], p[:, 4:5]), 1).float().cpu() for p in preds]
@@ -343,7 +343,7 @@ def _coco(records, names, anno_json, save_dir: Path, json_name: str) -> tuple[st
     if anno_json is None:
         labels, files, shapes = [], [], []
         for path, (h0, w0), _, labelsn in records:
-            xywh = box_convert(labelsn[:, 1:5], "xyxy", "cxcywh") / torch.tensor((w0, h0, w0, h0), dtype=torch.float64)
+            xywh = xyxy2xywh(labelsn[:, 1:5]) / torch.tensor((w0, h0, w0, h0), dtype=torch.float64)
             labels.append(torch.cat((labelsn[:, :1], xywh), 1).numpy())
             files.append(path)
             shapes.append((h0, w0))

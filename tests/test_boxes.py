@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +20,7 @@ from utils.boxes import (
     xyxy2xywhn,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 XYWH = [[50.0, 40.0, 20.0, 10.0], [5.0, 6.0, 4.0, 8.0]]
 XYXY = [[40.0, 35.0, 60.0, 45.0], [3.0, 2.0, 7.0, 10.0]]
 
@@ -139,3 +144,89 @@ def test_nms_score_prefix_shortcut_equals_full_batched_nms(spread: float) -> Non
     for max_det in (1, 30, 300, 3000):
         full = batched_nms(boxes, scores, cls, 0.5)[:max_det]
         assert torch.equal(_first_kept(boxes, scores, cls, 0.5, max_det), full)
+
+
+# ------------------------------------------------------------- our tensor box ops vs torchvision.ops
+def _random_xyxy(n: int, g: torch.Generator, dtype: torch.dtype = torch.float32, lo: float = -20.0) -> torch.Tensor:
+    xy = lo + torch.rand(n, 2, generator=g, dtype=dtype) * 300
+    return torch.cat((xy, xy + torch.rand(n, 2, generator=g, dtype=dtype) * 60), 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_box_ops_equal_torchvision(dtype: torch.dtype) -> None:
+    from torchvision import ops
+
+    from utils.boxes import box_iou
+
+    g = torch.Generator().manual_seed(0)
+    a, b = _random_xyxy(200, g, dtype), _random_xyxy(150, g, dtype)
+    iou = box_iou(a, b)
+    assert iou.dtype == dtype and iou.shape == (200, 150)
+    assert torch.equal(iou, ops.box_iou(a, b))
+    assert (iou > 0).any() and (iou == 0).any()  # overlapping and disjoint pairs both present
+    assert torch.equal(xywh2xyxy(a), ops.box_convert(a, "cxcywh", "xyxy"))
+    assert torch.equal(xyxy2xywh(a), ops.box_convert(a, "xyxy", "cxcywh"))
+    clipped = clip_boxes(a, (100.5, 200))
+    assert torch.equal(clipped, ops.clip_boxes_to_image(a, (100.5, 200)))  # type: ignore[arg-type]
+    assert clipped[:, 0::2].max() == 200 and clipped[:, 1::2].max() == 100.5 and clipped.min() == 0
+
+
+@pytest.mark.parametrize("n_classes", [1, 3, 80])
+@pytest.mark.parametrize("lo", [0.0, -50.0])  # pre-clip boxes can start left of / above the image
+def test_batched_nms_equals_torchvision_per_class(n_classes: int, lo: float) -> None:
+    from torchvision.ops import batched_nms as tv_batched_nms
+
+    from utils.boxes import batched_nms
+
+    g = torch.Generator().manual_seed(n_classes)
+    n = 3000
+    boxes = _random_xyxy(n, g, lo=lo)
+    scores = torch.randperm(n, generator=g).float() / n  # distinct: one greedy order
+    cls = torch.randint(0, n_classes, (n,), generator=g)
+    for thres in (0.3, 0.45, 0.7):
+        ours = batched_nms(boxes, scores, cls, thres)
+        assert ours.dtype == torch.long
+        assert torch.equal(ours, tv_batched_nms(boxes, scores, cls, thres))
+        assert 0 < ours.numel() < n  # something suppressed, something kept
+    assert batched_nms(boxes[:0], scores[:0], cls[:0], 0.5).numel() == 0
+
+
+def test_batched_nms_never_suppresses_across_classes() -> None:
+    from utils.boxes import batched_nms
+
+    same_box = torch.tensor([[10.0, 10.0, 50.0, 50.0]] * 3)
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    assert batched_nms(same_box, scores, torch.tensor([0, 1, 0]), 0.5).tolist() == [0, 1]
+    assert batched_nms(same_box, scores, torch.tensor([0, 1, 2]), 0.5).tolist() == [0, 1, 2]
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_the_inference_path_does_not_import_torchvision() -> None:
+    # val.py, detect.py and evaluate's NMS run on torchvision's kernel without its ~1.8 s package import
+    proc = _python(
+        "import sys, torch\n"
+        "import val, detect, engine.validate, engine.predict\n"
+        "from utils.boxes import non_max_suppression\n"
+        "rows = [[50., 50, 20, 20, 0.9, 0.9], [52, 50, 20, 20, 0.8, 0.9], [150, 50, 20, 20, 0.7, 0.9]]\n"
+        "out = non_max_suppression(torch.tensor([rows]), 0.25, 0.45)[0]\n"
+        "print(*[round(s, 4) for s in out[:, 4].tolist()], 'torchvision' in sys.modules)\n"
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["0.81", "0.63", "False"]  # the 2 px shifted copy (IoU 0.82) is suppressed
+
+
+def test_nms_kernel_falls_back_to_the_package_import() -> None:
+    # an install whose compiled extension has another name: importing torchvision registers the op
+    proc = _python(
+        "import sys, torch\n"
+        "import utils.boxes as b\n"
+        "b._KERNEL_LIBRARIES = ('no_such_library',)\n"
+        "keep = b.batched_nms(torch.tensor([[0., 0, 10, 10], [1, 1, 10, 10]]), torch.tensor([0.9, 0.8]),\n"
+        "                     torch.tensor([0, 0]), 0.5)\n"
+        "print(keep.tolist(), 'torchvision' in sys.modules)\n"
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["[0]", "True"]

@@ -2,17 +2,30 @@
 
 Formats: ``xyxy`` = (x1, y1, x2, y2) corners; ``xywh`` = (xc, yc, w, h) centre and size; the ``n``
 suffix means normalised to 0-1 by the image width/height. The converters take torch tensors or
-numpy arrays of shape (..., 4) and return a new object of the same kind: tensors go through
-``torchvision.ops.box_convert`` / ``clip_boxes_to_image`` and NMS through
-``torchvision.ops.batched_nms``; numpy arrays (the data loader's labels) use the small helpers below,
-which split a box into its two 2-vectors (centre/half-size or the two corners).
+numpy arrays of shape (..., 4) and return a new object of the same kind; a box is split into its
+two 2-vectors (centre/half-size or the two corners).
+
+NMS runs torchvision's compiled kernel (``torch.ops.torchvision.nms``, CPU and CUDA), loaded without
+importing the torchvision package: that import costs ~1.8 s on a 2-core box (torchvision.ops imports
+torch._dynamo), a fifth of val.py's wall time on 150 images, and nothing on the inference path needs
+more of torchvision than this kernel. The conversions are a line of tensor arithmetic each, so
+val.py, detect.py and this module never import torchvision (``tests/test_boxes.py`` checks both, and
+checks every result against ``torchvision.ops``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib.machinery
+import importlib.util
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 import torch
-from torchvision import ops
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -41,14 +54,16 @@ def _per_axis(like: ArrayLike, x: float, y: float) -> ArrayLike:
 def xywh2xyxy(x: ArrayLike) -> ArrayLike:
     """(xc, yc, w, h) → (x1, y1, x2, y2); shape (..., 4)."""
     if isinstance(x, torch.Tensor):
-        return ops.box_convert(x, "cxcywh", "xyxy")
+        centre, half = x[..., :2], x[..., 2:4] / 2
+        return torch.cat((centre - half, centre + half), -1)
     return _np_centre_to_corners(x)
 
 
 def xyxy2xywh(x: ArrayLike) -> ArrayLike:
     """(x1, y1, x2, y2) → (xc, yc, w, h); shape (..., 4)."""
     if isinstance(x, torch.Tensor):
-        return ops.box_convert(x, "xyxy", "cxcywh")
+        lo, hi = x[..., :2], x[..., 2:4]
+        return torch.cat(((lo + hi) / 2, hi - lo), -1)
     return _np_corners_to_centre(x)
 
 
@@ -78,8 +93,8 @@ def clip_boxes(boxes: ArrayLike, shape: tuple[int | float, int | float]) -> Arra
     """
     h, w = shape[0], shape[1]
     if isinstance(boxes, torch.Tensor):
-        # clip_boxes_to_image's size is (h, w); it accepts float sizes too (it only clamps)
-        return ops.clip_boxes_to_image(boxes, (h, w))  # type: ignore[arg-type]
+        x, y = boxes[..., 0::2].clamp(0, w), boxes[..., 1::2].clamp(0, h)  # (..., 2) each: (x1, x2), (y1, y2)
+        return torch.stack((x, y), -1).flatten(-2)  # interleave back to x1, y1, x2, y2
     return np.clip(boxes, 0, _per_axis(boxes, w, h))
 
 
@@ -105,9 +120,85 @@ def scale_boxes(
     return clip_boxes(unpadded / _per_axis(boxes, scale_x, scale_y), img0_shape)
 
 
+def box_area(boxes: torch.Tensor) -> torch.Tensor:
+    """(N, 4) xyxy → (N,) width × height."""
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
 def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU of xyxy boxes: (N, 4) × (M, 4) → (N, M)."""
-    return ops.box_iou(boxes1, boxes2)
+    """Pairwise IoU of xyxy boxes: (N, 4) × (M, 4) → (N, M), in their dtype.
+
+    IoU = |A ∩ B| / (|A| + |B| − |A ∩ B|); the intersection is the (possibly empty) box between
+    the larger top-left and the smaller bottom-right corner.
+    """
+    top_left = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])  # (N, M, 2)
+    bottom_right = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    size = (bottom_right - top_left).clamp(min=0)
+    inter = size[..., 0] * size[..., 1]
+    return inter / (box_area(boxes1)[:, None] + box_area(boxes2)[None, :] - inter)
+
+
+# ------------------------------------------------------------------------------ the NMS kernel
+_KERNEL_LIBRARIES = ("_C_stable", "_C")  # torchvision's compiled extension: newer / older name
+
+
+def _load_torchvision_kernels() -> None:
+    """Load torchvision's compiled extension into ``torch.ops`` without running its package.
+
+    ``torch.ops.load_library`` is how torchvision's own ``__init__`` loads the same file, so a later
+    ``import torchvision`` finds it loaded (the dynamic loader hands back the same handle). Silent when
+    the file is not found or does not load: the caller then imports the package.
+    """
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    suffixes = importlib.machinery.EXTENSION_SUFFIXES
+    files = (folder / (name + suffix) for name in _KERNEL_LIBRARIES for suffix in suffixes)
+    found = next((f for f in files if f.is_file()), None)
+    if found is not None:
+        with contextlib.suppress(OSError, RuntimeError):
+            torch.ops.load_library(str(found))
+
+
+def _has_nms_kernel() -> bool:
+    try:
+        torch.ops.torchvision.nms  # noqa: B018  (an unregistered op raises on attribute access)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+@functools.cache
+def nms_kernel() -> Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]:
+    """``torch.ops.torchvision.nms(boxes (N, 4) xyxy, scores (N,), iou_thres) -> kept indices``, best first.
+
+    Greedy NMS (the op behind ``torchvision.ops.nms``), loaded as the module docstring says; when the
+    extension file cannot be loaded directly, importing torchvision registers it.
+    """
+    if "torchvision" not in sys.modules and not _has_nms_kernel():
+        _load_torchvision_kernels()
+    if not _has_nms_kernel():
+        import torchvision  # noqa: F401  (registers torch.ops.torchvision.*)
+    return torch.ops.torchvision.nms
+
+
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou_thres: float) -> torch.Tensor:
+    """Greedy NMS within each class: indices of the kept boxes, highest score first.
+
+    boxes (N, 4) xyxy, scores (N,), classes (N,) integer ids → (K,) long. One kernel call: class c
+    moves to x + c·span, y + c·span with an integer span larger than every box extent, so boxes of
+    different classes never overlap. The shift is done in float64, which holds a float32 coordinate
+    plus an integer shift below 2^29 to 2^-24 px: within a class the geometry is the unshifted one,
+    and the decisions are those of ``torchvision.ops.batched_nms`` (float32, per class) except for a
+    pair whose IoU lies within float32 rounding (~1e-7) of ``iou_thres``.
+    """
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.long, device=boxes.device)
+    exact = boxes.double()
+    span = math.floor((exact.max() - exact.min()).item()) + 2
+    shifted = exact + (classes.to(exact) * span)[:, None]
+    return nms_kernel()(shifted, scores.double(), iou_thres)
 
 
 # ------------------------------------------------------------------------------ NMS
@@ -151,11 +242,11 @@ def _first_kept(boxes: torch.Tensor, scores: torch.Tensor, cls: torch.Tensor, io
     prefix = 4 * max_det
     while 0 < prefix < scores.numel():
         top = scores.topk(prefix).indices  # (prefix,) best first
-        keep = ops.batched_nms(boxes[top], scores[top], cls[top], iou_thres)
+        keep = batched_nms(boxes[top], scores[top], cls[top], iou_thres)
         if keep.numel() >= max_det:
             return top[keep[:max_det]]
         prefix *= 4
-    return ops.batched_nms(boxes, scores, cls, iou_thres)[:max_det]
+    return batched_nms(boxes, scores, cls, iou_thres)[:max_det]
 
 
 def non_max_suppression(
@@ -173,7 +264,7 @@ def non_max_suppression(
     an eval-mode model output (decoded, raw) whose first element is that. Score = objectness ×
     class probability. With ``multi_label`` every class whose score passes ``conf_thres`` yields its
     own candidate (as YOLOv5 validation does); otherwise only the best class. At most ``max_nms``
-    best-scoring candidates enter ``torchvision.ops.batched_nms`` (suppression within each class).
+    best-scoring candidates enter :func:`batched_nms` (suppression within each class).
     Returns one (n, 6) tensor per image: x1, y1, x2, y2, score, class; at most ``max_det`` rows,
     highest score first.
     """

@@ -37,7 +37,8 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torchvision
+
+from utils.boxes import box_iou
 
 Convention = Literal["yolov5", "coco"]
 CONVENTIONS = ("yolov5", "coco")
@@ -69,7 +70,7 @@ def same_class_iou(detections: torch.Tensor, labels: torch.Tensor) -> np.ndarray
     detections: (n, 6) x1, y1, x2, y2, conf, cls; labels: (m, 5) cls, x1, y1, x2, y2. Float64, as
     pycocotools computes, so a pair sitting on a threshold lands on the same side in both.
     """
-    iou = torchvision.ops.box_iou(detections[:, :4].double(), labels[:, 1:5].double()).cpu().numpy()
+    iou = box_iou(detections[:, :4].double(), labels[:, 1:5].double()).cpu().numpy()
     same = _as_numpy(detections[:, 5])[:, None] == _as_numpy(labels[:, 0])[None, :]
     return np.where(same, iou, -1.0)
 
@@ -387,7 +388,7 @@ class ConfusionMatrix:
         detections = detections[detections[:, 4] >= self.conf]
         det_cls = detections[:, 5].long().cpu().numpy()
         if labels.shape[0] and detections.shape[0]:
-            iou = torchvision.ops.box_iou(detections[:, :4].double(), labels[:, 1:5].double()).cpu().numpy()
+            iou = box_iou(detections[:, :4].double(), labels[:, 1:5].double()).cpu().numpy()
             match = greedy_match(np.where(iou >= self.iou_thres, iou, -1.0)[None])[0]  # (n,) label or -1
         else:
             match = np.full(det_cls.shape, -1)
