@@ -19,7 +19,6 @@ import contextlib
 import functools
 import importlib.machinery
 import importlib.util
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -196,7 +195,7 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
     exact = boxes.double()
-    span = math.floor((exact.max() - exact.min()).item()) + 2
+    span = (exact.max() - exact.min()).floor() + 2  # a 0-d tensor: no device sync on CUDA
     shifted = exact + (classes.to(exact) * span)[:, None]
     return nms_kernel()(shifted, scores.double(), iou_thres)
 
