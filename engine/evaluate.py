@@ -7,12 +7,11 @@ resolution's padding. The figures follow YOLOv5's val.py conventions (``utils.me
 ``"yolov5"``); with ``save_json`` pycocotools adds the COCO figure.
 
 Two pipeline details that YOLOv5 does differently and that we keep: NMS keeps classes apart exactly
-(``utils.boxes.batched_nms``: integer shifts in float64, the per-class result of
-``torchvision.ops.batched_nms``) where YOLOv5 shifts boxes by class × 7680 px in float32 before one
-NMS; that shift's rounding changed 6 of 149k kept boxes in a synthetic 80-class test with 3-15 px
-boxes, 0 with larger boxes, and nothing on the oracle fixture. Rect batches
-depend on how images of equal aspect ratio are ordered (utils/dataset.py); the oracle fixture gives
-every image its own ratio.
+(``utils.boxes.batched_nms``: NMS per class, or integer class shifts in float64) where YOLOv5 shifts
+boxes by class × 7680 px in float32 before one NMS; that shift's rounding changed 6 of 149k kept
+boxes in a synthetic 80-class test with 3-15 px boxes, 0 with larger boxes, and nothing on the
+oracle fixture. Rect batches depend on how images of equal aspect ratio are ordered
+(utils/dataset.py); the oracle fixture gives every image its own ratio.
 """
 
 from __future__ import annotations

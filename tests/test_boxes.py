@@ -147,8 +147,9 @@ def test_nms_score_prefix_shortcut_equals_full_batched_nms(spread: float) -> Non
 
 
 # ------------------------------------------------------------- our tensor box ops vs torchvision.ops
-def _random_xyxy(n: int, g: torch.Generator, dtype: torch.dtype = torch.float32, lo: float = -20.0) -> torch.Tensor:
-    xy = lo + torch.rand(n, 2, generator=g, dtype=dtype) * 300
+def _random_xyxy(n: int, g: torch.Generator, dtype: torch.dtype = torch.float32, lo: float = -20.0,
+                 spread: float = 300.0) -> torch.Tensor:
+    xy = lo + torch.rand(n, 2, generator=g, dtype=dtype) * spread
     return torch.cat((xy, xy + torch.rand(n, 2, generator=g, dtype=dtype) * 60), 1)
 
 
@@ -171,24 +172,45 @@ def test_box_ops_equal_torchvision(dtype: torch.dtype) -> None:
     assert clipped[:, 0::2].max() == 200 and clipped[:, 1::2].max() == 100.5 and clipped.min() == 0
 
 
-@pytest.mark.parametrize("n_classes", [1, 3, 80])
-@pytest.mark.parametrize("lo", [0.0, -50.0])  # pre-clip boxes can start left of / above the image
-def test_batched_nms_equals_torchvision_per_class(n_classes: int, lo: float) -> None:
-    from torchvision.ops import batched_nms as tv_batched_nms
+def _nms_per_class(boxes: torch.Tensor, scores: torch.Tensor, cls: torch.Tensor, thres: float) -> torch.Tensor:
+    """Reference: ``torchvision.ops.nms`` run on each class alone, kept indices best first."""
+    from torchvision.ops import nms
 
+    groups = [(cls == c).nonzero().squeeze(1) for c in cls.unique()]
+    kept = torch.cat([idx[nms(boxes[idx], scores[idx], thres)] for idx in groups])
+    return kept[scores[kept].argsort(descending=True)]
+
+
+# (boxes, classes): one call on shifted classes (1 class; 400 boxes in 80 classes; 100 boxes) or
+# one call per class (3000 boxes in 3 or 80 classes): both routes must give per-class NMS's answer
+@pytest.mark.parametrize(("n", "n_classes"), [(3000, 1), (3000, 3), (3000, 80), (400, 80), (100, 3)])
+@pytest.mark.parametrize("lo", [0.0, -50.0])  # pre-clip boxes can start left of / above the image
+def test_batched_nms_equals_nms_per_class(n: int, n_classes: int, lo: float) -> None:
     from utils.boxes import batched_nms
 
     g = torch.Generator().manual_seed(n_classes)
-    n = 3000
-    boxes = _random_xyxy(n, g, lo=lo)
+    boxes = _random_xyxy(n, g, lo=lo, spread=300 * (n / n_classes / 1000) ** 0.5)  # equally crowded classes
     scores = torch.randperm(n, generator=g).float() / n  # distinct: one greedy order
     cls = torch.randint(0, n_classes, (n,), generator=g)
     for thres in (0.3, 0.45, 0.7):
         ours = batched_nms(boxes, scores, cls, thres)
         assert ours.dtype == torch.long
-        assert torch.equal(ours, tv_batched_nms(boxes, scores, cls, thres))
+        assert torch.equal(ours, _nms_per_class(boxes, scores, cls, thres))
         assert 0 < ours.numel() < n  # something suppressed, something kept
     assert batched_nms(boxes[:0], scores[:0], cls[:0], 0.5).numel() == 0
+
+
+def test_batched_nms_keeps_classes_apart_left_of_the_image() -> None:
+    # torchvision.ops.batched_nms shifts class c by c·(max coordinate + 1) for small inputs: with
+    # boxes left of / above the image (pre-clip predictions) that shift is negative and classes overlap
+    from torchvision.ops import batched_nms as tv_batched_nms
+
+    from utils.boxes import batched_nms
+
+    boxes = torch.tensor([[-50.0, -50.0, -1.0, -1.0]] * 2)  # max coordinate −1: torchvision shifts by 0
+    scores, cls = torch.tensor([0.9, 0.8]), torch.tensor([0, 1])
+    assert batched_nms(boxes, scores, cls, 0.45).tolist() == [0, 1]
+    assert tv_batched_nms(boxes, scores, cls, 0.45).tolist() == [0]  # the case this guards against
 
 
 def test_batched_nms_never_suppresses_across_classes() -> None:

@@ -10,7 +10,7 @@ importing the torchvision package: that import costs ~1.8 s on a 2-core box (tor
 torch._dynamo), a fifth of val.py's wall time on 150 images, and nothing on the inference path needs
 more of torchvision than this kernel. The conversions are a line of tensor arithmetic each, so
 val.py, detect.py and this module never import torchvision (``tests/test_boxes.py`` checks both, and
-checks every result against ``torchvision.ops``).
+checks every result against ``torchvision.ops``: box ops equal, NMS equal to its ``nms`` per class).
 """
 
 from __future__ import annotations
@@ -182,18 +182,46 @@ def nms_kernel() -> Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]:
     return torch.ops.torchvision.nms
 
 
+# One kernel call costs about as much as comparing this many box pairs (CPU, measured with the
+# kernel on 15-5000 boxes): it prices the per-class loop's extra calls against the pairs it saves.
+_PAIRS_PER_CALL = 35_000
+
+
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou_thres: float) -> torch.Tensor:
     """Greedy NMS within each class: indices of the kept boxes, highest score first.
 
-    boxes (N, 4) xyxy, scores (N,), classes (N,) integer ids → (K,) long. One kernel call: class c
-    moves to x + c·span, y + c·span with an integer span larger than every box extent, so boxes of
-    different classes never overlap. The shift is done in float64, which holds a float32 coordinate
-    plus an integer shift below 2^29 to 2^-24 px: within a class the geometry is the unshifted one,
-    and the decisions are those of ``torchvision.ops.batched_nms`` (float32, per class) except for a
-    pair whose IoU lies within float32 rounding (~1e-7) of ``iou_thres``.
+    boxes (N, 4) xyxy, scores (N,), classes (N,) integer ids → (K,) long: exactly NMS run on each
+    class alone. (``torchvision.ops.batched_nms`` means the same, but for up to 1000 boxes it shifts
+    class c by c·(max coordinate + 1), which lets classes overlap when the coordinates are negative,
+    as pre-clip predictions at the image's left/top edge are.) The kernel compares every pair it is
+    given, so the work is done whichever way is cheaper: one call per class (Σ n_c² pairs plus a
+    call's overhead per class: few crowded classes) or :func:`_nms_shifted_classes` (N² pairs in
+    one call: many classes with few boxes each).
     """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
+    if boxes.shape[0] ** 2 <= _PAIRS_PER_CALL:  # cheaper than even one extra call: no need to count
+        return _nms_shifted_classes(boxes, scores, classes, iou_thres)
+    order = classes.argsort(stable=True)
+    counts = torch.unique_consecutive(classes[order], return_counts=True)[1]
+    per_class_cost = int((counts * counts).sum()) + _PAIRS_PER_CALL * len(counts)
+    if per_class_cost >= boxes.shape[0] ** 2:
+        return _nms_shifted_classes(boxes, scores, classes, iou_thres)
+    nms = nms_kernel()
+    kept = torch.cat([group[nms(boxes[group], scores[group], iou_thres)] for group in order.split(counts.tolist())])
+    return kept[scores[kept].argsort(descending=True, stable=True)]
+
+
+def _nms_shifted_classes(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor,
+                         iou_thres: float) -> torch.Tensor:
+    """Class-aware NMS in one kernel call: class c moves to x + c·span, y + c·span with an integer
+    span larger than every box extent, so boxes of different classes never overlap.
+
+    The shift is done in float64, which holds a float32 coordinate plus an integer shift below 2^29
+    to 2^-24 px: within a class the geometry is the unshifted one, and the decisions are those of
+    NMS per class in float32 except for a pair whose IoU lies within float32 rounding (~1e-7) of
+    ``iou_thres``.
+    """
     exact = boxes.double()
     span = (exact.max() - exact.min()).floor() + 2  # a 0-d tensor: no device sync on CUDA
     shifted = exact + (classes.to(exact) * span)[:, None]
