@@ -2,8 +2,8 @@
 
 Formats: ``xyxy`` = (x1, y1, x2, y2) corners; ``xywh`` = (xc, yc, w, h) centre and size; the ``n``
 suffix means normalised to 0-1 by the image width/height. The converters take torch tensors or
-numpy arrays of shape (..., 4) and return a new object of the same kind; a box is split into its
-two 2-vectors (centre/half-size or the two corners).
+numpy arrays of shape (..., 4) and return a new object of the same kind (one formula for both: a box
+is split into its two 2-vectors, centre/half-size or the two corners).
 
 NMS runs torchvision's compiled kernel (``torch.ops.torchvision.nms``, CPU and CUDA), loaded without
 importing the torchvision package: that import costs ~1.8 s on a 2-core box (torchvision.ops imports
@@ -29,17 +29,10 @@ import torch
 ArrayLike = torch.Tensor | np.ndarray
 
 
-# ------------------------------------------------------------------------------ numpy helpers
-def _np_centre_to_corners(b: np.ndarray) -> np.ndarray:
-    """(..., 4) xywh → xyxy: corners = centre ∓ size/2."""
-    centre, half = b[..., :2], b[..., 2:4] / 2
-    return np.concatenate((centre - half, centre + half), axis=-1)
-
-
-def _np_corners_to_centre(b: np.ndarray) -> np.ndarray:
-    """(..., 4) xyxy → xywh: centre = mean of the corners, size = their difference."""
-    lo, hi = b[..., :2], b[..., 2:4]
-    return np.concatenate(((lo + hi) / 2, hi - lo), axis=-1)
+# ------------------------------------------------------------------------------ helpers
+def _join(parts: tuple[ArrayLike, ...], like: ArrayLike) -> ArrayLike:
+    """Concatenate along the last axis, as tensors or as arrays (the kind of ``like``)."""
+    return torch.cat(parts, -1) if isinstance(like, torch.Tensor) else np.concatenate(parts, axis=-1)
 
 
 def _per_axis(like: ArrayLike, x: float, y: float) -> ArrayLike:
@@ -51,19 +44,15 @@ def _per_axis(like: ArrayLike, x: float, y: float) -> ArrayLike:
 
 # ------------------------------------------------------------------------------ conversions
 def xywh2xyxy(x: ArrayLike) -> ArrayLike:
-    """(xc, yc, w, h) → (x1, y1, x2, y2); shape (..., 4)."""
-    if isinstance(x, torch.Tensor):
-        centre, half = x[..., :2], x[..., 2:4] / 2
-        return torch.cat((centre - half, centre + half), -1)
-    return _np_centre_to_corners(x)
+    """(xc, yc, w, h) → (x1, y1, x2, y2); shape (..., 4): corners = centre ∓ size/2."""
+    centre, half = x[..., :2], x[..., 2:4] / 2
+    return _join((centre - half, centre + half), x)
 
 
 def xyxy2xywh(x: ArrayLike) -> ArrayLike:
-    """(x1, y1, x2, y2) → (xc, yc, w, h); shape (..., 4)."""
-    if isinstance(x, torch.Tensor):
-        lo, hi = x[..., :2], x[..., 2:4]
-        return torch.cat(((lo + hi) / 2, hi - lo), -1)
-    return _np_corners_to_centre(x)
+    """(x1, y1, x2, y2) → (xc, yc, w, h); shape (..., 4): centre = mean of the corners, size = their difference."""
+    lo, hi = x[..., :2], x[..., 2:4]
+    return _join(((lo + hi) / 2, hi - lo), x)
 
 
 def xywhn2xyxy(x: ArrayLike, w: float, h: float, padw: float = 0.0, padh: float = 0.0) -> ArrayLike:
@@ -90,11 +79,10 @@ def clip_boxes(boxes: ArrayLike, shape: tuple[int | float, int | float]) -> Arra
 
     Returns a new tensor/array (the input is not modified).
     """
-    h, w = shape[0], shape[1]
+    limit = _per_axis(boxes, shape[1], shape[0])  # (w, h, w, h)
     if isinstance(boxes, torch.Tensor):
-        x, y = boxes[..., 0::2].clamp(0, w), boxes[..., 1::2].clamp(0, h)  # (..., 2) each: (x1, x2), (y1, y2)
-        return torch.stack((x, y), -1).flatten(-2)  # interleave back to x1, y1, x2, y2
-    return np.clip(boxes, 0, _per_axis(boxes, w, h))
+        return boxes.clamp(limit.new_zeros(()), limit)  # torch's clamp takes both bounds as tensors or neither
+    return np.clip(boxes, 0, limit)
 
 
 def scale_boxes(
