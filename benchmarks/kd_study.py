@@ -61,6 +61,12 @@ METHODS: dict[str, list[str]] = {
                                              "--d_schedule", "cosine"],
     "objmse + mimic, f_weight 0.25 (cosine)": ["--d_output", "objmse", "--d_feature", "mimic", "--f_weight", "0.25",
                                                "--d_schedule", "cosine"],
+    # issue 17.6: feature terms in the first epochs only (on aerial mimic trailed the default from epoch 5 on)
+    "objmse + mimic, feature terms off for the last 5 epochs (cosine)": [
+        "--d_output", "objmse", "--d_feature", "mimic", "--f_stop_epochs", "5", "--d_schedule", "cosine"],
+    "objmse + pkd, f_weight 0.25, feature terms off for the last 5 epochs (cosine)": [
+        "--d_output", "objmse", "--d_feature", "pkd", "--f_weight", "0.25", "--f_stop_epochs", "5",
+        "--d_schedule", "cosine"],
 }
 
 

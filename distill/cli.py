@@ -48,6 +48,8 @@ def add_distill_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
                         "const vs 0.52 alone on the demo study), const for --d_output adlik (as published)")
     g.add_argument("--d_stop_epochs", type=int, default=0,
                    help="switch distillation off for the last N epochs (the student settles on the labels)")
+    g.add_argument("--f_stop_epochs", type=int, default=0,
+                   help="switch the --d_feature terms off for the last N epochs; output KD goes on with its schedule")
     g.add_argument("--d_warmup_epochs", type=int, default=0,
                    help="ramp distillation up over the first N epochs")
     g.add_argument("--d_margin", type=float, default=0.0,
@@ -96,6 +98,12 @@ def config_from_args(args: argparse.Namespace, hyp: Mapping[str, Any]) -> Distil
     weights = _float_list(args.f_weight or "", "--f_weight")
     if weights and not features:
         raise ValueError("--f_weight given without --d_feature")
+    f_stop = int(getattr(args, "f_stop_epochs", 0))
+    if f_stop and not features:
+        raise ValueError("--f_stop_epochs given without --d_feature")
+    if f_stop and f_stop >= int(getattr(args, "epochs", f_stop + 1)):
+        raise ValueError(f"--f_stop_epochs {f_stop}: the feature terms would never run in --epochs "
+                         f"{args.epochs}; use fewer")
     if len(weights) == 1:
         weights = weights * len(features)
     if weights and len(weights) != len(features):
@@ -113,6 +121,7 @@ def config_from_args(args: argparse.Namespace, hyp: Mapping[str, Any]) -> Distil
         schedule=schedule,
         stop_epochs=int(args.d_stop_epochs),
         warmup_epochs=int(getattr(args, "d_warmup_epochs", 0)),
+        f_stop_epochs=f_stop,
         hyp=dict(hyp),
         chen_mu=float(getattr(args, "d_mu", 0.5)),
         chen_margin=float(getattr(args, "d_margin", 0.0)),

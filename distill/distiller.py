@@ -86,6 +86,8 @@ class DistillConfig:
         features: feature methods, any of :data:`FEATURE_METHODS`.
         f_weights: weight per feature method; missing ones take :data:`DEFAULT_F_WEIGHTS`.
         schedule, stop_epochs, warmup_epochs: see :func:`distill.schedule.kd_scale`.
+        f_stop_epochs: the feature terms stop for the last N epochs while output KD goes on
+            (:meth:`Distiller.set_epoch`); 0 = they follow the schedule to the end.
         hyp: detection loss gains ``box``, ``obj``, ``cls`` (already scaled, the dict given to
             ``DetectionLoss``) and ``anchor_t``.
         chen_mu: μ of L_cls = μ·hard + (1 − μ)·soft (Chen et al. 2017; 0.5); chen_margin: m of the
@@ -111,6 +113,7 @@ class DistillConfig:
     schedule: str = "cosine"  # measured best on the demo study (docs/RESULTS.md)
     stop_epochs: int = 0
     warmup_epochs: int = 0
+    f_stop_epochs: int = 0
     hyp: dict[str, float] = field(default_factory=lambda: dict(_DEFAULT_HYP))
     chen_mu: float = 0.5
     chen_margin: float = 0.0
@@ -138,6 +141,8 @@ class DistillConfig:
             raise ValueError(f"--d_feature {','.join(self.features)}: a method is listed twice")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--d_schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
+        if self.f_stop_epochs < 0:
+            raise ValueError(f"--f_stop_epochs {self.f_stop_epochs}: must be >= 0")
         if not 2 <= self.q_bits <= 16:
             raise ValueError(f"--q_bits {self.q_bits}: use 2..16")
         if self.q_step < 0:
@@ -204,7 +209,9 @@ class Distiller(nn.Module):
 
     ``forward(imgs, student_preds, targets, positives=None)`` → dict of UNWEIGHTED scalar terms.
     Call it once per student forward: it consumes (and then clears) the features the student's
-    taps recorded. Under DDP the Distiller is not wrapped: average its gradients across ranks.
+    taps recorded. :meth:`set_epoch` (called by the trainer at each epoch start) switches the
+    feature terms off for the last ``cfg.f_stop_epochs`` epochs. Under DDP the Distiller is not
+    wrapped: average its gradients across ranks.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillConfig) -> None:
@@ -224,6 +231,7 @@ class Distiller(nn.Module):
         self._s_pre = FeatureTaps(self.student, pre_activation=True) if PRE_FEATURES in needs else None
         self._t_pre = FeatureTaps(teacher, pre_activation=True) if PRE_FEATURES in needs else None
         self.features = nn.ModuleDict()
+        self.features_active = True  # see set_epoch
         ctx = self._build_context()
         for m in cfg.features:
             spec = FEATURE_TABLE[m]
@@ -284,8 +292,10 @@ class Distiller(nn.Module):
         s_out = list(raw_outputs(student_preds))
         t_out = self.teacher_forward(imgs)
         terms = self._output_terms(s_out, t_out, targets, positives)
-        if self.cfg.features:
+        if self.cfg.features and self.features_active:
             terms.update(self._feature_terms(t_out, targets.to(s_out[0].device)))
+        else:
+            self._clear_taps()
         return {k: v.float().reshape(()) for k, v in terms.items()}
 
     def _output_terms(self, s_out: list[torch.Tensor], t_out: list[torch.Tensor], targets: torch.Tensor,
@@ -322,10 +332,13 @@ class Distiller(nn.Module):
             else:
                 value = module(s_post, t_post)
             terms[spec.terms[0]] = value
+        self._clear_taps()
+        return terms
+
+    def _clear_taps(self) -> None:
         for taps in (self._s_taps, self._t_taps, self._s_pre, self._t_pre):
             if taps is not None:
                 taps.clear()
-        return terms
 
     def _assign(self, s32: list[torch.Tensor], targets: torch.Tensor) -> list[Any]:
         """The detection loss's positives, for direct calls without them (same rule, utils.loss)."""
@@ -348,6 +361,12 @@ class Distiller(nn.Module):
         c = self.cfg
         return kd_scale(epoch, epochs, c.schedule, c.stop_epochs, c.warmup_epochs)
 
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """Start epoch ``epoch`` (0-based) of ``epochs``: the feature terms are computed unless it is
+        one of the last ``cfg.f_stop_epochs`` (output KD keeps its schedule). Their connectors then
+        get no gradient (``grad`` stays None: the optimizer and the DDP gradient average skip them)."""
+        self.features_active = epoch < epochs - self.cfg.f_stop_epochs
+
     def det_weights(self, scale: float) -> dict[str, float]:
         """Weights of the detection terms at KD ``scale``: chen's μ·hard, i.e. 1 − scale·(1 − μ) on
         det/obj and det/cls (back to plain detection as the schedule decays); 1 otherwise."""
@@ -362,6 +381,8 @@ class Distiller(nn.Module):
         n_params = sum(p.numel() for p in self.parameters())
         lines = [f"distillation: output={self.output}, features={','.join(self.cfg.features) or 'none'}, "
                  f"schedule={self.cfg.schedule}, trainable KD params={n_params}"]
+        if self.cfg.features and self.cfg.f_stop_epochs:
+            lines[0] += f", feature terms off for the last {self.cfg.f_stop_epochs} epoch(s)"
         lines += [f"  {k}: weight {w:g}{' (not × batch size)' if k in self.unscaled_terms else ''}"
                   for k, w in self.weights.items()]
         lines += [f"  note: {n}" for n in self.compat.notes]

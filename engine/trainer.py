@@ -43,6 +43,7 @@ def train_one_epoch(run: Run, epoch: int, latch: InterruptLatch | None = None) -
     model.train()
     if run.distiller is not None:
         run.distiller.train()
+        run.distiller.set_epoch(epoch, opt.epochs)
     run.loader_epoch(epoch)
     scale = run.criterion.kd_scale(epoch, opt.epochs)
     sums: dict[str, float] = {}

@@ -243,6 +243,29 @@ def test_distiller_weights():
     assert set(one.weights) == {"kd/out_box", "kd/soft_obj"}  # no class terms with one class
 
 
+def test_feature_terms_stop_for_the_last_epochs_output_kd_goes_on():
+    s, t = _model(0), freeze_teacher(_model(1))
+    d = Distiller(s, t, DistillConfig(features=("pkd", "mse"), f_stop_epochs=2, hyp=HYP))
+    imgs, targets = _batch()
+    seen = []
+    for epoch in range(5):
+        d.set_epoch(epoch, 5)
+        s.zero_grad(set_to_none=True)
+        d.zero_grad(set_to_none=True)
+        terms = d(imgs, s.train()(imgs), targets)
+        sum(d.weights[k] * v for k, v in terms.items()).backward()
+        seen.append(sorted(terms))
+        feature_grads = [p.grad for p in d.features.parameters()]
+        if epoch < 3:
+            assert all(g is not None for g in feature_grads)
+        else:  # the connectors get no gradient at all: SGD / DDP's average skip them
+            assert all(g is None for g in feature_grads)
+        assert all(f is None for taps in (d._s_taps, d._t_taps) for f in taps.features)  # nothing kept
+    full = sorted(d.weights)
+    out_only = sorted(k for k in d.weights if k.startswith("kd/out_"))
+    assert seen == [full] * 3 + [out_only] * 2
+
+
 def test_distiller_zero_when_student_equals_teacher():
     s = _model(0).eval()  # eval: the same BN statistics as the teacher
     t = freeze_teacher(copy.deepcopy(s))
@@ -272,7 +295,9 @@ def test_cli_defaults_and_translation():
                          {**HYP, "box": 0.1, "lr0": 0.01})
     assert c.output == "chen" and c.output_explicit and c.features == ("pkd", "cwd")
     assert c.f_weights == {"pkd": 3.0, "cwd": 3.0} and c.schedule == "cosine" and c.stop_epochs == 5
-    assert c.hyp["box"] == 0.1 and not c.t_val
+    assert c.hyp["box"] == 0.1 and not c.t_val and c.f_stop_epochs == 0
+    assert config_from_args(_parse("--t_weights", "t", "--d_feature", "pkd", "--f_stop_epochs", "4"),
+                            HYP).f_stop_epochs == 4
     assert config_from_args(_parse("--t_weights", "t", "--d_feature", "mse,mgd", "--f_weight", "1,2e-5"),
                             HYP).f_weights == {"mse": 1.0, "mgd": 2e-5}
 
@@ -284,5 +309,11 @@ def test_cli_errors():
         config_from_args(_parse("--t_weights", "t", "--d_feature", "pkd,cwd", "--f_weight", "1,2,3"), HYP)
     with pytest.raises(ValueError, match="--d_feature"):
         config_from_args(_parse("--t_weights", "t", "--d_feature", "fitnet"), HYP)
+    with pytest.raises(ValueError, match="--f_stop_epochs"):
+        config_from_args(_parse("--t_weights", "t", "--f_stop_epochs", "2"), HYP)
+    args = _parse("--t_weights", "t", "--d_feature", "pkd", "--f_stop_epochs", "3")
+    args.epochs = 3
+    with pytest.raises(ValueError, match="--f_stop_epochs 3: the feature terms would never run"):
+        config_from_args(args, HYP)
     with pytest.raises(SystemExit):
         _parse("--d_output", "kl")
