@@ -69,6 +69,37 @@ def test_objectness_weighted_mse_limits():
     assert s.grad is not None
 
 
+def _objmse_by_autograd(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The docstring's formula, term by term, differentiated by autograd (the reference)."""
+    w = t[..., 4:5].sigmoid()
+    err = w * (s - t) ** 2
+    return torch.stack([err[..., :4].mean(), err[..., 4].mean(), err[..., 5:].mean()])
+
+
+@pytest.mark.parametrize("no", [6, 7, 85])
+def test_objectness_weighted_mse_gradient_is_the_formulas(no):
+    from distill.output import _WeightedSquaredError
+
+    torch.manual_seed(no)
+    s = torch.randn(2, 3, 4, 5, no, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 3, 4, 5, no, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: _WeightedSquaredError.apply(x, t), (s,))
+    g = torch.tensor([0.05, 1.0, 0.5], dtype=torch.float64)
+    ours = torch.autograd.grad((_WeightedSquaredError.apply(s, t) * g).sum(), s)[0]
+    ref = torch.autograd.grad((_objmse_by_autograd(s, t) * g).sum(), s)[0]
+    torch.testing.assert_close(_WeightedSquaredError.apply(s, t), _objmse_by_autograd(s, t))
+    torch.testing.assert_close(ours, ref)
+    # the public function: fp32, two levels summed, bf16 student logits get a bf16 gradient
+    s16 = s.detach().to(torch.bfloat16).requires_grad_()
+    r = objectness_weighted_mse([s16, s16[:, :, :2]], [t.float(), t[:, :, :2].float()], nc=no - 5)
+    ref = _objmse_by_autograd(s16.double(), t) + _objmse_by_autograd(s16.double()[:, :, :2], t[:, :, :2])
+    if no == 6:
+        ref[2] = 0.0  # one class: no class term
+    torch.testing.assert_close(torch.stack([r["box"], r["obj"], r["cls"]]).double(), ref, rtol=1e-5, atol=1e-6)
+    (r["box"] + r["obj"]).backward()
+    assert s16.grad.dtype == torch.bfloat16 and s16.grad[..., 5:].abs().max() == 0  # cls weight 0 here
+
+
 def test_soft_label_bce_hand_values():
     s, t = torch.tensor([1.0]), torch.tensor([-1.0])
     pt = 1 / (1 + math.exp(1))
