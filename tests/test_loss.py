@@ -318,6 +318,28 @@ def test_gradient_flows_and_ddp_unwrap() -> None:
     assert (grad[..., 4] != 0).all()
 
 
+def test_objectness_and_positives_gradient_with_repeated_cells() -> None:
+    """The loss's one-buffer gather: gradcheck, and equal to autograd's slice + index backwards."""
+    from utils.loss import _ObjectnessAndPositives
+
+    g = torch.Generator().manual_seed(3)
+    p = torch.randn(2, 3, 4, 5, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    index = (torch.tensor([0, 1, 1, 1]), torch.tensor([2, 0, 0, 1]), torch.tensor([3, 1, 1, 0]),
+             torch.tensor([4, 2, 2, 0]))  # the 2nd and 3rd positives share a cell
+    w_obj = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g)
+    w_rows = torch.randn(4, 8, dtype=torch.float64, generator=g)
+
+    def weighted(obj: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return (obj * w_obj).sum() + (rows.tanh() * w_rows).sum()
+
+    assert torch.autograd.gradcheck(lambda x: weighted(*_ObjectnessAndPositives.apply(x, *index)), (p,))
+    ours = torch.autograd.grad(weighted(*_ObjectnessAndPositives.apply(p, *index)), p)[0]
+    ref = torch.autograd.grad(weighted(p[..., 4], p[index]), p)[0]
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-15)
+    obj, rows = _ObjectnessAndPositives.apply(p, *index)
+    assert obj.is_contiguous() and torch.equal(obj, p[..., 4]) and torch.equal(rows, p[index])
+
+
 def test_half_inputs_are_computed_in_fp32() -> None:
     model = _Model(ONE_LEVEL)
     preds = _preds()

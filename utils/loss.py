@@ -256,6 +256,34 @@ def put_last_wins(dst: torch.Tensor, index: Sequence[torch.Tensor], values: torc
     dst.view(-1)[flat[last_of_run]] = values[order[last_of_run]].to(dst.dtype)
 
 
+class _ObjectnessAndPositives(torch.autograd.Function):
+    """(p[..., 4], p[img, anchor, gy, gx]) of a level p (bs, na, ny, nx, no), with ONE gradient buffer.
+
+    Forward: the objectness logits (bs, na, ny, nx), contiguous, and the positives' rows (n, no).
+    Backward: one zero (bs, na, ny, nx, no) tensor, the objectness gradient written into channel 4
+    and the rows' gradients added at their cells. Autograd's slice and index backwards each
+    zero-fill a full-size gradient that it then adds; on CPU that was ~1/3 of the loss's time.
+    """
+
+    @staticmethod
+    def forward(ctx, p: torch.Tensor, *index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        ctx.save_for_backward(*index)
+        ctx.shape = p.shape
+        return p[..., 4].contiguous(), p[index]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_obj: torch.Tensor | None, g_rows: torch.Tensor | None):  # type: ignore[override]
+        index = ctx.saved_tensors
+        like = g_obj if g_obj is not None else g_rows
+        grad = like.new_zeros(ctx.shape)
+        if g_obj is not None:
+            grad[..., 4] = g_obj
+        if g_rows is not None:
+            grad.index_put_(index, g_rows, accumulate=True)  # a cell listed twice gets both rows' gradients
+        return (grad, *(None for _ in index))
+
+
 # ------------------------------------------------------------------------------------ the loss
 class DetectionLoss:
     """The YOLOv5 detection loss (see the module docstring for the formulas).
@@ -340,15 +368,15 @@ class DetectionLoss:
         self, p: torch.Tensor, pos: LevelPositives, balance: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(box, obj, cls) terms of one level before the hyp gains; ``p`` (bs, na, ny, nx, no) fp32."""
-        obj_target = torch.zeros_like(p[..., 4])
+        obj_logits, rows = _ObjectnessAndPositives.apply(p, *pos.cell_index())  # (bs, na, ny, nx), (n, no)
+        obj_target = torch.zeros_like(obj_logits)
         box = cls = p.new_zeros(())
         if pos.count:
-            rows = p[pos.cell_index()]  # (n, no)
             ciou = complete_iou(decode_cell_boxes(rows[:, :4], pos.anchor_wh), pos.box)
             box = (1.0 - ciou).mean()
             put_last_wins(obj_target, pos.cell_index(), ciou.detach().clamp(min=0))
             if self.nc > 1:
                 cls_target = F.one_hot(pos.cls, self.nc).to(p.dtype) * (self.cp - self.cn) + self.cn
                 cls = _bce(rows[:, 5:], cls_target, p.new_tensor(self.cls_pw), self.fl_gamma)
-        obj = _bce(p[..., 4], obj_target, p.new_tensor(self.obj_pw), self.fl_gamma) * balance
+        obj = _bce(obj_logits, obj_target, p.new_tensor(self.obj_pw), self.fl_gamma) * balance
         return box, obj, cls
