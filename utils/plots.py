@@ -23,10 +23,10 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def _figure(figsize: tuple[float, float]) -> Figure:
+def _figure(figsize: tuple[float, float], tight: bool = True) -> Figure:
     from matplotlib.figure import Figure  # lazy: importing this module must stay cheap
 
-    return Figure(figsize=figsize, tight_layout=True)
+    return Figure(figsize=figsize, tight_layout=tight)
 
 
 def _save(fig: Figure, save_path: str | Path, dpi: int = 150) -> Path:
@@ -231,7 +231,12 @@ def plot_results(csv_path: str | Path, save_path: str | Path | None = None) -> P
     cols = sorted(numeric, key=lambda i: rank.get(header[i], len(rank)))  # stable: others keep file order
     ncols = min(5, max(len(cols), 1))
     nrows = max(1, math.ceil(len(cols) / ncols))
-    fig = _figure((3.2 * ncols, 2.6 * nrows))
+    # fixed margins (in inches, so any number of rows looks the same): tight_layout measured every
+    # tick label of the ~20 panels and took 1.1 of the 1.6 s this plot cost at the end of each run
+    width, height = 3.2 * ncols, 2.6 * nrows
+    fig = _figure((width, height), tight=False)
+    fig.subplots_adjust(left=0.45 / width, right=1 - 0.15 / width, bottom=0.35 / height, top=1 - 0.35 / height,
+                        wspace=0.3, hspace=0.45)
     axes = np.atleast_1d(fig.subplots(nrows, ncols)).ravel()
     for ax, i in zip(axes, cols):
         ax.plot(x, data[:, i], marker=".", linewidth=1.5, markersize=5)
