@@ -90,6 +90,17 @@ def test_kd_switched_off_for_the_last_epochs_logs_zero(tiny_data: Path, wide_tea
     assert float(rows[0]["train/kd/out_obj"]) > 0 and float(rows[1]["train/kd/out_obj"]) == 0
 
 
+def test_feature_terms_switched_off_for_the_last_epochs(tiny_data: Path, wide_teacher: Path, tmp_path: Path) -> None:
+    args = train_args(tiny_data, tmp_path, "fstop", 2, "--t_weights", str(wide_teacher), "--d_feature", "pkd",
+                      "--f_stop_epochs", "1", "--d_schedule", "const", "--no-t_val", "--noval")
+    summary = fit(parse_options(args))
+    with open(Path(summary["save_dir"]) / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(None not in r.values() for r in rows)
+    assert float(rows[0]["train/kd/feat_pkd"]) > 0 and float(rows[1]["train/kd/feat_pkd"]) == 0
+    assert all(float(r["train/kd/out_obj"]) > 0 for r in rows)  # output KD goes on
+
+
 class _Stop(Exception):  # noqa: N818 - control flow in the test below
     pass
 
