@@ -273,14 +273,12 @@ class _ObjectnessAndPositives(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_obj: torch.Tensor | None, g_rows: torch.Tensor | None):  # type: ignore[override]
+    def backward(ctx, g_obj: torch.Tensor, g_rows: torch.Tensor):  # type: ignore[override]
+        # both arrive as tensors (autograd materialises an unused output's gradient as zeros)
         index = ctx.saved_tensors
-        like = g_obj if g_obj is not None else g_rows
-        grad = like.new_zeros(ctx.shape)
-        if g_obj is not None:
-            grad[..., 4] = g_obj
-        if g_rows is not None:
-            grad.index_put_(index, g_rows, accumulate=True)  # a cell listed twice gets both rows' gradients
+        grad = g_obj.new_zeros(ctx.shape)
+        grad[..., 4] = g_obj
+        grad.index_put_(index, g_rows, accumulate=True)  # a cell listed twice gets both rows' gradients
         return (grad, *(None for _ in index))
 
 
