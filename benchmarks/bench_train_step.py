@@ -175,6 +175,8 @@ def make_row(name: str, student0: nn.Module | None, teacher0: tuple[nn.Module | 
         output, features = (name, ()) if name in OUTPUT_ROWS else ("none", (name,))
         cfg = DistillConfig(output=output, output_explicit=True, features=features, hyp=loss_hyp, t_val=False)
         teacher = teacher0[name == "overhaul"]  # Overhaul taps BN outputs: its teacher keeps its BN
+        if getattr(teacher, "names", None) is not None:  # a yaml student has placeholder names; the
+            model.names = teacher.names  # trainer gives both the dataset's, so the benchmark does too
         distiller = Distiller(model, copy.deepcopy(teacher), cfg).to(imgs_u8.device).train()
     # an optimizer step every batch (accumulate 1); NOMINAL_BATCH only sets the weight decay, as in training
     state = build_step_state(model, distiller, hyp, loss_hyp, precision, imgs_u8.shape[0], NOMINAL_BATCH)

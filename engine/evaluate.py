@@ -152,7 +152,7 @@ class _Tally:
     nc: int
     stats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     images_per_class: np.ndarray | None = None
-    confusion: ConfusionMatrix | None = None
+    confusion: ConfusionMatrix | None = None  # only for the plots: about half the per-image matching time
     loss_sum: torch.Tensor | None = None
     n_batches: int = 0
     seen: int = 0
@@ -161,7 +161,6 @@ class _Tally:
 
     def __post_init__(self) -> None:
         self.images_per_class = np.zeros(self.nc, dtype=np.int64)
-        self.confusion = ConfusionMatrix(self.nc)
 
 
 def _evaluate(model: nn.Module, loader: Iterable, names: list[str], device: torch.device, s: EvalSettings) -> dict:
@@ -190,7 +189,7 @@ def _run_batches(model: nn.Module, loader: Iterable, names: list[str], device: t
     # An fp32 model is run under autocast rather than converted: .half() then .float() would round
     # the caller's weights (e.g. the training EMA) to fp16.
     amp = s.precision.autocast() if not low else nullcontext()
-    tally = _Tally(len(names))
+    tally = _Tally(len(names), confusion=ConfusionMatrix(len(names)) if s.plots else None)
     for bi, (imgs, targets, paths, shapes) in enumerate(loader):
         _sync(device)
         t0 = time.perf_counter()
@@ -238,7 +237,8 @@ def _match_batch(tally: _Tally, imgs, targets, preds, paths, shapes, s: EvalSett
         predn = torch.cat((inverse.pixels(pred[:, :4]), pred[:, 4:6].double()), 1)
         correct = match_predictions(predn, labelsn, IOU_THRESHOLDS)
         tally.stats.append((correct, pred[:, 4], pred[:, 5], tcls.long()))
-        tally.confusion.add_image(predn, labelsn)
+        if tally.confusion is not None:
+            tally.confusion.add_image(predn, labelsn)
         if s.save_json:
             tally.records.append((str(paths[si]), inverse.shape0, predn, labelsn))
         if s.save_txt:

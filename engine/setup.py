@@ -39,7 +39,7 @@ from models.hub import find_weights
 from models.yolo import DetectionModel
 from utils.autoanchor import check_anchors
 from utils.data_config import load_data_config
-from utils.dataset import create_dataloader, set_loader_epoch
+from utils.dataset import create_dataloader, default_workers, set_loader_epoch
 from utils.files import find_data_yaml, increment_path
 from utils.geometry import round_to_stride
 from utils.loss import scale_hyp
@@ -177,6 +177,10 @@ def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device) -
     gs = max(int(model.stride.max()), 32)
     imgsz = _check_imgsz(opt.imgsz, gs)
     loss_hyp = scale_hyp(hyp, model.detect.nl, len(names), imgsz)
+    if opt.workers is None:  # resolved once and recorded in opt.yaml, as the precision is
+        opt.workers = default_workers(device, info.world_size)
+        if info.is_main:
+            print(f"Data loading: {opt.workers} worker processes per training process (--workers N to choose)")
     train_loader, train_set = create_dataloader(
         data["train"], imgsz, opt.batch_size // info.world_size, gs, hyp=hyp, augment=True, rect=opt.rect,
         workers=opt.workers, shuffle=not opt.rect, rank=info.rank, world_size=info.world_size, seed=opt.seed,

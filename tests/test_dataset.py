@@ -20,6 +20,7 @@ from utils.dataset import (
     YoloDataset,
     collate_fn,
     create_dataloader,
+    default_workers,
     long_side_hw,
     rect_batch_shapes,
 )
@@ -447,3 +448,15 @@ def test_auto_cache_only_when_the_images_fit(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(dataset_mod, "available_memory", lambda: 0)  # unknown: never cache
     assert all(im is None for im in YoloDataset(src, imgsz=64, cache="auto").ims)
     assert all(im is None for im in YoloDataset(src, imgsz=64, cache="none").ims)
+
+
+@pytest.mark.parametrize(("device", "cpus", "processes", "want"), [
+    ("cpu", 2, 1, 0),     # the measured case: the model's threads already use both cores
+    ("cpu", 4, 1, 0),
+    ("cpu", 16, 4, 0),    # DDP on CPU: 4 cores per process
+    ("cpu", 16, 1, 2),    # a large CPU keeps the old default (unmeasured)
+    ("cuda", 2, 1, 2),    # the CPU is free to decode while the GPU computes
+    ("cuda", 64, 8, 2),
+])
+def test_default_workers(device: str, cpus: int, processes: int, want: int) -> None:
+    assert default_workers(torch.device(device), processes, cpus=cpus) == want

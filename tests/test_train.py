@@ -84,6 +84,17 @@ def test_resume_continues_exactly(tiny_data: Path, tmp_path: Path) -> None:
     assert [r["epoch"] for r in rows] == ["0", "1", "2"]  # YOLOv5 counts epochs from 0
 
 
+def test_cpu_training_loads_in_the_main_process_unless_told(tiny_data: Path, tmp_path: Path, monkeypatch,
+                                                            capsys) -> None:
+    """No --workers on a small CPU: 0 loader workers, printed at start and recorded in opt.yaml."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    args = train_args(tiny_data, tmp_path, "auto", 1)
+    i = args.index("--workers")
+    fit(parse_options(args[:i] + args[i + 2:]))
+    assert "Data loading: 0 worker processes" in capsys.readouterr().out
+    assert yaml.safe_load((tmp_path / "auto" / "opt.yaml").read_text())["workers"] == 0
+
+
 def test_killed_mid_epoch_leaves_a_loadable_last_pt(tiny_data: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, "train_distill.py", *train_args(tiny_data, tmp_path, "killed", 100), "--noval"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
