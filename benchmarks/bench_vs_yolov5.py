@@ -7,9 +7,11 @@ Usage (from the repo root; YOLOv5 runs ONLY as a subprocess of its own venv, see
     python -m benchmarks.bench_vs_yolov5 --epochs 1 --max-images 32 --rounds 1   # smoke run
 
 Both tools get the same model yaml, dataset (a copy of the yaml with an absolute ``path``; with
-``--max-images`` the first N images of each split as ``.txt`` lists), batch, image size, epochs,
-workers and device. Each measured command is a whole process (start-up, data caching, every epoch,
-final validation), timed from outside. In each of ``--rounds`` rounds both tools train, then both
+``--max-images`` the first N images of each split as ``.txt`` lists), batch, image size, epochs
+and device; ``--workers`` only when given (else each tool's default, what a user who does not say
+gets: YOLOv5 caps its 8 at the CPU count, we load in the main process on a small CPU). Each measured
+command is a whole process (start-up, data caching, every epoch, final validation), timed from
+outside. In each of ``--rounds`` rounds both tools train, then both
 validate the SAME checkpoint (YOLOv5's best.pt of that round: our val.py reads official
 checkpoints), the order flipped every round so drifting machine load hits both alike; medians are
 reported. Peak RSS is ``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`` of a fresh wrapper process
@@ -86,7 +88,9 @@ def dataset_yaml(data: str, work: Path, max_images: int) -> tuple[Path, int, int
 
 def commands(args: argparse.Namespace, py: str, data: Path, work: Path, k: int) -> dict[str, list[str]]:
     """The four measured command lines of round ``k``."""
-    common = ["--data", str(data), "--imgsz", str(args.imgsz), "--device", args.device, "--workers", str(args.workers)]
+    common = ["--data", str(data), "--imgsz", str(args.imgsz), "--device", args.device]
+    if args.workers is not None:  # else each tool chooses, as for a user who does not say
+        common += ["--workers", str(args.workers)]
     train = [*common, "--cfg", str(Path(args.cfg).resolve()), "--weights", "", "--epochs", str(args.epochs),
              "--batch-size", str(args.batch), "--noplots", "--exist-ok"]
     best = work / f"y{k}" / "weights" / "best.pt"
@@ -140,7 +144,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--val-batch", type=int, default=32)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=None,
+                   help="loader workers given to both tools (default: not given; each tool's own default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds (median reported)")
     p.add_argument("--max-images", type=int, default=0, help="first N images of each split (0 = all)")
