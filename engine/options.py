@@ -26,6 +26,12 @@ DEMO_PRESET = [
 _SWITCH = {"action": "store_true"}
 _INT = {"type": int}
 
+
+def count_or_auto(value: str) -> int | str:
+    """``--workers``: a number of loader workers, or ``auto`` (`utils.dataset.default_workers`)."""
+    return value if value == "auto" else int(value)
+
+
 # The flags, grouped for --help: (names, help, argparse options). YOLOv5's spellings and defaults,
 # except where the help says otherwise.
 TRAIN_FLAGS: dict[str, list[tuple[str | tuple[str, ...], str, dict]]] = {
@@ -40,8 +46,9 @@ TRAIN_FLAGS: dict[str, list[tuple[str | tuple[str, ...], str, dict]]] = {
         ("--cache", "image cache: ram (as --cache alone), none, or auto (default: ram when the resized images "
                     "take at most 1/8 of the available memory; the same batches, decoded once)",
          {"nargs": "?", "const": "ram", "default": "auto", "choices": ["ram", "auto", "none"]}),
-        ("--workers", "dataloader workers per process (default: 0 when training on a CPU of at most 4 cores "
-                      "per process, whose cores the model already keeps busy; else 2)", {**_INT, "default": None}),
+        ("--workers", "dataloader workers per process; auto: 0 when training on a CPU of at most 4 cores per "
+                      "process (the model's threads already keep them busy), else 2",
+         {"type": count_or_auto, "default": "auto"}),
     ],
     "training": [
         ("--epochs", "total training epochs", {**_INT, "default": 100}),
@@ -100,8 +107,8 @@ def check_options(opt: argparse.Namespace) -> argparse.Namespace:
     require(opt.batch_size >= 1, f"--batch-size {opt.batch_size}: must be at least 1")
     require(opt.nominal_batch >= 1, f"--nominal-batch {opt.nominal_batch}: must be at least 1 (YOLOv5: 64)")
     require(opt.imgsz >= 1, f"--imgsz {opt.imgsz}: give a positive image size in pixels, e.g. 640")
-    require(opt.workers is None or opt.workers >= 0,
-            f"--workers {opt.workers}: must be 0 (load in the main process) or more")
+    require(opt.workers == "auto" or opt.workers >= 0,
+            f"--workers {opt.workers}: must be 0 (load in the main process) or more, or auto")
     require(opt.patience >= 0, f"--patience {opt.patience}: must be 0 or more")
     require(opt.max_nonfinite >= 1, f"--max-nonfinite {opt.max_nonfinite}: must be at least 1")
     require(0.0 <= opt.label_smoothing < 1.0, f"--label-smoothing {opt.label_smoothing}: must be in [0, 1)")

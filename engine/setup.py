@@ -177,7 +177,7 @@ def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device) -
     gs = max(int(model.stride.max()), 32)
     imgsz = _check_imgsz(opt.imgsz, gs)
     loss_hyp = scale_hyp(hyp, model.detect.nl, len(names), imgsz)
-    if opt.workers is None:  # resolved once and recorded in opt.yaml, as the precision is
+    if opt.workers == "auto":  # resolved once and recorded in opt.yaml, as the precision is
         opt.workers = default_workers(device, info.world_size)
         if info.is_main:
             print(f"Data loading: {opt.workers} worker processes per training process (--workers N to choose)")

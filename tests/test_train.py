@@ -93,6 +93,8 @@ def test_cpu_training_loads_in_the_main_process_unless_told(tiny_data: Path, tmp
     fit(parse_options(args[:i] + args[i + 2:]))
     assert "Data loading: 0 worker processes" in capsys.readouterr().out
     assert yaml.safe_load((tmp_path / "auto" / "opt.yaml").read_text())["workers"] == 0
+    assert parse_options(["--workers", "auto"]).workers == "auto"
+    assert parse_options(["--workers", "3"]).workers == 3
 
 
 def test_killed_mid_epoch_leaves_a_loadable_last_pt(tiny_data: Path, tmp_path: Path) -> None:
