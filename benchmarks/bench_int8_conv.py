@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.ao.nn.quantized import Conv2d as QuantizedConv2d
 
-from benchmarks.common import RESULTS_DIR, machine_info, write_results
+from benchmarks.common import RESULTS_DIR, machine_info, publish
 
 # (in channels, out channels, feature size, kernel) of yolov5s layers at 320 px input
 LAYERS = [(64, 64, 80, 3), (128, 128, 40, 3), (256, 256, 20, 3), (128, 256, 40, 1)]
@@ -110,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [measure(*layer, args.batch, args.repeats) for layer in LAYERS]
     result = {"batch": args.batch, "repeats": args.repeats, "engine": engine,
               "machine": machine_info(torch.device("cpu")), "rows": rows}
-    json_path, md_path = write_results(result, markdown(result), args.out)
-    print("\n".join(markdown(result)))
-    print(f"wrote {json_path} and {md_path}")
+    publish(result, markdown(result), args.out)
     return 0
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, ROOT, machine_info, write_results
+from benchmarks.common import RESULTS_DIR, ROOT, machine_info, publish
 
 
 def train_seconds(workers: int, imgsz: int, args: argparse.Namespace, scratch: Path) -> float:
@@ -95,9 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": {str(s): {str(w): {"median_s": statistics.median(v), "samples_s": v} for w, v in rows.items()}
                  for s, rows in samples.items()},
     }
-    json_path, md_path = write_results(result, markdown(result), args.out)
-    print("\n".join(markdown(result)))
-    print(f"wrote {json_path} and {md_path}")
+    publish(result, markdown(result), args.out)
     return 0
 
 

@@ -113,11 +113,19 @@ def write_results(result: dict[str, Any], md_lines: list[str], stem: str | Path)
     return json_path, md_path
 
 
+def publish(result: dict[str, Any], md_lines: list[str], stem: str | Path) -> None:
+    """`write_results`, then print the markdown and where both files went."""
+    json_path, md_path = write_results(result, md_lines, stem)
+    print("\n".join(md_lines))
+    print(f"wrote {json_path} and {md_path}")
+
+
 __all__ = [
     "RESULTS_DIR",
     "ROOT",
     "machine_info",
     "peak_rss_mb",
+    "publish",
     "summarize",
     "synchronize",
     "time_block",
