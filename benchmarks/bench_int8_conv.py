@@ -20,31 +20,25 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.ao.nn.quantized import Conv2d as QuantizedConv2d
 
-from benchmarks.common import RESULTS_DIR, machine_info, publish
+from benchmarks.common import RESULTS_DIR, machine_info, publish, summarize, time_block
 
 # (in channels, out channels, feature size, kernel) of yolov5s layers at 320 px input
 LAYERS = [(64, 64, 80, 3), (128, 128, 40, 3), (256, 256, 20, 3), (128, 256, 40, 1)]
 SCALE, ZERO = 0.05, 128  # activation quantization (speed only)
+CPU = torch.device("cpu")
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-    return statistics.median(samples) * 1000
+    """Median milliseconds of ``repeats`` single calls, after 3 warm-up calls."""
+    time_block(fn, 3, CPU)
+    return summarize([time_block(fn, 1, CPU) for _ in range(repeats)])["median"] * 1000
 
 
 def quantized_conv(conv: torch.nn.Conv2d) -> QuantizedConv2d:
@@ -109,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.quantized.engine = engine
     rows = [measure(*layer, args.batch, args.repeats) for layer in LAYERS]
     result = {"batch": args.batch, "repeats": args.repeats, "engine": engine,
-              "machine": machine_info(torch.device("cpu")), "rows": rows}
+              "machine": machine_info(CPU), "rows": rows}
     publish(result, markdown(result), args.out)
     return 0
 

@@ -422,9 +422,9 @@ def default_workers(device: torch.device, processes: int = 1, cpus: int | None =
     A model that trains on the CPU keeps every core busy with its own threads, so worker processes
     only compete with it: on the project's 2-core box the training passes took 4-9 % longer with 2
     workers than with 0 (medians of 3-4 alternating whole runs, `benchmarks/bench_workers.py`:
-    yolov5n at 160 and 320 px, and the demo's distillation; benchmarks/results/loader_workers_epyc*.md),
-    and the validation after them was faster too. Hence 0 on a CPU with at most 4 cores per process;
-    2 otherwise (GPU training, where the CPU is free to decode and augment, and larger CPUs, unmeasured).
+    yolov5n at 160 and 320 px, and the demo's distillation; benchmarks/results/loader_workers_epyc*.md).
+    Hence 0 on a CPU with at most 4 cores per process; 2 otherwise (GPU training, where the CPU is
+    free to decode and augment, and larger CPUs, unmeasured).
     """
     cpus = (os.cpu_count() or 1) if cpus is None else cpus
     per_process = max(cpus // max(processes, 1), 1)
