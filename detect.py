@@ -23,6 +23,7 @@ from pathlib import Path
 
 from engine.cli import configure_logging, parser_from_table, require, run_guarded
 from engine.predict import Detections, DetectSettings, predict
+from utils.allocator import keep_freed_memory
 from utils.torch_utils import parse_device
 
 
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry: returns the exit status (0 ok, 2 with a one-line message on bad input, 130 on Ctrl-C)."""
     opt = parse_opt(argv)
     configure_logging()
+    keep_freed_memory()
     status, _ = run_guarded("detect.py", lambda: run(**vars(check_options(opt))), extra_errors=(ImportError,))
     return status
 

@@ -38,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     opt = parse_options(argv)
     from engine.cli import configure_logging, run_guarded
     from engine.trainer import fit  # deferred so that --help answers without importing torch
+    from utils.allocator import keep_freed_memory
 
     configure_logging()
+    keep_freed_memory()
     status, _ = run_guarded("train_distill.py", lambda: fit(opt))
     return status
 

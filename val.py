@@ -25,6 +25,7 @@ from pathlib import Path
 from engine.cli import configure_logging, require, run_guarded
 from engine.evaluate import EvalSettings, results_table
 from engine.validate import TASKS, validate
+from utils.allocator import keep_freed_memory
 from utils.torch_utils import parse_device
 
 
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     """CLI entry: the metrics dict; bad input exits with status 2 and one line on stderr, no traceback."""
     opt = parse_opt(argv)
     configure_logging()
+    keep_freed_memory()
 
     def work() -> dict:
         kwargs = vars(check_options(opt))

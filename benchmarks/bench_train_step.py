@@ -61,6 +61,7 @@ from engine.optim import NOMINAL_BATCH
 from engine.setup import load_hyp_file
 from engine.step import build_step_state, train_step
 from models import DetectionModel, load_model
+from utils.allocator import keep_freed_memory
 from utils.loss import scale_hyp
 from utils.precision import Precision, choose_precision
 from utils.torch_utils import select_device
@@ -414,6 +415,7 @@ def summary_rows(measured: dict, memory: dict[str, dict], batch_size: int) -> li
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    keep_freed_memory()  # as train_distill.py does: the steps timed here are the training process's
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
