@@ -15,7 +15,6 @@ CPU seconds and peak RSS. Medians and every sample go to ``benchmarks/results/al
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, ROOT, machine_info, publish
+from benchmarks.common import RESULTS_DIR, ROOT, machine_info, publish, training_pass_seconds
 
 RUNS = {
     "n320": ["--data", "data/demo.yaml", "--cfg", "models/yolov5n.yaml", "--imgsz", "320", "--epochs", "3",
@@ -55,9 +54,7 @@ def one_run(arm: str, flags: list[str], scratch: Path, name: str) -> dict[str, f
     if proc.returncode:
         tail = (log.read_text().strip().splitlines() or ["(no output)"])[-1]
         raise SystemExit(f"bench_allocator: training failed ({arm}, {name}): {tail}")
-    with open(scratch / name / "results.csv", newline="") as f:
-        epochs = [float(row["time/epoch_s"]) for row in csv.DictReader(f)]
-    return {"epochs_s": sum(epochs[:-1]), "wall_s": wall, "minor_faults": usage.ru_minflt,
+    return {"epochs_s": training_pass_seconds(scratch / name), "wall_s": wall, "minor_faults": usage.ru_minflt,
             "system_s": usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 

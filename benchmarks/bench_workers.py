@@ -15,7 +15,6 @@ every sample are written to ``benchmarks/results/loader_workers.{json,md}`` (``-
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, ROOT, machine_info, publish
+from benchmarks.common import RESULTS_DIR, ROOT, machine_info, publish, training_pass_seconds
 
 
 def train_seconds(workers: int, imgsz: int, args: argparse.Namespace, scratch: Path) -> float:
@@ -39,9 +38,7 @@ def train_seconds(workers: int, imgsz: int, args: argparse.Namespace, scratch: P
     if proc.returncode:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise SystemExit(f"bench_workers: training failed (workers {workers}, {imgsz} px): {tail}")
-    with open(scratch / name / "results.csv", newline="") as f:
-        epochs = [float(row["time/epoch_s"]) for row in csv.DictReader(f)]
-    return sum(epochs[:-1])
+    return training_pass_seconds(scratch / name)
 
 
 def markdown(result: dict) -> list[str]:

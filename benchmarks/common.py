@@ -7,6 +7,7 @@ so that asynchronous kernel launches are not mistaken for finished work.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import platform
@@ -103,6 +104,14 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
+def training_pass_seconds(run_dir: str | Path) -> float:
+    """Seconds of a finished run's training passes: ``time/epoch_s`` of every epoch in its results.csv
+    but the last, which also validates (in a ``--noval`` run only the last epoch does)."""
+    with open(Path(run_dir) / "results.csv", newline="") as f:
+        epochs = [float(row["time/epoch_s"]) for row in csv.DictReader(f)]
+    return sum(epochs[:-1])
+
+
 def write_results(result: dict[str, Any], md_lines: list[str], stem: str | Path) -> tuple[Path, Path]:
     """Write ``<stem>.json`` and ``<stem>.md``; returns both paths."""
     stem = Path(stem)
@@ -128,6 +137,7 @@ __all__ = [
     "publish",
     "summarize",
     "synchronize",
+    "training_pass_seconds",
     "time_block",
     "write_results",
 ]
