@@ -15,9 +15,7 @@ CPU seconds and peak RSS. Medians and every sample go to ``benchmarks/results/al
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, ROOT, machine_info, publish, training_pass_seconds
+from benchmarks.common import RESULTS_DIR, machine_info, publish, time_training_process
 
 RUNS = {
     "n320": ["--data", "data/demo.yaml", "--cfg", "models/yolov5n.yaml", "--imgsz", "320", "--epochs", "3",
@@ -40,22 +38,9 @@ _WITHOUT = ("import sys, train_distill, utils.allocator as a; a.keep_freed_memor
 
 
 def one_run(arm: str, flags: list[str], scratch: Path, name: str) -> dict[str, float]:
-    """Run one training process; its epoch seconds and the kernel's resource accounting of it."""
+    """One training process of ``arm``: its epoch seconds and the kernel's resource accounting of it."""
     entry = ["train_distill.py"] if arm == "kept" else ["-c", _WITHOUT]
-    cmd = [sys.executable, *entry, *flags, "--noval", "--noplots", "--device", "cpu", "--project", str(scratch),
-           "--name", name, "--exist-ok"]
-    log = scratch / f"{name}.stderr"
-    start = time.perf_counter()
-    with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)  # reaped here, so the child's own rusage is ours to read
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
-    if proc.returncode:
-        tail = (log.read_text().strip().splitlines() or ["(no output)"])[-1]
-        raise SystemExit(f"bench_allocator: training failed ({arm}, {name}): {tail}")
-    return {"epochs_s": training_pass_seconds(scratch / name), "wall_s": wall, "minor_faults": usage.ru_minflt,
-            "system_s": usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024}
+    return time_training_process(entry, flags, scratch, name, "bench_allocator")
 
 
 def markdown(result: dict) -> list[str]:

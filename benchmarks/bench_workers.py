@@ -16,29 +16,23 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, ROOT, machine_info, publish, training_pass_seconds
+from benchmarks.common import RESULTS_DIR, machine_info, publish, time_training_process
 
 
 def train_seconds(workers: int, imgsz: int, args: argparse.Namespace, scratch: Path) -> float:
     """Seconds of the training passes (every epoch but the last) of one fresh training process."""
-    name = f"w{workers}_{imgsz}"
-    cmd = [sys.executable, "train_distill.py", "--data", args.data, "--cfg", args.cfg, "--imgsz", str(imgsz),
-           "--epochs", str(args.epochs), "--batch-size", str(args.batch), "--workers", str(workers), "--noval",
-           "--noplots", "--device", "cpu", "--project", str(scratch), "--name", name, "--exist-ok"]
+    flags = ["--data", args.data, "--cfg", args.cfg, "--imgsz", str(imgsz), "--epochs", str(args.epochs),
+             "--batch-size", str(args.batch), "--workers", str(workers)]
     if args.t_weights:
-        cmd += ["--t_weights", args.t_weights]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
-    if proc.returncode:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise SystemExit(f"bench_workers: training failed (workers {workers}, {imgsz} px): {tail}")
-    return training_pass_seconds(scratch / name)
+        flags += ["--t_weights", args.t_weights]
+    run = time_training_process(["train_distill.py"], flags, scratch, f"w{workers}_{imgsz}", "bench_workers")
+    return run["epochs_s"]
 
 
 def markdown(result: dict) -> list[str]:

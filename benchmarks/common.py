@@ -13,6 +13,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -112,6 +113,30 @@ def training_pass_seconds(run_dir: str | Path) -> float:
     return sum(epochs[:-1])
 
 
+def time_training_process(entry: list[str], flags: list[str], scratch: Path, name: str, label: str) -> dict[str, float]:
+    """Run ``python <entry> <flags>`` as one CPU training process (``--noval``, no plots) in ``scratch/name``.
+
+    ``entry`` is ``["train_distill.py"]`` or an equivalent (``["-c", code]``). Returns the seconds of its
+    training passes (`training_pass_seconds`), its wall time, and the kernel's accounting of that child
+    alone (``os.wait4``): minor page faults, system CPU seconds, peak RSS. A failed run exits the
+    benchmark with ``label`` and the child's last stderr line.
+    """
+    cmd = [sys.executable, *entry, *flags, "--noval", "--noplots", "--device", "cpu", "--project", str(scratch),
+           "--name", name, "--exist-ok"]
+    log = scratch / f"{name}.stderr"
+    start = time.perf_counter()
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)  # reaped here, so the child's own rusage is ours to read
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        tail = (log.read_text().strip().splitlines() or ["(no output)"])[-1]
+        raise SystemExit(f"{label}: training failed ({name}): {tail}")
+    return {"epochs_s": training_pass_seconds(scratch / name), "wall_s": wall, "minor_faults": usage.ru_minflt,
+            "system_s": usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
 def write_results(result: dict[str, Any], md_lines: list[str], stem: str | Path) -> tuple[Path, Path]:
     """Write ``<stem>.json`` and ``<stem>.md``; returns both paths."""
     stem = Path(stem)
@@ -137,6 +162,7 @@ __all__ = [
     "publish",
     "summarize",
     "synchronize",
+    "time_training_process",
     "training_pass_seconds",
     "time_block",
     "write_results",
