@@ -57,17 +57,24 @@ def split_parameters(modules: Iterable[nn.Module]) -> tuple[list, list, list]:
 
 
 def build_optimizer(
-    modules: Iterable[nn.Module], name: str, lr: float, momentum: float, weight_decay: float
+    modules: Iterable[nn.Module], name: str, lr: float, momentum: float, weight_decay: float,
+    loss_scaling: bool = False,
 ) -> torch.optim.Optimizer:
     """SGD (Nesterov), Adam or AdamW over the three groups of `split_parameters`.
 
     ``momentum`` is SGD's momentum or Adam's beta1; ``weight_decay`` applies to group WEIGHT only.
+    ``loss_scaling``: a GradScaler drives the steps (fp16), so some steps are skipped for inf
+    gradients; the fused kernels are then not used (see below).
     """
     decays = {BIAS: 0.0, SCALE: 0.0, WEIGHT: weight_decay}
     groups = [{"params": params, "weight_decay": decays[i]} for i, params in enumerate(split_parameters(modules))]
-    # one fused kernel per step instead of a Python loop over ~170-400 tensors: 2-3× less optimizer time
-    # on CPU (benchmarks/results/optimizer_step.md); same update rule, GradScaler-aware on CUDA
-    fused = {"fused": True} if _fusable(groups) else {}
+    # One fused kernel per step instead of a Python loop over ~170-400 tensors: 2-3× less optimizer
+    # time on CPU (benchmarks/results/optimizer_step.md), same update rule. Not under a GradScaler:
+    # torch's fused SGD allocates its momentum buffers with empty_like on the first step, and when
+    # the scaler skips that step (inf gradients at the initial scale 2^16, the usual fp16 start) the
+    # buffers stay uninitialised and the next step writes garbage into the weights (seen on CUDA:
+    # the fp16 demo diverged after 6 skipped steps; benchmarks/results/cuda_h200.md).
+    fused = {"fused": True} if _fusable(groups) and not loss_scaling else {}
     if name == "SGD":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, **fused)
     if name in ("Adam", "AdamW"):

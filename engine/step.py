@@ -55,7 +55,8 @@ def build_step_state(model: nn.Module, distiller: nn.Module | None, hyp: dict, l
     """
     weight_decay = hyp["weight_decay"] * batch_size * accumulation_steps(batch_size, nominal_batch) / nominal_batch
     trainable = [model] + ([distiller] if distiller is not None else [])
-    opt = build_optimizer(trainable, optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
+    opt = build_optimizer(trainable, optimizer, hyp["lr0"], hyp["momentum"], weight_decay,
+                          loss_scaling=precision.scaler)
     return StepState(
         model=model,
         criterion=TrainingCriterion(DetectionLoss(model, loss_hyp), distiller),

@@ -83,6 +83,33 @@ def test_bf16_steps_are_finite_with_fp32_master_weights_and_ema() -> None:
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), "weights did not move"
 
 
+def test_fp16_loss_scaling_survives_a_skipped_first_step() -> None:
+    """fp16 + GradScaler (the CUDA recipe, run here with CPU fp16 autocast): when the scaler skips the
+    first optimizer step for inf gradients, the following steps must still be finite. torch's fused
+    SGD left its momentum buffers uninitialised after such a skip and wrote garbage into the weights
+    (the fp16 demo diverged on an H200), so under loss scaling the optimizer is not the fused one."""
+    fp16 = Precision("cpu", torch.float16, "test")
+    model = fp16.prepare(_student())
+    det = model.detect
+    hyp = _hyp()
+    state = build_step_state(model, None, hyp, scale_hyp(hyp, det.nl, det.nc, 64), fp16, 4, 4)
+    assert state.scaler.is_enabled() and not any(g.get("fused") for g in state.optimizer.param_groups)
+    # a scale so large that the first backward overflows fp16; one back-off brings it to 1
+    state.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-40)
+    before = [p.detach().clone() for p in model.parameters()]
+    imgs, targets = _batch()
+    train_step(state, imgs, targets, 0, accumulate=1)
+    assert state.scaler.get_scale() == 1.0, "the first step was expected to overflow and be skipped"
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "a skipped step moved weights"
+    for ni in range(1, 4):
+        terms = train_step(state, imgs, targets, ni, accumulate=1)
+        assert terms is not None and all(torch.isfinite(v).all() for v in terms.values())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    buffers = [b for s in state.optimizer.state.values() for b in s.values() if torch.is_tensor(b)]
+    assert buffers and all(torch.isfinite(b).all() for b in buffers)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), "weights did not move"
+
+
 def test_teacher_outputs_and_taps_are_fp32_without_grad() -> None:
     teacher = prepare_teacher(_student().eval(), BF16, fold_bn=True)
     assert next(teacher.parameters()).dtype == torch.bfloat16 and teacher.detect.anchors.dtype == torch.float32
