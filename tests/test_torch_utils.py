@@ -48,14 +48,15 @@ def test_ema_steps_hand_worked() -> None:
 
 def test_ema_averages_batchnorm_buffers_and_unwraps() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-    ema = WeightEMA(nn.DataParallel(model), updates=2000)  # wrapped: the plain network is averaged
+    # wrapped, the plain network is averaged (not DataParallel: it moves the network to a GPU if any)
+    ema = WeightEMA(_Holder(model), updates=2000)
     assert isinstance(ema.module, nn.Sequential) and ema.updates == 2000
     old = {k: v.clone() for k, v in ema.module.state_dict().items()}
     model.train()
     model(torch.randn(2, 3, 8, 8) * 3 + 1)  # moves running_mean/var and num_batches_tracked
     with torch.no_grad():
         model[0].weight.add_(1.0)
-    ema.update(nn.DataParallel(model))
+    ema.update(_Holder(model))
     d = ema_decay(2001)
     new = model.state_dict()
     for key in ("0.weight", "1.running_mean", "1.running_var"):
