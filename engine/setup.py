@@ -374,6 +374,9 @@ def _record_run(run: Run, train_set) -> None:
 def _resume_options(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
     """The saved flags of the run being resumed (only --device/--workers may change), and its state.
 
+    Without ``--device`` the run continues on the device it was started with (as YOLOv5's resume
+    does); ``--device`` moves it (CPU ↔ CUDA: the precision follows the device, see `_restore`).
+
     Only the run folder that owns the checkpoint is written to (`engine.runfolder`)."""
     path = find_last_checkpoint(opt.project) if opt.resume is True else Path(opt.resume)
     ckpt = load_checkpoint(path)["raw"]
@@ -382,7 +385,8 @@ def _resume_options(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
                               "use --weights to start a new run from it")
     run_folder = owning_run_folder(path, ckpt["opt"])
     saved = argparse.Namespace(**{**vars(opt), **ckpt["opt"]})  # flags newer than the checkpoint keep defaults
-    saved.resume, saved.device, saved.workers = str(path), opt.device, opt.workers
+    saved.resume, saved.workers = str(path), opt.workers
+    saved.device = opt.device or ckpt["opt"].get("device", "")
     saved.save_dir = str(run_folder)
     saved.run_id = ckpt["opt"].get("run_id") or new_run_id()  # checkpoints from before run ids get one now
     if ckpt["epoch"] + 1 >= saved.epochs:
@@ -403,7 +407,10 @@ def _restore(run: Run, ckpt: dict) -> None:
     run.ema.module.load_state_dict(ckpt["ema"])
     run.ema.updates = ckpt["updates"]
     run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.scaler.load_state_dict(ckpt["scaler"])
+    # A run saved without loss scaling (CPU, --noamp) has an empty scaler state; resumed on CUDA
+    # (fp16) the fresh scaler starts from its defaults, as a new run's would.
+    if ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
     if run.distiller is not None and ckpt.get("adapters") is not None:
         _restore_distiller(run.distiller, ckpt["adapters"])
     run.start_epoch = ckpt["epoch"] + 1

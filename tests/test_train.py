@@ -84,6 +84,33 @@ def test_resume_continues_exactly(tiny_data: Path, tmp_path: Path) -> None:
     assert [r["epoch"] for r in rows] == ["0", "1", "2"]  # YOLOv5 counts epochs from 0
 
 
+def test_resume_keeps_its_device_unless_told_and_may_move_to_loss_scaling(tiny_data: Path, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    """--resume without --device continues where the run was started (YOLOv5 users expect that);
+    with --device it moves. A CPU run (no loss scaling: empty scaler state) resumed under fp16 +
+    GradScaler (CUDA; here CPU fp16 stands in) starts a fresh scaler instead of failing to load it."""
+    import engine.setup
+    from utils.precision import Precision
+
+    def stop_after_first_epoch(epoch: int, row: dict) -> None:
+        raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        fit(parse_options(train_args(tiny_data, tmp_path, "cut", 2)), on_epoch_end=stop_after_first_epoch)
+    last = tmp_path / "cut" / "weights" / "last.pt"
+    assert load_checkpoint(last)["raw"]["scaler"] == {}
+    assert engine.setup._resume_options(parse_options(["--resume", str(last)]))[0].device == "cpu"
+    assert engine.setup._resume_options(parse_options(["--resume", str(last), "--device", "0"]))[0].device == "0"
+
+    fp16 = Precision("cpu", torch.float16, "CPU fp16 standing in for CUDA")
+    monkeypatch.setattr(engine.setup, "choose_precision", lambda device, amp=True: fp16)
+    resumed = fit(parse_options(["--resume", str(last)]))
+    assert resumed["epochs_run"] == 2  # both epochs of the run
+    ckpt = load_checkpoint(last)["raw"]
+    assert ckpt["epoch"] == 1 and ckpt["scaler"]["scale"] > 0 and ckpt["opt"]["amp"] == "fp16"
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
 def test_cpu_training_loads_in_the_main_process_unless_told(tiny_data: Path, tmp_path: Path, monkeypatch,
                                                             capsys) -> None:
     """No --workers on a small CPU: 0 loader workers, printed at start and recorded in opt.yaml."""
