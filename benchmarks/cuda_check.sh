@@ -12,6 +12,10 @@
 # (space-separated part names) runs only those. DEVICE
 # (default 0) and EXTRA (flags appended to every training command) exist for a dry run on the CPU:
 #   DEVICE=cpu EXTRA="--epochs 1" BUDGET=600 bash benchmarks/cuda_check.sh /tmp/cuda_dry
+# The lent GPU machine's image has torch, onnx, onnxruntime, pytest-xdist but not pycocotools: carry
+# a cp312 wheel of it (the device tool's README says how) and put it on PYTHONPATH first, or the
+# val.py --save-json figures and two test_val.py tests are missing. What the 2026-12-04 run found:
+# benchmarks/results/cuda_h200.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash benchmarks/cuda_check.sh OUT_DIR}
