@@ -387,6 +387,9 @@ def _resume_options(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
     saved = argparse.Namespace(**{**vars(opt), **ckpt["opt"]})  # flags newer than the checkpoint keep defaults
     saved.resume, saved.workers = str(path), opt.workers
     saved.device = opt.device or ckpt["opt"].get("device", "")
+    if not opt.device and saved.device not in ("", "cpu") and not torch.cuda.is_available():
+        raise ValueError(f"--resume {path}: the run was trained with --device {saved.device} and this machine "
+                         "has no CUDA device; add --device cpu to continue it here")
     saved.save_dir = str(run_folder)
     saved.run_id = ckpt["opt"].get("run_id") or new_run_id()  # checkpoints from before run ids get one now
     if ckpt["epoch"] + 1 >= saved.epochs:
