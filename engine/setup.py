@@ -375,7 +375,8 @@ def _resume_options(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
     """The saved flags of the run being resumed (only --device/--workers may change), and its state.
 
     Without ``--device`` the run continues on the device it was started with (as YOLOv5's resume
-    does); ``--device`` moves it (CPU ↔ CUDA: the precision follows the device, see `_restore`).
+    does), or on the CPU when that was a GPU and this machine has none; ``--device`` moves it
+    (CPU ↔ CUDA: the precision follows the device, see `_restore`).
 
     Only the run folder that owns the checkpoint is written to (`engine.runfolder`)."""
     path = find_last_checkpoint(opt.project) if opt.resume is True else Path(opt.resume)
@@ -388,8 +389,9 @@ def _resume_options(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
     saved.resume, saved.workers = str(path), opt.workers
     saved.device = opt.device or ckpt["opt"].get("device", "")
     if not opt.device and saved.device not in ("", "cpu") and not torch.cuda.is_available():
-        raise ValueError(f"--resume {path}: the run was trained with --device {saved.device} and this machine "
-                         "has no CUDA device; add --device cpu to continue it here")
+        LOGGER.info(f"--resume: the run was trained with --device {saved.device}; this machine has no CUDA "
+                    "device, so it continues on the CPU (--device to choose)")
+        saved.device = "cpu"
     saved.save_dir = str(run_folder)
     saved.run_id = ckpt["opt"].get("run_id") or new_run_id()  # checkpoints from before run ids get one now
     if ckpt["epoch"] + 1 >= saved.epochs:

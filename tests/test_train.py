@@ -102,13 +102,11 @@ def test_resume_keeps_its_device_unless_told_and_may_move_to_loss_scaling(tiny_d
     resume_options = engine.setup._resume_options
     assert resume_options(parse_options(["--resume", str(last)]))[0].device == "cpu"
     assert resume_options(parse_options(["--resume", str(last), "--device", "0"]))[0].device == "0"
-    if not torch.cuda.is_available():  # a GPU run resumed here without --device: told what to add
+    if not torch.cuda.is_available():  # a GPU run resumed here without --device: on the CPU
         raw = load_checkpoint(last)["raw"]
         gpu_run = {**raw, "opt": {**raw["opt"], "device": "0"}}
         monkeypatch.setattr(engine.setup, "load_checkpoint", lambda p: {"raw": gpu_run})
-        with pytest.raises(ValueError, match="add --device cpu"):
-            resume_options(parse_options(["--resume", str(last)]))
-        assert resume_options(parse_options(["--resume", str(last), "--device", "cpu"]))[0].device == "cpu"
+        assert resume_options(parse_options(["--resume", str(last)]))[0].device == "cpu"
         monkeypatch.undo()
 
     fp16 = Precision("cpu", torch.float16, "CPU fp16 standing in for CUDA")
