@@ -45,7 +45,7 @@ from utils.geometry import round_to_stride
 from utils.loss import scale_hyp
 from utils.plots import plot_labels, plot_results
 from utils.precision import FP32_CPU, Precision, choose_precision
-from utils.torch_utils import DistInfo, WeightEMA, dist_info, seed_everything, select_device
+from utils.torch_utils import DistInfo, WeightEMA, dist_info, parse_device, seed_everything, select_device
 
 LOGGER = logging.getLogger(__name__)
 
@@ -388,7 +388,7 @@ def _resume_options(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
     saved = argparse.Namespace(**{**vars(opt), **ckpt["opt"]})  # flags newer than the checkpoint keep defaults
     saved.resume, saved.workers = str(path), opt.workers
     saved.device = opt.device or ckpt["opt"].get("device", "")
-    if not opt.device and saved.device not in ("", "cpu") and not torch.cuda.is_available():
+    if not opt.device and parse_device(saved.device)[0] == "cuda" and not torch.cuda.is_available():
         LOGGER.info(f"--resume: the run was trained with --device {saved.device}; this machine has no CUDA "
                     "device, so it continues on the CPU (--device to choose)")
         saved.device = "cpu"
