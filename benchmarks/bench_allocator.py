@@ -15,7 +15,6 @@ CPU seconds and peak RSS. Medians and every sample go to ``benchmarks/results/al
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, machine_info, publish, time_training_process
+from benchmarks.common import RESULTS_DIR, machine_info, median_run, publish, time_training_process
 
 RUNS = {
     "n320": ["--data", "data/demo.yaml", "--cfg", "models/yolov5n.yaml", "--imgsz", "320", "--epochs", "3",
@@ -82,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                     samples[run][arm].append(sample)
                     print(f"round {k + 1}: {run}, {arm}: {sample['epochs_s']:.2f} s of epochs, "
                           f"{sample['minor_faults'] / 1e6:.2f} M faults", flush=True)
-    rows = {run: {arm: {**{key: statistics.median(s[key] for s in runs) for key in runs[0]},
-                        "samples_epochs_s": [s["epochs_s"] for s in runs]}
-                  for arm, runs in arms.items()} for run, arms in samples.items()}
+    rows = {run: {arm: median_run(runs) for arm, runs in arms.items()} for run, arms in samples.items()}
     result = {"config": {"runs": {r: RUNS[r] for r in args.runs}, "rounds": args.rounds},
               "machine": machine_info(torch.device("cpu")), "date": time.strftime("%Y-%m-%d %H:%M"),
               "rows": rows}

@@ -16,7 +16,6 @@ cost matters, not its accuracy. Writes ``benchmarks/results/distill_cost.{json,m
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -24,13 +23,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, machine_info, publish, time_training_process
+from benchmarks.common import RESULTS_DIR, machine_info, median_run, publish, time_training_process
 
 ARMS = ("student alone", "distilled")
 
 
-def run_flags(args: argparse.Namespace) -> list[str]:
-    return ["--data", args.data, "--cfg", args.student, "--imgsz", str(args.imgsz), "--epochs", str(args.epochs),
+def run_flags(args: argparse.Namespace, cfg: str, epochs: int) -> list[str]:
+    """Flags of one training process of model ``cfg`` on the benchmark's data."""
+    return ["--data", args.data, "--cfg", cfg, "--imgsz", str(args.imgsz), "--epochs", str(epochs),
             "--batch-size", str(args.batch_size)]
 
 
@@ -38,9 +38,8 @@ def teacher_checkpoint(args: argparse.Namespace, scratch: Path) -> str:
     """``--t_weights``, or a one-epoch ``--t_cfg`` model trained here on the same data."""
     if args.t_weights:
         return args.t_weights
-    flags = ["--data", args.data, "--cfg", args.t_cfg, "--imgsz", str(args.imgsz), "--epochs", "1",
-             "--batch-size", str(args.batch_size)]
-    time_training_process(["train_distill.py"], flags, scratch, "teacher", "bench_distill_cost")
+    time_training_process(["train_distill.py"], run_flags(args, args.t_cfg, 1), scratch, "teacher",
+                          "bench_distill_cost")
     return str(scratch / "teacher" / "weights" / "last.pt")
 
 
@@ -84,15 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_distill_cost_") as tmp:
         scratch = Path(tmp)
         teacher = teacher_checkpoint(args, scratch)
-        arm_flags = {"student alone": run_flags(args), "distilled": [*run_flags(args), "--t_weights", teacher]}
+        student = run_flags(args, args.student, args.epochs)
+        arm_flags = {"student alone": student, "distilled": [*student, "--t_weights", teacher]}
         for k in range(args.rounds):
             for arm in ARMS if k % 2 == 0 else ARMS[::-1]:
                 sample = time_training_process(["train_distill.py"], arm_flags[arm], scratch,
                                                f"{k}_{arm.split()[0]}", "bench_distill_cost")
                 samples[arm].append(sample)
                 print(f"round {k + 1}: {arm}: {sample['epochs_s']:.1f} s of training passes", flush=True)
-    rows = {arm: {**{key: statistics.median(s[key] for s in runs) for key in runs[0]},
-                  "samples_epochs_s": [s["epochs_s"] for s in runs]} for arm, runs in samples.items()}
+    rows = {arm: median_run(runs) for arm, runs in samples.items()}
     config = {**{k: v for k, v in vars(args).items() if k != "out"},
               "teacher": f"`{args.t_weights}`" if args.t_weights else f"`{args.t_cfg}` (one epoch, trained here)"}
     result = {"config": config, "machine": machine_info(torch.device("cpu")),

@@ -137,6 +137,13 @@ def time_training_process(entry: list[str], flags: list[str], scratch: Path, nam
             "system_s": usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
+def median_run(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """The median of each figure over repeated `time_training_process` samples, and every sample's
+    training-pass seconds (``samples_epochs_s``)."""
+    return {**{key: statistics.median(r[key] for r in runs) for key in runs[0]},
+            "samples_epochs_s": [r["epochs_s"] for r in runs]}
+
+
 def write_results(result: dict[str, Any], md_lines: list[str], stem: str | Path) -> tuple[Path, Path]:
     """Write ``<stem>.json`` and ``<stem>.md``; returns both paths."""
     stem = Path(stem)
@@ -161,6 +168,7 @@ __all__ = [
     "peak_rss_mb",
     "publish",
     "summarize",
+    "median_run",
     "synchronize",
     "time_training_process",
     "training_pass_seconds",
