@@ -2,8 +2,8 @@
 # The CUDA paths end to end, in one short run on a GPU machine (the project's own box has no GPU):
 # the demo distillation (fp16 autocast + GradScaler, EMA, val every epoch) and in fp32, the student alone,
 # val.py on CUDA (fp32 and --half) beside the CPU, ONNX export from CUDA, the
-# distillation step vs student step + teacher forward at 640 px, the tests with CUDA branches (or
-# the whole suite, with pytest-xdist), and the demo with 8 loader workers.
+# distillation step vs student step + teacher forward at 640 px, the whole test suite (with
+# pytest-xdist; else only the tests with CUDA branches), and the demo with 8 loader workers.
 #
 #   bash benchmarks/cuda_check.sh OUT_DIR            # writes OUT_DIR/summary.txt and cuda_check.tar.gz
 #
@@ -74,9 +74,12 @@ part train_step_640 120 "$py" -m benchmarks.bench_train_step --device "$device" 
   --repeats 10 --steps 3 --no-mem --out "$work/train_step_ratio_640"
 part export_onnx 60 "$py" export.py --weights "$best" --device "$device" --imgsz 160 \
   --output "$work/best.onnx"
-part pytest_cuda_branches 120 "$py" -m pytest -q -p no:cacheprovider tests/test_amp.py \
-  tests/test_torch_utils.py tests/test_export.py tests/test_int8.py
-part pytest_all 180 "$py" -m pytest -q -p no:cacheprovider -n "$(($(nproc) * 3 / 4))"
+if "$py" -c "import xdist" 2> /dev/null; then  # the whole suite fits the budget only in parallel
+  part pytest_all 180 "$py" -m pytest -q -p no:cacheprovider -n "$(($(nproc) * 3 / 4))"
+else
+  part pytest_cuda_branches 120 "$py" -m pytest -q -p no:cacheprovider tests/test_amp.py \
+    tests/test_torch_utils.py tests/test_export.py tests/test_int8.py
+fi
 part demo_workers8 90 "${train[@]}" --name demo_w8 --workers 8 --epochs 5 "${extra[@]}"
 part demo_alone 120 "${train[@]}" --t_weights "" --name alone_cuda "${extra[@]}"
 part demo_fp32 170 "${train[@]}" --noamp --name demo_cuda_fp32 "${extra[@]}"
