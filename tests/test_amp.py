@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,34 @@ def test_benchmark_uses_the_engine_step() -> None:
     row = bench.make_row("objmse", student, (teacher, None), _hyp(), imgs, targets, BF16)
     row.step()
     assert row.nonfinite == [0] and "kd/out_box" in row.kd_terms
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("cc", "gcc", "clang")),
+                    reason="torch.compile on the CPU needs a C compiler")
+def test_benchmark_compiled_teacher_computes_and_records_what_the_eager_one_does() -> None:
+    """bench_train_step --compile-teacher: the compiled graph keeps the feature taps' hooks (compiled in
+    place after the taps are placed) and gives the eager teacher's outputs and features (fp32, so
+    only summation order differs); a distillation row with a feature method runs on it."""
+    import copy
+
+    import benchmarks.bench_train_step as bench
+
+    imgs, targets = _batch()
+    eager = prepare_teacher(_student().eval(), FP32, fold_bn=True)
+    compiled = copy.deepcopy(eager)
+    taps_eager, taps_compiled = FeatureTaps(eager), FeatureTaps(compiled)
+    assert bench.compile_teacher(compiled, imgs) is compiled
+    x = imgs.float() / 255
+    want = run_teacher(eager, x, [taps_eager]) + taps_eager.get()
+    got = run_teacher(compiled, x, [taps_compiled]) + taps_compiled.get()
+    assert len(got) == len(want) == 6
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+    row = bench.make_row("mse" + bench.COMPILED, FP32.prepare(_student()), (eager, None), _hyp(), imgs, targets, FP32)
+    row.step()
+    assert row.name == "mse compiled" and row.nonfinite == [0] and "kd/feat_mse" in row.kd_terms
 
 
 @pytest.mark.slow
