@@ -1,6 +1,7 @@
 """Building a training run from its flags: folders, data, student, teacher, optimizer, resume.
 
-`prepare_run(opt, info, device) -> Run` does all the one-off work so that the loop in
+`resume_options(opt)` reads a resumed run's flags and state first; `prepare_run(opt, info,
+device, ckpt) -> Run` does all the one-off work so that the loop in
 `engine.trainer` reads as the algorithm. Each step is a small named function.
 
 Size: about 400 lines because it is one build sequence (folders → data → models → teacher → optimizer
@@ -160,10 +161,9 @@ def setup_distributed(opt: argparse.Namespace) -> tuple[DistInfo, torch.device]:
     return info, device
 
 
-def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device) -> Run:
-    ckpt = None
-    if opt.resume:
-        opt, ckpt = _resume_options(opt)
+def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device, ckpt: dict | None = None) -> Run:
+    """The run of ``opt`` on ``device``; ``ckpt``: the state of a resumed run, with ``opt`` its saved flags
+    (both from :func:`resume_options`, which must come before the device is chosen)."""
     _locate_inputs(opt)
     seed_everything(opt.seed + max(info.rank, 0))
     hyp = _load_hyp(opt)
@@ -247,7 +247,7 @@ def load_hyp_file(path: str | Path, label_smoothing: float = 0.0) -> dict:
 
 
 def _save_dir(opt: argparse.Namespace, info: DistInfo, resumed: bool) -> Path:
-    """The run folder. A resumed run keeps its own (checked by `_resume_options`); a new run gets
+    """The run folder. A resumed run keeps its own (checked by `resume_options`); a new run gets
     project/name (numbered unless --exist-ok) and a fresh run id. Whatever an earlier run left in a
     reused folder is moved into prev-<time>/ first, and stale temp files of a killed run go."""
     if resumed:
@@ -371,8 +371,9 @@ def _record_run(run: Run, train_set) -> None:
         plot_labels(train_set.labels, run.names, run.save_dir / "labels.jpg")
 
 
-def _resume_options(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
+def resume_options(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
     """The saved flags of the run being resumed (only --device/--workers may change), and its state.
+    Called before anything else is decided (the device above all: `setup_distributed` reads it).
 
     Without ``--device`` the run continues on the device it was started with (as YOLOv5's resume
     does), or on the CPU when that was a GPU and this machine has none; ``--device`` moves it

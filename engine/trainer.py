@@ -22,7 +22,7 @@ from engine.cli import InterruptLatch, TrainingInterrupted
 from engine.evaluate import evaluate
 from engine.logger import progress_line
 from engine.options import check_options
-from engine.setup import Run, prepare_run, setup_distributed
+from engine.setup import Run, prepare_run, resume_options, setup_distributed
 from engine.step import train_step
 from models import load_model
 from models.checkpoint import save_checkpoint
@@ -109,9 +109,10 @@ def fit(opt: argparse.Namespace, on_epoch_end: EpochHook | None = None) -> dict:
     `engine.cli.TrainingInterrupted`, naming the last.pt to resume from.
     """
     check_options(opt)
+    opt, ckpt = resume_options(opt) if opt.resume else (opt, None)  # a resumed run's device is its own
     info, device = setup_distributed(opt)
     try:
-        run = prepare_run(opt, info, device)
+        run = prepare_run(opt, info, device, ckpt)
         try:
             with InterruptLatch() as latch:
                 return _train_loop(run, on_epoch_end, latch)

@@ -99,7 +99,7 @@ def test_resume_keeps_its_device_unless_told_and_may_move_to_loss_scaling(tiny_d
         fit(parse_options(train_args(tiny_data, tmp_path, "cut", 2)), on_epoch_end=stop_after_first_epoch)
     last = tmp_path / "cut" / "weights" / "last.pt"
     assert load_checkpoint(last)["raw"]["scaler"] == {}
-    resume_options = engine.setup._resume_options
+    resume_options = engine.setup.resume_options
     assert resume_options(parse_options(["--resume", str(last)]))[0].device == "cpu"
     assert resume_options(parse_options(["--resume", str(last), "--device", "0"]))[0].device == "0"
     if not torch.cuda.is_available():  # a GPU run resumed here without --device: on the CPU
@@ -109,9 +109,15 @@ def test_resume_keeps_its_device_unless_told_and_may_move_to_loss_scaling(tiny_d
         assert resume_options(parse_options(["--resume", str(last)]))[0].device == "cpu"
         monkeypatch.undo()
 
+    # The device is chosen from the resumed run's flags, not from the command line's empty --device
+    # (which means "a GPU if there is one": a CPU run resumed on a GPU machine moved to the GPU).
+    chosen: list[str] = []
+    select_device = engine.setup.select_device
+    monkeypatch.setattr(engine.setup, "select_device", lambda spec, *a: chosen.append(spec) or select_device(spec, *a))
     fp16 = Precision("cpu", torch.float16, "CPU fp16 standing in for CUDA")
     monkeypatch.setattr(engine.setup, "choose_precision", lambda device, amp=True: fp16)
     resumed = fit(parse_options(["--resume", str(last)]))
+    assert chosen == ["cpu"]
     assert resumed["epochs_run"] == 2  # both epochs of the run
     ckpt = load_checkpoint(last)["raw"]
     assert ckpt["epoch"] == 1 and ckpt["scaler"]["scale"] > 0 and ckpt["opt"]["amp"] == "fp16"
