@@ -88,7 +88,10 @@ def train_step(s: StepState | Run, imgs: torch.Tensor, targets: torch.Tensor, ni
     if not _all_finite(loss, s.info):
         s.optimizer.zero_grad(set_to_none=True)
         return None
-    s.scaler.scale(loss).backward()
+    # DDP averages gradients over ranks, while the loss of the global batch is the SUM of the ranks'
+    # losses (each is its local batch size times per-image means): × world size gives the gradient a
+    # single process gets from the whole --batch-size (YOLOv5 scales its DDP loss the same way).
+    s.scaler.scale(loss * s.info.world_size if s.info.distributed else loss).backward()
     if ni - s.last_step >= accumulate:
         optimizer_step(s)
         s.last_step = ni

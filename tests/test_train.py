@@ -200,6 +200,28 @@ def test_ddp_two_cpu_processes_hold_identical_weights(tiny_data: Path, tmp_path:
     assert model.nc == 4
 
 
+@pytest.mark.slow
+def test_ddp_step_equals_the_single_process_step(tmp_path: Path) -> None:
+    """Two gloo ranks, each on its half of a batch, take the step one process takes on the whole batch
+    (the ranks' gradients are averaged by DDP, so the loss is scaled by the world size)."""
+    from tests.ddp_one_step import IMAGES_PER_SHARE, one_step, student
+    from utils.torch_utils import DistInfo
+
+    out = tmp_path / "ddp_weights.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(30500 + os.getpid() % 1000), "-m", "tests.ddp_one_step", str(out)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = torch.load(out, weights_only=True)
+    alone = one_step(DistInfo(), 2 * IMAGES_PER_SHARE)
+    start = {k: v.detach() for k, v in student().named_parameters()}
+    step = max(float((alone[k] - start[k]).abs().max()) for k in alone)
+    assert step > 1e-3  # the step moved the weights far beyond the tolerance below (a 2x gradient would show)
+    for name, value in alone.items():
+        torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_plots_come_once_at_the_end_and_results_png_covers_every_epoch(tiny_data: Path, tmp_path: Path) -> None:
     seen_png_during_training: list[bool] = []
 
