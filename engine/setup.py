@@ -32,7 +32,7 @@ from engine.checkpointing import find_last_checkpoint, namespace_to_dict
 from engine.criterion import TrainingCriterion
 from engine.evaluate import evaluate
 from engine.logger import save_yaml, write_results
-from engine.optim import YOLOV5_GROUP_ORDER, LrCurve, WarmupSchedule
+from engine.optim import YOLOV5_GROUP_ORDER, LrCurve, WarmupSchedule, load_optimizer_state
 from engine.runfolder import archive_previous_run, new_run_id, owning_run_folder, remove_stale_temps
 from engine.step import build_step_state
 from models.checkpoint import CheckpointError, load_checkpoint, transfer_weights
@@ -412,7 +412,7 @@ def _restore_distiller(distiller: nn.Module, state: dict) -> None:
 def _restore(run: Run, ckpt: dict) -> None:
     run.ema.module.load_state_dict(ckpt["ema"])
     run.ema.updates = ckpt["updates"]
-    run.optimizer.load_state_dict(ckpt["optimizer"])
+    load_optimizer_state(run.optimizer, ckpt["optimizer"])
     # A run saved without loss scaling (CPU, --noamp) has an empty scaler state; resumed on CUDA
     # (fp16) the fresh scaler starts from its defaults, as a new run's would.
     if ckpt.get("scaler"):

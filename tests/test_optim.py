@@ -16,6 +16,7 @@ from engine.optim import (
     WarmupSchedule,
     accumulation_steps,
     build_optimizer,
+    load_optimizer_state,
     split_parameters,
 )
 from models.yolo import DetectionModel
@@ -133,3 +134,43 @@ def test_fused_optimizer_takes_the_steps_of_the_plain_loop(name: str) -> None:
         loop.step()
     for a, b in zip(fused_model.parameters(), loop_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_resumed_optimizer_keeps_its_kernels_and_lays_buffers_like_its_parameters(name: str) -> None:
+    """A run saved in one precision (contiguous, fused kernels) resumed in another (channels_last
+    under AMP; no fused kernels under a GradScaler) steps exactly as the saved run would have."""
+    import copy
+
+    torch.manual_seed(0)
+    saved_model = DetectionModel(tiny_cfg())
+    saved = build_optimizer([saved_model], name, lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def grads(step: int) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(step)
+        return [torch.randn(p.shape, generator=g) for p in saved_model.parameters()]
+
+    def step(model: nn.Module, optimizer: torch.optim.Optimizer, k: int) -> None:
+        for p, grad in zip(model.parameters(), grads(k), strict=True):
+            p.grad = torch.empty_like(p).copy_(grad)  # laid out like its parameter, as autograd gives it
+        optimizer.step()
+
+    step(saved_model, saved, 0)
+    resumed_model = copy.deepcopy(saved_model).to(memory_format=torch.channels_last)
+    resumed = build_optimizer([resumed_model], name, lr=0.01, momentum=0.9, weight_decay=5e-4, loss_scaling=True)
+    load_optimizer_state(resumed, copy.deepcopy(saved.state_dict()))  # as read from last.pt: not shared
+    assert all(g["fused"] for g in saved.param_groups) and not any(g.get("fused") for g in resumed.param_groups)
+    for p, buffers in resumed.state.items():
+        assert all(b.stride() == p.stride() for b in buffers.values() if b.shape == p.shape)
+    assert any(p.ndim == 4 and not p.is_contiguous() for p in resumed_model.parameters())
+
+    for k in (1, 2):
+        step(saved_model, saved, k)
+        step(resumed_model, resumed, k)
+    for a, b in zip(saved_model.parameters(), resumed_model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+    # The harm undone: the saved (contiguous) buffers under channels_last parameters, with fused kernels.
+    fused_again = build_optimizer([copy.deepcopy(resumed_model)], name, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    fused_again.load_state_dict(copy.deepcopy(saved.state_dict()))
+    assert any(b.stride() != p.stride() for p, s in fused_again.state.items() for b in s.values() if b.shape == p.shape)
