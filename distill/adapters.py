@@ -43,7 +43,7 @@ class Connector(nn.Module):
         self.conv.weight[idx, idx, 0, 0] = 1.0
         if self.conv.bias is not None:
             self.conv.bias.zero_()
-        if isinstance(self.bn, nn.BatchNorm2d):
+        if isinstance(self.bn, nn.modules.batchnorm._BatchNorm):
             self.bn.reset_parameters()
             self.bn.reset_running_stats()
 

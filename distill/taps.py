@@ -43,7 +43,7 @@ def final_conv(layer: nn.Module) -> nn.Module:
     C3 → ``cv3``; Conv → the layer itself; SPPF / Bottleneck-like blocks (``cv2`` last) → ``cv2``.
     """
     for owner in (getattr(layer, "cv3", None), layer, getattr(layer, "cv2", None)):
-        if isinstance(getattr(owner, "bn", None), nn.BatchNorm2d):
+        if isinstance(getattr(owner, "bn", None), nn.modules.batchnorm._BatchNorm):  # SyncBatchNorm too
             return owner
     raise ValueError(f"FeatureTaps: cannot find the pre-activation BN of a {type(layer).__name__} layer "
                      f"(fused model? pre-activation taps need the BN layers)")

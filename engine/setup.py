@@ -307,7 +307,10 @@ def _build_student(opt: argparse.Namespace, nc: int, device: torch.device, info:
     _freeze(model, opt.freeze)
     model = model.to(device)
     if opt.sync_bn and info.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif info.is_main:  # torch's SyncBatchNorm runs on CUDA only
+            LOGGER.warning("--sync-bn needs CUDA devices; ignored on the CPU (each process normalises its own batch)")
     return model
 
 

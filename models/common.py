@@ -65,7 +65,7 @@ class Conv(nn.Module):
         torch.nn.utils.fusion computes it. Afterwards `bn` is an nn.Identity, so `forward` is
         unchanged. No-op when already fused.
         """
-        if not isinstance(self.bn, nn.BatchNorm2d):
+        if not isinstance(self.bn, nn.modules.batchnorm._BatchNorm):  # BatchNorm2d or SyncBatchNorm
             return
         fused = copy.deepcopy(self.conv)  # same geometry, device and dtype; gains a bias below
         fused.weight, fused.bias = fuse_conv_bn_weights(

@@ -75,6 +75,28 @@ def test_taps_record_detect_inputs_and_pre_activation():
     assert f[0].requires_grad  # the graph is kept for the student's KD gradient
 
 
+def test_sync_batchnorm_models_have_pre_activation_taps_and_fold():
+    """--sync-bn converts the student's BN to SyncBatchNorm before the Distiller places its taps: the
+    pre-activation taps (Overhaul) find them, and folding (an exported or teacher model) folds them."""
+    m = _model(0).eval()
+    x = _batch()[0]
+    want = FeatureTaps(m, pre_activation=True)
+    with torch.no_grad():
+        m(x)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(m)).eval()
+    taps = FeatureTaps(synced, pre_activation=True)
+    assert all(isinstance(b, torch.nn.SyncBatchNorm) for b in taps.modules)
+    with torch.no_grad():
+        synced(x)
+    for a, b in zip(taps.get(), want.get()):
+        torch.testing.assert_close(a, b)
+    taps.remove()
+    synced.fuse()
+    assert not any(isinstance(b, torch.nn.modules.batchnorm._BatchNorm) for b in synced.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(synced(x)[0], m(x)[0], rtol=1e-4, atol=1e-4)
+
+
 def test_taps_reset_remove_and_ignore_deep_copies():
     m = _model(0).eval()
     taps = FeatureTaps(m)

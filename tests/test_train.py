@@ -200,6 +200,20 @@ def test_ddp_two_cpu_processes_hold_identical_weights(tiny_data: Path, tmp_path:
     assert model.nc == 4
 
 
+def test_sync_bn_converts_on_cuda_only(tiny_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """SyncBatchNorm has no CPU kernel: under torchrun on CPUs (gloo) --sync-bn is ignored with a warning
+    instead of failing at the first step."""
+    import engine.setup
+    from utils.torch_utils import DistInfo
+
+    opt = parse_options(train_args(tiny_data, tmp_path, "sync", 1, "--sync-bn"))
+    two_ranks = DistInfo(rank=0, local_rank=0, world_size=2)
+    with caplog.at_level(logging.WARNING, logger="engine"):
+        model = engine.setup._build_student(opt, 4, torch.device("cpu"), two_ranks, None)
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    assert any("--sync-bn" in m for m in caplog.messages)
+
+
 @pytest.mark.slow
 def test_ddp_step_equals_the_single_process_step(tmp_path: Path) -> None:
     """Two gloo ranks, each on its half of a batch, take the step one process takes on the whole batch
