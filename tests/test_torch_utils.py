@@ -123,6 +123,19 @@ def test_bad_device_strings_give_one_line_naming_the_flag(bad: str) -> None:
     assert "\n" not in str(info.value)
 
 
+def test_select_device_gives_each_torchrun_process_its_listed_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--device 2,3 under torchrun: local ranks 0 and 1 train on GPUs 2 and 3 (not 0 and 1)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [select_device("2,3", 16, rank) for rank in (0, 1)] == [torch.device("cuda", 2), torch.device("cuda", 3)]
+    assert [select_device("", 16, rank) for rank in (0, 3)] == [torch.device("cuda", 0), torch.device("cuda", 3)]
+    assert select_device("cuda:1") == torch.device("cuda", 1) and select_device("") == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match="--nproc_per_node 2"):
+        select_device("2,3", 16, 2)
+    with pytest.raises(ValueError, match="--nproc_per_node 4"):
+        select_device("", 16, 4)
+
+
 def test_select_device_on_this_machine() -> None:
     assert select_device("cpu") == torch.device("cpu")
     if torch.cuda.is_available():

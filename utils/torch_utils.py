@@ -66,9 +66,10 @@ def parse_device(spec: str | int | None) -> tuple[str, tuple[int, ...]]:
 def select_device(spec: str | int | None = "", batch_size: int | None = None, local_rank: int = -1) -> torch.device:
     """The torch device a ``--device`` value asks for (see `parse_device` for the spellings).
 
-    Auto picks CUDA when present, else the CPU. Under torchrun (``local_rank`` >= 0) each process
-    takes the GPU of its LOCAL_RANK. With several indices the batch must split evenly across them.
-    Raises a one-line ValueError when the request cannot be met on this machine.
+    Auto picks CUDA when present, else the CPU. Under torchrun (``local_rank`` >= 0) the process of
+    LOCAL_RANK k takes the k-th listed GPU (``--device 2,3``: GPUs 2 and 3), or GPU k when none are
+    listed. With several indices the batch must split evenly across them. Raises a one-line
+    ValueError when the request cannot be met on this machine.
     """
     kind, ids = parse_device(spec)
     if kind == "cpu":
@@ -78,15 +79,19 @@ def select_device(spec: str | int | None = "", batch_size: int | None = None, lo
             raise ValueError("--device mps requested but MPS is not available on this machine; use --device cpu")
         return torch.device("mps")
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if kind == "auto":
-        return torch.device("cuda", max(local_rank, 0)) if visible else torch.device("cpu")
+    if kind == "auto" and not visible:
+        return torch.device("cpu")
     if visible == 0 or any(i >= visible for i in ids):
         raise ValueError(f"--device {spec} requested but only {visible} CUDA device(s) are visible; "
                          "use --device cpu or a valid index")
     if batch_size is not None and len(ids) > 1 and batch_size % len(ids):
         raise ValueError(f"--batch-size {batch_size} must be a multiple of the GPU count {len(ids)}")
     if local_rank >= 0:
-        return torch.device("cuda", local_rank)
+        gpus = ids or tuple(range(visible))
+        if local_rank >= len(gpus):
+            raise ValueError(f"--device {spec or '(auto)'}: torchrun started local process {local_rank} but "
+                             f"{len(gpus)} GPU(s) are there for it; use --nproc_per_node {len(gpus)}")
+        return torch.device("cuda", gpus[local_rank])
     return torch.device("cuda", ids[0] if ids else 0)
 
 
