@@ -12,6 +12,7 @@ rules lives elsewhere (engine.runfolder, engine.checkpointing, engine.optim, uti
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import os
@@ -148,6 +149,9 @@ class Run:
         print(f"Results saved to {self.save_dir} ({', '.join(written) or 'no files'})")
 
 
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=3)
+
+
 def setup_distributed(opt: argparse.Namespace) -> tuple[DistInfo, torch.device]:
     """Join the torchrun process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
     info = dist_info()
@@ -157,7 +161,9 @@ def setup_distributed(opt: argparse.Namespace) -> tuple[DistInfo, torch.device]:
             raise ValueError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {info.world_size}")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Rank 0 alone builds caches, fits anchors, validates and saves while the others wait in a
+        # collective: on a large dataset that outlasts NCCL's default 10-minute watchdog (YOLOv5: 3 h).
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return info, device
 
 

@@ -200,6 +200,20 @@ def test_ddp_two_cpu_processes_hold_identical_weights(tiny_data: Path, tmp_path:
     assert model.nc == 4
 
 
+def test_process_group_waits_for_rank_zero_longer_than_nccls_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datetime
+
+    import engine.setup
+
+    joined: list[tuple] = []
+    monkeypatch.setattr(engine.setup.dist, "init_process_group", lambda *a, **k: joined.append((a, k)))
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    info, device = engine.setup.setup_distributed(parse_options(["--device", "cpu", "--batch-size", "8"]))
+    assert info.rank == 1 and info.distributed and device == torch.device("cpu")
+    assert joined == [(("gloo",), {"timeout": datetime.timedelta(hours=3)})]
+
+
 def test_sync_bn_converts_on_cuda_only(tiny_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """SyncBatchNorm has no CPU kernel: under torchrun on CPUs (gloo) --sync-bn is ignored with a warning
     instead of failing at the first step."""
