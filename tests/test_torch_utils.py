@@ -136,6 +136,20 @@ def test_select_device_gives_each_torchrun_process_its_listed_gpu(monkeypatch: p
         select_device("", 16, 4)
 
 
+def test_rng_state_of_more_gpus_than_visible_restores_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint saved on 8 GPUs resumed on 1: GPU 0 gets its state, the rest are not there to set."""
+    from utils.torch_utils import rng_state, set_rng_state
+
+    state = rng_state()
+    state["cuda"] = [torch.full((16,), k, dtype=torch.uint8) for k in range(8)]
+    restored: list[tuple[int, int]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((int(s[0]), device)))
+    set_rng_state(state)
+    assert restored == [(0, 0)]
+
+
 def test_select_device_on_this_machine() -> None:
     assert select_device("cpu") == torch.device("cpu")
     if torch.cuda.is_available():

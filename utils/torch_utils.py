@@ -133,7 +133,10 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per GPU visible when saved; a machine (or CUDA_VISIBLE_DEVICES) with fewer GPUs
+        # takes the first ones, where torch's set_rng_state_all would fail on the missing devices
+        for index, gpu_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(gpu_state, index)
 
 
 _WRAPPER_SLOTS = ("module", "_orig_mod")  # DDP / DataParallel / AveragedModel; torch.compile
