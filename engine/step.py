@@ -99,10 +99,14 @@ def train_step(s: StepState | Run, imgs: torch.Tensor, targets: torch.Tensor, ni
 
 
 def optimizer_step(s: StepState | Run) -> None:
-    """Unscale, average the Distiller's gradients under DDP, clip to norm 10, step, zero, EMA."""
-    s.scaler.unscale_(s.optimizer)
+    """Average the Distiller's gradients under DDP, unscale, clip to norm 10, step, zero, EMA.
+
+    The average comes first so that the GradScaler checks for infs in gradients every rank shares: a
+    rank whose connector overflowed skips the step, and so must the others (else their scalers and
+    connectors drift apart)."""
     if s.info.distributed and s.distiller is not None:
         all_reduce_grads(s.distiller, s.info.world_size)
+    s.scaler.unscale_(s.optimizer)
     torch.nn.utils.clip_grad_norm_(s.trainable_parameters, max_norm=10.0)
     s.scaler.step(s.optimizer)
     s.scaler.update()

@@ -111,6 +111,36 @@ def test_fp16_loss_scaling_survives_a_skipped_first_step() -> None:
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), "weights did not move"
 
 
+def test_ddp_connector_gradients_are_averaged_before_the_scaler_checks_them(monkeypatch) -> None:
+    """Under DDP the connectors' gradients are all-reduced by hand (DDP wraps only the student). An
+    overflow on another rank reaches this rank through that all-reduce, so it must come before the
+    GradScaler's inf check: then every rank skips the step together; after it, this rank would step
+    with inf gradients (and its scaler would drift from the other ranks')."""
+    import engine.step
+    from utils.torch_utils import DistInfo
+
+    fp16 = Precision("cpu", torch.float16, "test")
+    model = fp16.prepare(_student())
+    connector = torch.nn.Conv2d(4, 4, 1)
+    hyp = _hyp()
+    state = build_step_state(model, connector, hyp, scale_hyp(hyp, 3, 3, 64), fp16, 4, 4)
+    state.info = DistInfo(rank=0, local_rank=0, world_size=2)
+    state.scaler.scale(torch.ones(()))  # the scaler's state, as after this step's backward
+    for p in state.trainable_parameters:
+        p.grad = torch.zeros_like(p)  # finite here ...
+
+    def other_rank_overflowed(module: torch.nn.Module, world_size: int) -> None:
+        for p in module.parameters():  # ... but inf on the other rank, summed in by the all-reduce
+            p.grad.fill_(float("inf"))
+
+    monkeypatch.setattr(engine.step, "all_reduce_grads", other_rank_overflowed)
+    before = [p.detach().clone() for p in state.trainable_parameters]
+    scale = state.scaler.get_scale()
+    engine.step.optimizer_step(state)
+    assert state.scaler.get_scale() < scale  # the overflow was seen: the step was skipped
+    assert all(torch.equal(a, b) for a, b in zip(before, state.trainable_parameters))
+
+
 def test_teacher_outputs_and_taps_are_fp32_without_grad() -> None:
     teacher = prepare_teacher(_student().eval(), BF16, fold_bn=True)
     assert next(teacher.parameters()).dtype == torch.bfloat16 and teacher.detect.anchors.dtype == torch.float32
