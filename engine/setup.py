@@ -156,11 +156,11 @@ def setup_distributed(opt: argparse.Namespace) -> tuple[DistInfo, torch.device]:
     """Join the torchrun process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
     info = dist_info()
     device = select_device(opt.device, opt.batch_size, info.local_rank)
+    if device.type == "cuda":  # --device 1: kernels, pinned memory and memory figures on GPU 1, not GPU 0
+        torch.cuda.set_device(device)
     if info.distributed:
         if opt.batch_size % info.world_size:
             raise ValueError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {info.world_size}")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         # Rank 0 alone builds caches, fits anchors, validates and saves while the others wait in a
         # collective: on a large dataset that outlasts NCCL's default 10-minute watchdog (YOLOv5: 3 h).
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
@@ -190,14 +190,14 @@ def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device, c
     train_loader, train_set = create_dataloader(
         data["train"], imgsz, opt.batch_size // info.world_size, gs, hyp=hyp, augment=True, rect=opt.rect,
         workers=opt.workers, shuffle=not opt.rect, rank=info.rank, world_size=info.world_size, seed=opt.seed,
-        cache=opt.cache, single_cls=opt.single_cls, nc=data["nc"])
+        cache=opt.cache, single_cls=opt.single_cls, nc=data["nc"], pin_memory=device.type == "cuda")
     _require_labels(train_set, data["train"])
     val_loader = None
     if info.is_main:
         val_loader, _ = create_dataloader(
             data["val"], imgsz, max(opt.batch_size // info.world_size, 1) * 2, gs, hyp=hyp, augment=False,
             rect=True, workers=opt.workers, shuffle=False, seed=opt.seed, cache=opt.cache,
-            single_cls=opt.single_cls, pad=0.5, nc=data["nc"])
+            single_cls=opt.single_cls, pad=0.5, nc=data["nc"], pin_memory=device.type == "cuda")
 
     if ckpt is None:  # a resumed run keeps the anchors it was trained with
         _fit_anchors(opt, model, train_set, hyp, imgsz, info)

@@ -64,7 +64,8 @@ def train_one_epoch(run: Run, epoch: int, latch: InterruptLatch | None = None) -
             sums[k] = sums.get(k, 0.0) + float(v)
         if run.info.is_main:
             means = {k: v / (i + 1) for k, v in sums.items()}
-            bar.set_description(progress_line(epoch, opt.epochs, _mem_gb(), means, targets.shape[0], imgs.shape[-1]))
+            line = progress_line(epoch, opt.epochs, _mem_gb(run.device), means, targets.shape[0], imgs.shape[-1])
+            bar.set_description(line)
     return {k: v / max(n_batches, 1) for k, v in sums.items()}
 
 
@@ -82,8 +83,9 @@ def _skip_step(run: Run, epoch: int, batch: int) -> None:
         )
 
 
-def _mem_gb() -> float:
-    return torch.cuda.memory_reserved() / 1e9 if torch.cuda.is_available() else 0.0
+def _mem_gb(device: torch.device) -> float:
+    """GB the caching allocator holds on the run's GPU (0 on other devices)."""
+    return torch.cuda.memory_reserved(device) / 1e9 if device.type == "cuda" else 0.0
 
 
 def validate(run: Run, model: torch.nn.Module, plots: bool = False, precision: Precision | None = None) -> dict:

@@ -92,7 +92,7 @@ def validate(
     rect = not speed and not getattr(model, "fixed_shape", None)
     loader, _ = create_dataloader(
         cfg[split], imgsz, batch_size, max(int(model.stride.max()), 32), rect=rect, pad=0.5 if rect else 0.0,
-        workers=workers, nc=cfg["nc"],
+        workers=workers, nc=cfg["nc"], pin_memory=dev.type == "cuda",
     )  # fmt: skip
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
     anno_json = cfg.get("val_json") if s.anno_json is None and split == "val" else s.anno_json

@@ -309,6 +309,15 @@ def test_rect_batch_shapes(tmp_path: Path) -> None:
     assert imgs.shape == (2, 3, 96, 160) and len(shapes) == 2
 
 
+def test_loader_pins_memory_only_when_it_feeds_a_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU run on a machine with a GPU must not pin its batches (that starts CUDA for nothing)."""
+    make_split(tmp_path, "val", 2, h=32, w=32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cpu, _ = create_dataloader(tmp_path / "images" / "val", 64, 2, 32, workers=0)
+    gpu, _ = create_dataloader(tmp_path / "images" / "val", 64, 2, 32, workers=0, pin_memory=True)
+    assert not cpu.pin_memory and gpu.pin_memory
+
+
 def test_rect_batch_shapes_hand_worked() -> None:
     # 640 px, stride 32, validation pad 0.5; batches of two sorted aspects h/w
     shapes = rect_batch_shapes(np.array([0.5, 0.75, 1.5, 2.0, 0.5, 2.0, 0.8]), 2, 640, 32, 0.5)

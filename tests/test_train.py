@@ -214,6 +214,18 @@ def test_process_group_waits_for_rank_zero_longer_than_nccls_default(monkeypatch
     assert joined == [(("gloo",), {"timeout": datetime.timedelta(hours=3)})]
 
 
+def test_a_single_process_on_gpu_n_makes_it_the_current_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--device 1 without torchrun: GPU 1 becomes torch's current device (pinned memory, kernels and
+    memory figures follow it), as each torchrun process does with its own GPU."""
+    import engine.setup
+
+    current: list[torch.device] = []
+    monkeypatch.setattr(engine.setup, "select_device", lambda *a: torch.device("cuda", 1))
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    info, device = engine.setup.setup_distributed(parse_options(["--device", "1"]))
+    assert not info.distributed and device == torch.device("cuda", 1) and current == [device]
+
+
 def test_sync_bn_converts_on_cuda_only(tiny_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """SyncBatchNorm has no CPU kernel: under torchrun on CPUs (gloo) --sync-bn is ignored with a warning
     instead of failing at the first step."""

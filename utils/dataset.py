@@ -448,6 +448,7 @@ def create_dataloader(
     single_cls: bool = False,
     pad: float = 0.0,
     nc: int | None = None,
+    pin_memory: bool = False,
 ) -> tuple[DataLoader, YoloDataset]:
     """Build a :class:`YoloDataset` and its DataLoader; returns ``(loader, dataset)``.
 
@@ -456,7 +457,8 @@ def create_dataloader(
     ``loader.sampler.set_epoch(epoch)`` and ``dataset.set_epoch(epoch)``). Non-augmenting loaders keep
     their workers between epochs; augmenting ones restart them so each epoch's augmentation stream
     (seed, epoch, index) reaches them. The same seed gives the same batches. ``nc`` enables the
-    class-range check on labels.
+    class-range check on labels. ``pin_memory``: page-locked batches, for a loader that feeds a CUDA
+    device (a CPU run on a GPU machine must not pin: that starts CUDA for nothing).
     """
     if rect and shuffle:
         LOGGER.warning("rect=True is incompatible with shuffle; shuffle disabled")
@@ -478,7 +480,7 @@ def create_dataloader(
         shuffle=shuffle and sampler is None,
         sampler=sampler,
         num_workers=nw,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=pin_memory,
         collate_fn=collate_fn,
         worker_init_fn=seed_worker,
         generator=generator,
