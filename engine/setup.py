@@ -47,7 +47,15 @@ from utils.geometry import round_to_stride
 from utils.loss import scale_hyp
 from utils.plots import plot_labels, plot_results
 from utils.precision import FP32_CPU, Precision, choose_precision
-from utils.torch_utils import DistInfo, WeightEMA, dist_info, parse_device, seed_everything, select_device
+from utils.torch_utils import (
+    DistInfo,
+    WeightEMA,
+    broadcast_state,
+    dist_info,
+    parse_device,
+    seed_everything,
+    select_device,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -203,6 +211,8 @@ def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device, c
         _fit_anchors(opt, model, train_set, hyp, imgsz, info)
     precision = _choose_precision(opt, device, model, info)
     teacher, distiller = _build_distiller(opt, model, loss_hyp, device, precision)
+    if distiller is not None and info.distributed:
+        broadcast_state(distiller)  # DDP broadcasts only the student it wraps
     nbs = opt.nominal_batch
     parts = build_step_state(model, distiller, hyp, loss_hyp, precision, opt.batch_size, nbs, opt.optimizer)
     lf = LrCurve(opt.epochs, hyp["lrf"], opt.cos_lr)

@@ -180,7 +180,7 @@ def _interrupted(run: Run) -> TrainingInterrupted:
 
 def _finish(run: Run, last_epoch: int) -> dict:
     """Check DDP ranks agree, validate best.pt with plots, print and return the summary."""
-    digest = state_digest(run.model)
+    digest = state_digest(run.model, *([run.distiller] if run.distiller is not None else []))
     digests = [digest]
     if run.info.distributed:
         digests = [None] * run.info.world_size

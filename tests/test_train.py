@@ -262,6 +262,21 @@ def test_ddp_step_equals_the_single_process_step(tmp_path: Path) -> None:
         torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
+def test_ddp_ranks_distil_with_the_same_generators(tiny_data: Path, wide_teacher: Path, tmp_path: Path) -> None:
+    """MGD's generators (and any connector) start from random weights that each rank would draw from its
+    own seed: rank 0's are broadcast, so the ranks end with the same student AND the same distiller."""
+    args = train_args(tiny_data, tmp_path, "ddp_mgd", 1, "--noval", "--t_weights", str(wide_teacher),
+                      "--d_feature", "mgd")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(31500 + os.getpid() % 1000), "train_distill.py", *args]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    digests = json.loads((tmp_path / "ddp_mgd" / "summary.json").read_text())["rank_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+
+
 def test_plots_come_once_at_the_end_and_results_png_covers_every_epoch(tiny_data: Path, tmp_path: Path) -> None:
     seen_png_during_training: list[bool] = []
 

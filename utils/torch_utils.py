@@ -242,15 +242,24 @@ def all_reduce_grads(module: nn.Module, world_size: int) -> None:
             p.grad /= world_size
 
 
-def state_digest(model: nn.Module) -> str:
-    """SHA-256 of every parameter, used to verify that DDP ranks hold identical weights.
+def broadcast_state(module: nn.Module, src: int = 0) -> None:
+    """Give every rank rank ``src``'s parameters and buffers of a module DDP does not wrap (the
+    distillation connectors and generators: randomly initialised, and each rank seeds differently).
+    Afterwards `all_reduce_grads` keeps them equal."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(tensor.data, src)
+
+
+def state_digest(*models: nn.Module) -> str:
+    """SHA-256 of every parameter of ``models``, used to verify that DDP ranks hold identical weights.
 
     BatchNorm running statistics are left out on purpose: each rank updates them from its own
     batches and DDP re-broadcasts rank 0's copy at the next forward, so they legitimately differ
     after the last step.
     """
     h = hashlib.sha256()
-    for name, value in unwrap_model(model).named_parameters():
-        h.update(name.encode())
-        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    for model in models:
+        for name, value in unwrap_model(model).named_parameters():
+            h.update(name.encode())
+            h.update(value.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
