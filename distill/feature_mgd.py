@@ -15,6 +15,7 @@ global RNG (data augmentation, dropout) and are the same from one run to the nex
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -90,8 +91,12 @@ class FeatureMGD(nn.Module):
         if self.rng is None or self.rng.device != t[0].device:
             self.rng = torch.Generator(device=t[0].device).manual_seed(self.seed)
         if self._restored_rng is not None:
-            self.rng.set_state(self._restored_rng)
-            self._restored_rng = None
+            saved, self._restored_rng = self._restored_rng, None
+            if saved.numel() == self.rng.get_state().numel():
+                self.rng.set_state(saved)
+            else:  # a CPU generator's state is 5056 bytes, a CUDA one's 16: resumed on another device
+                warnings.warn("MGD: the checkpoint's mask generator ran on another device; this run's masks "
+                              "continue from --seed instead of the uninterrupted run's", stacklevel=2)
         total = None
         for align, gen, si, ti in zip(self.adapters, self.generators, s, t):
             ti = ti.detach().float()

@@ -266,6 +266,14 @@ def test_mgd_hand_value_and_gradients():
     c = FeatureMGD([2], [3], seed=6)
     c.load_state_dict(a.state_dict())
     assert c(s, t).item() != va  # another seed, another mask
+    # a mask-RNG state saved on CUDA (16 bytes) resumed on the CPU (--resume --device cpu): warned, not fatal
+    d = FeatureMGD([2], [3], seed=5)
+    d.load_state_dict({**a.state_dict(), "_extra_state": torch.zeros(16, dtype=torch.uint8)})
+    with pytest.warns(UserWarning, match="another device"):
+        fresh = d(s, t).item()
+    e = FeatureMGD([2], [3], seed=5)
+    e.load_state_dict({k: v for k, v in a.state_dict().items() if k != "_extra_state"}, strict=False)
+    assert fresh == e(s, t).item()  # the masks continue from the seed
     mask = random_spatial_mask(torch.zeros(8, 5, 32, 32))
     assert mask.shape == (8, 1, 32, 32)
     assert mask.mean().item() == pytest.approx(0.35, abs=0.03)
