@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from models import load_checkpoint, load_model
+from models.backends import ort_providers
 from models.yolov5_format import save_yolov5
 from utils.augment import letterbox_input
 from utils.detect_outputs import split_outputs
@@ -129,12 +130,6 @@ def _simplify(model_proto):
         return simplified
     LOGGER.info("--simplify skipped: neither onnxslim nor onnxsim is installed (pip install onnxslim)")
     return model_proto
-
-
-def _ort_providers(ort, device: torch.device) -> list[str]:
-    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
 
 
 FORMATS = ("onnx", "yolov5")
@@ -306,7 +301,7 @@ def export_onnx(weights: Path, req: OnnxRequest, device: str = "cpu", output: st
     # from an H200 missed the 1e-3 tolerance by that alone), which says nothing about the file.
     check_dev = dev if req.half else torch.device("cpu")
     x = np.repeat(preprocess(_check_picture(req.check_image), shape), req.batch_size, axis=0)
-    session = ort.InferenceSession(str(out_path), providers=_ort_providers(ort, check_dev))
+    session = ort.InferenceSession(str(out_path), providers=ort_providers(ort, check_dev))
     y_onnx = session.run(["output0"], {"images": x.astype(np.float16 if req.half else np.float32)})[0]
     with torch.no_grad():
         y_torch = wrapped.to(check_dev)(torch.from_numpy(x).to(check_dev, dtype)).float().cpu().numpy()

@@ -79,6 +79,14 @@ def names_list(value: Any, nc: int) -> list[str]:
     return [f"class{i}" for i in range(nc)]
 
 
+def ort_providers(ort: Any, device: torch.device) -> list:
+    """onnxruntime execution providers for ``device``: CUDA on that GPU (``--device 1`` → GPU 1, not
+    onnxruntime's default GPU 0) when this onnxruntime has it, with the CPU as fallback."""
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
 class OnnxBackend:
     """onnxruntime inference on a file written by export.py or by YOLOv5's export.py (decoded
     output, first output of the graph).
@@ -93,11 +101,8 @@ class OnnxBackend:
             ort = importlib.import_module("onnxruntime")
         except ImportError as e:
             raise ImportError("ONNX inference needs onnxruntime: pip install onnxruntime") from e
-        providers = ["CPUExecutionProvider"]
-        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
         self.device = device
-        self.session = ort.InferenceSession(str(weights), providers=providers)
+        self.session = ort.InferenceSession(str(weights), providers=ort_providers(ort, device))
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.dtype = np.float16 if "float16" in inp.type else np.float32

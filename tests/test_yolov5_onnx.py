@@ -19,7 +19,7 @@ import detect
 import export
 import val
 from models import load_model
-from models.backends import OnnxBackend, metadata_value, names_list
+from models.backends import OnnxBackend, metadata_value, names_list, ort_providers
 
 pytest.importorskip("onnxruntime")
 FIX = Path(__file__).parent / "fixtures"
@@ -87,3 +87,23 @@ def test_detect_and_val_on_yolov5_onnx(tmp_path: Path, pictures: Path) -> None:
                                     "val": "images/val", "names": {0: "cat", 1: "dog"}}))
     r = val.run(ONNX, data, imgsz=64, batch_size=1, device="cpu", workers=0, plots=False, project=tmp_path / "v")
     assert r["map50"] > 0.9
+
+
+def test_onnxruntime_runs_on_the_gpu_that_device_names() -> None:
+    """--device 1 puts onnxruntime's CUDA provider on GPU 1 (its default is GPU 0); without CUDA in this
+    onnxruntime build, or on the CPU, the CPU provider alone."""
+
+    class Runtime:
+        def __init__(self, *providers: str) -> None:
+            self.providers = list(providers)
+
+        def get_available_providers(self) -> list[str]:
+            return self.providers
+
+    gpu = Runtime("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert ort_providers(gpu, torch.device("cuda", 1)) == [("CUDAExecutionProvider", {"device_id": 1}),
+                                                           "CPUExecutionProvider"]
+    assert ort_providers(gpu, torch.device("cuda")) == [("CUDAExecutionProvider", {"device_id": 0}),
+                                                        "CPUExecutionProvider"]
+    assert ort_providers(gpu, torch.device("cpu")) == ["CPUExecutionProvider"]
+    assert ort_providers(Runtime("CPUExecutionProvider"), torch.device("cuda", 1)) == ["CPUExecutionProvider"]
