@@ -27,7 +27,7 @@ from engine.step import train_step
 from models import load_model
 from models.checkpoint import save_checkpoint
 from utils.precision import FP32_CPU_INFERENCE, Precision
-from utils.torch_utils import broadcast_flag, set_rng_state, state_digest
+from utils.torch_utils import broadcast_flag, deterministic_algorithms, set_rng_state, state_digest
 
 EpochHook = Callable[[int, dict], None]
 
@@ -112,17 +112,18 @@ def fit(opt: argparse.Namespace, on_epoch_end: EpochHook | None = None) -> dict:
     """
     check_options(opt)
     opt, ckpt = resume_options(opt) if opt.resume else (opt, None)  # a resumed run's device is its own
-    info, device = setup_distributed(opt)
-    try:
-        run = prepare_run(opt, info, device, ckpt)
+    with deterministic_algorithms(opt.deterministic):  # before CUDA starts: cuBLAS reads its setting once
+        info, device = setup_distributed(opt)
         try:
-            with InterruptLatch() as latch:
-                return _train_loop(run, on_epoch_end, latch)
-        except KeyboardInterrupt:
-            raise _interrupted(run) from None
-    finally:
-        if info.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+            run = prepare_run(opt, info, device, ckpt)
+            try:
+                with InterruptLatch() as latch:
+                    return _train_loop(run, on_epoch_end, latch)
+            except KeyboardInterrupt:
+                raise _interrupted(run) from None
+        finally:
+            if info.distributed and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def _train_loop(run: Run, on_epoch_end: EpochHook | None, latch: InterruptLatch | None = None) -> dict:

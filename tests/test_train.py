@@ -200,6 +200,27 @@ def test_ddp_two_cpu_processes_hold_identical_weights(tiny_data: Path, tmp_path:
     assert model.nc == 4
 
 
+def test_deterministic_runs_with_deterministic_kernels_resumed_too_and_puts_them_back(
+        tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seen: list[tuple] = []
+
+    def look(epoch: int, row: dict) -> None:
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+                     os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        if epoch == 0:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        fit(parse_options(train_args(tiny_data, tmp_path, "det", 2, "--deterministic", "--noval")), on_epoch_end=look)
+    last = tmp_path / "det" / "weights" / "last.pt"
+    assert load_checkpoint(last)["raw"]["opt"]["deterministic"] is True
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    fit(parse_options(["--resume", str(last)]), on_epoch_end=look)  # the run's own flag, not the default
+    assert seen == [(True, True, ":4096:8")] * 2
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+
+
 def test_process_group_waits_for_rank_zero_longer_than_nccls_default(monkeypatch: pytest.MonkeyPatch) -> None:
     import datetime
 
