@@ -23,11 +23,14 @@ PKD_EPS = 1e-6
 def pkd_normalize(x: torch.Tensor, eps: float = PKD_EPS) -> torch.Tensor:
     """Per-channel standardisation over batch × H × W: z = (x − mean_c) / (std_c + eps).
 
-    ``std_c`` is the unbiased standard deviation (divisor N·H·W − 1). Shape kept: (N, C, H, W).
+    ``std_c`` is the unbiased standard deviation (divisor N·H·W − 1); a channel with a single value
+    (batch 1 on a 1×1 map) has none and standardises to 0 (torch's unbiased std would be NaN and
+    poison the whole loss). Shape kept: (N, C, H, W).
     """
     x = x.float()
     mean = x.mean(dim=(0, 2, 3), keepdim=True)
-    std = x.std(dim=(0, 2, 3), keepdim=True, unbiased=True)
+    values = x.numel() // max(x.shape[1], 1)
+    std = x.std(dim=(0, 2, 3), keepdim=True, correction=1 if values > 1 else 0)
     return (x - mean) / (std + eps)
 
 

@@ -26,6 +26,7 @@ from distill.feature_pkd import FeaturePKD, pkd_loss
 from distill.output import (
     bounded_regression,
     chen_bounded_box,
+    chen_soft_terms,
     decode_cells,
     objectness_weighted_mse,
     soft_label_bce,
@@ -200,6 +201,23 @@ def test_pkd_hand_value():
     # z_t = −z_s; mean(z_s²) = (n−1)/n with the unbiased std → MSE = 4·0.75 = 3, halved = 1.5
     assert pkd_loss([s], [t]).item() == pytest.approx(1.5, rel=1e-5)
     assert pkd_loss([s], [s.clone()]).item() == 0.0
+    # one value per channel (batch 1 on a 1×1 map): no spread to standardise by; 0, not NaN
+    one = pkd_loss([torch.randn(1, 2, 1, 1)], [torch.randn(1, 2, 1, 1)])
+    assert one.item() == 0.0
+
+
+def test_chen_soft_terms_hand_value():
+    """s = t = 0 logits (p = 0.5 on both sides), one level of 1×2 cells, nc = 2, cell 0 positive:
+    obj = balance · mean over ALL cells of −[½·log ½ + 1.5·½·log ½] = 4 · 1.25·log 2 = 5·log 2;
+    cls = mean over the POSITIVE cell's classes of −[½·log ½ + ½·log ½] = log 2. Cell 1's class logits
+    disagree wildly: a class term averaged over every cell (not the hard loss's positives) would show."""
+    s, t = torch.zeros(1, 1, 1, 2, 7), torch.zeros(1, 1, 1, 2, 7)
+    s[0, 0, 0, 1, 5:], t[0, 0, 0, 1, 5:] = 5.0, -5.0
+    positive = tuple(torch.tensor([0]) for _ in range(4))  # (b, a, gj, gi) of cell 0
+    terms = chen_soft_terms([s], [t], [positive], nc=2, balance=[4.0])
+    assert terms["obj"].item() == pytest.approx(5 * math.log(2), rel=1e-6)
+    assert terms["cls"].item() == pytest.approx(math.log(2), rel=1e-6)
+    assert chen_soft_terms([s], [t], [positive], nc=1, balance=[4.0])["cls"].item() == 0.0
 
 
 def test_pkd_invariant_to_per_channel_affine_student():
