@@ -164,8 +164,9 @@ class StepSettings:
 class WarmupSchedule:
     """Per-iteration warm-up, as a pure function of (iteration, epoch).
 
-    Over the first ``iterations`` iterations (counted from the start of training), with
-    t = iteration / iterations rising linearly from 0 to 1:
+    Over iterations 0 … ``iterations`` (counted from the start of training; the last one included,
+    so that momentum ends at ``momentum_end`` and stays there), with t = iteration / iterations rising
+    linearly from 0 to 1:
 
     * LR of group g: from ``bias_lr`` (group BIAS) or 0 (others) to ``lr0_g · lf(epoch)``;
     * SGD momentum: from ``momentum_start`` to ``momentum_end``;
@@ -185,15 +186,15 @@ class WarmupSchedule:
     @classmethod
     def from_hyp(cls, hyp: dict, n_batches: int, batch_size: int, lf: Callable[[float], float],
                  nominal_batch: int = NOMINAL_BATCH) -> WarmupSchedule:
-        """Length max(round(warmup_epochs · n_batches), 100) iterations; none when warmup_epochs is 0."""
-        epochs = float(hyp["warmup_epochs"])
-        iterations = max(round(epochs * n_batches), 100) if epochs > 0 else 0
+        """Length max(round(warmup_epochs · n_batches), 100) iterations (REFERENCE §3; at least 100 even
+        when warmup_epochs is 0, as in YOLOv5)."""
+        iterations = max(round(float(hyp["warmup_epochs"]) * n_batches), 100)
         return cls(iterations, lf, float(hyp["warmup_bias_lr"]), float(hyp["warmup_momentum"]),
                    float(hyp["momentum"]), batch_size, nominal_batch)
 
     def settings(self, iteration: int, epoch: int, base_lrs: Sequence[float]) -> StepSettings:
         """Settings of ``iteration`` (global index) in ``epoch``; ``base_lrs`` = each group's lr0."""
-        if iteration >= self.iterations:
+        if iteration > self.iterations:
             return StepSettings(None, None, accumulation_steps(self.batch_size, self.nominal_batch))
         t = iteration / self.iterations
         scale = self.lf(epoch)

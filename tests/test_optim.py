@@ -77,7 +77,7 @@ def test_warmup_length() -> None:
     lf = LrCurve(10, 0.01)
     assert WarmupSchedule.from_hyp(HYP, n_batches=50, batch_size=16, lf=lf).iterations == 150  # 3 epochs × 50
     assert WarmupSchedule.from_hyp(HYP, n_batches=20, batch_size=16, lf=lf).iterations == 100  # at least 100
-    assert WarmupSchedule.from_hyp({**HYP, "warmup_epochs": 0}, 20, 16, lf).iterations == 0  # switched off
+    assert WarmupSchedule.from_hyp({**HYP, "warmup_epochs": 0}, 20, 16, lf).iterations == 100  # still 100
 
 
 def test_warmup_settings_hand_worked() -> None:
@@ -94,7 +94,10 @@ def test_warmup_settings_hand_worked() -> None:
     late = schedule.settings(149, 2, base)  # just before the end: almost at the scheduled values
     assert late.lrs[BIAS] == pytest.approx(0.01 * LrCurve(10, 0.01)(2), rel=0.1)
     assert late.accumulate == 4
-    done = schedule.settings(150, 3, base)
+    end = schedule.settings(150, 3, base)  # the last warm-up iteration (t = 1): exactly the targets
+    assert end.lrs == pytest.approx((0.01 * LrCurve(10, 0.01)(3),) * 3)
+    assert end.momentum == pytest.approx(0.937) and end.accumulate == 4
+    done = schedule.settings(151, 3, base)
     assert done.lrs is None and done.momentum is None and done.accumulate == accumulation_steps(16) == 4
 
 
@@ -108,9 +111,11 @@ def test_warmup_step_writes_into_the_optimizer() -> None:
     assert opt.param_groups[BIAS]["lr"] == pytest.approx(0.1 + (0.01 - 0.1) * t)
     assert opt.param_groups[SCALE]["lr"] == opt.param_groups[WEIGHT]["lr"] == pytest.approx(0.01 * t)
     assert all(g["momentum"] == pytest.approx(0.8 + 0.137 * t) for g in opt.param_groups)
+    schedule.step(opt, 150, 3)  # the last warm-up iteration leaves the target momentum for good
+    assert all(g["momentum"] == pytest.approx(0.937) for g in opt.param_groups)
     opt.param_groups[0]["lr"] = 123.0
-    schedule.step(opt, 150, 3)  # after warm-up the scheduler's values are left alone
-    assert opt.param_groups[0]["lr"] == 123.0
+    schedule.step(opt, 151, 3)  # after warm-up the scheduler's values are left alone
+    assert opt.param_groups[0]["lr"] == 123.0 and opt.param_groups[0]["momentum"] == pytest.approx(0.937)
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
