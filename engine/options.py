@@ -58,7 +58,8 @@ TRAIN_FLAGS: dict[str, list[tuple[str | tuple[str, ...], str, dict]]] = {
         ("--optimizer", "optimizer", {"default": "SGD", "choices": ["SGD", "Adam", "AdamW"]}),
         ("--cos-lr", "cosine LR schedule instead of linear", _SWITCH),
         ("--label-smoothing", "class label smoothing epsilon", {"type": float, "default": 0.0}),
-        ("--patience", "stop after this many epochs without improvement", {**_INT, "default": 100}),
+        ("--patience", "stop after this many epochs without improvement (0: never stop early)",
+         {**_INT, "default": 100}),
         ("--freeze", "freeze the first N layers, or listed indices", {**_INT, "nargs": "+", "default": [0]}),
         ("--seed", "global seed (data order, augmentation, init)", {**_INT, "default": 0}),
         ("--deterministic", "deterministic kernels only (torch, cuDNN, cuBLAS): the same seed gives the same "

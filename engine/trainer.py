@@ -151,7 +151,7 @@ def _train_loop(run: Run, on_epoch_end: EpochHook | None, latch: InterruptLatch 
             run.print_epoch(epoch, row)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, row)
-            stop = metrics is not None and epoch - run.best_epoch >= opt.patience
+            stop = metrics is not None and 0 < opt.patience <= epoch - run.best_epoch  # 0: never stop early
             if stop:
                 print(f"Early stop: no improvement in {opt.patience} epochs (best at epoch {run.best_epoch + 1})")
         if broadcast_flag(stop, run.info, run.device):

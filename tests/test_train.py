@@ -221,6 +221,21 @@ def test_deterministic_runs_with_deterministic_kernels_resumed_too_and_puts_them
     assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
 
 
+@pytest.mark.parametrize(("patience", "epochs_run"), [(1, 2), (2, 3), (0, 4)])
+def test_patience_stops_after_that_many_epochs_without_improvement_and_0_never(
+        tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, patience: int, epochs_run: int) -> None:
+    import engine.trainer
+
+    real_validate = engine.trainer.validate
+
+    def worsening(run, model, **kwargs):  # the best epoch is the first, whatever the training did
+        return {**real_validate(run, model, **kwargs), "fitness": 1.0 - 0.1 * run.epoch}
+
+    monkeypatch.setattr(engine.trainer, "validate", worsening)
+    args = train_args(tiny_data, tmp_path, f"p{patience}", 4, "--patience", str(patience))
+    assert fit(parse_options(args))["epochs_run"] == epochs_run
+
+
 def test_process_group_waits_for_rank_zero_longer_than_nccls_default(monkeypatch: pytest.MonkeyPatch) -> None:
     import datetime
 
