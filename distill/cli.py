@@ -41,7 +41,8 @@ def add_distill_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
                         f"order; default per method ({defaults}; calibrated by benchmarks/kd_terms.py)")
     g.add_argument("--d_overhaul_bn", default="running", choices=OVERHAUL_BN,
                    help="overhaul: teacher BN statistics, running (eval mode) or batch (Heo et al.: the batch's "
-                        "statistics; the teacher's weights and running buffers are never changed)")
+                        "statistics; the teacher's weights and running buffers are never changed; output-KD "
+                        "targets then come from that same forward)")
     g.add_argument("--d_schedule", default=None, choices=SCHEDULES,
                    help="KD strength over epochs: const, or linear/cosine decay towards 0 at the end; default "
                         "cosine because it measured best (docs/RESULTS.md: objmse mAP50-95 0.70 cosine vs 0.62 "
