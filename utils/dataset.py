@@ -14,6 +14,7 @@ augmentation, stand-ins for unreadable images, all sharing its per-epoch state),
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 from collections.abc import Sequence
@@ -80,9 +81,24 @@ def available_memory() -> int:
 
 
 def long_side_hw(hw: tuple[int, int], size: int) -> tuple[int, int]:
-    """(h, w) scaled by one factor so the longer side is ``size`` (each side at least 1 pixel)."""
+    """(h, w) scaled by one factor f = size / max(h, w), each side rounded UP: (⌈h·f⌉, ⌈w·f⌉).
+
+    YOLOv5's loader sizes images this way (measured on its 7.0 loader with odd-sized images: a
+    159×289 image at 160 px becomes 89×160, not 88×160), floating point included: 163×281 at 160 px
+    becomes 93×161, since 281·(160/281) = 160.00000000000003. Same input pixels, same predictions.
+    """
     factor = size / max(hw)
-    return max(round(hw[0] * factor), 1), max(round(hw[1] * factor), 1)
+    return max(math.ceil(hw[0] * factor), 1), max(math.ceil(hw[1] * factor), 1)
+
+
+def centred_padding(box_hw: tuple[int, int], content_hw: tuple[int, int]) -> tuple[float, float]:
+    """(pad_w, pad_h): half of the spare columns and rows around a letterboxed image, as YOLOv5 records
+    them for its labels and for mapping predictions back: x.5 when the spare is odd, although the image
+    itself starts at the whole pixel below (the extra one goes right/bottom). Measured on YOLOv5 7.0's
+    loader; it puts labels half a pixel right/down of the image content there, and its val.py maps
+    predictions back by the same amount, so its mAP carries that offset: this loader's items do too,
+    because the numbers are to be YOLOv5's."""
+    return (box_hw[1] - content_hw[1]) / 2, (box_hw[0] - content_hw[0]) / 2
 
 
 def rect_batch_shapes(aspect: np.ndarray, batch_size: int, imgsz: int, stride: int, pad: float) -> np.ndarray:
@@ -309,13 +325,14 @@ class YoloDataset(Dataset):
         else:
             img, (h0, w0), (hr, wr) = self.load_image(index)
             shape = tuple(self.batch_shapes[self.batch_index[index]]) if self.rect else self.imgsz
-            img, (rw, rh), (padw, padh) = letterbox(img, shape, auto=False, scaleup=self.augment)
+            img, (rw, rh), _ = letterbox(img, shape, auto=False, scaleup=self.augment)
+            padw, padh = centred_padding(img.shape[:2], (round(rh * hr), round(rw * wr)))
             lb = self.labels[index]
             px = np.zeros((len(lb), 5), dtype=np.float32)
             if len(lb):
                 px[:, 0] = lb[:, 0]
                 px[:, 1:] = xywhn2xyxy(lb[:, 1:], rw * wr, rh * hr, padw=padw, padh=padh)
-            ratio_pad = ((rh * hr / h0, rw * wr / w0), (padw, padh))
+            ratio_pad = ((hr / h0, wr / w0), (padw, padh))
             if self.augment:
                 img, px = random_warp(img, px, self.rng, **self.warp_ranges)
 

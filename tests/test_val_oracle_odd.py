@@ -1,0 +1,68 @@
+"""Odd-sized images against YOLOv5 7.0's own val.py (tests/fixtures/oracle_val_odd, PROVENANCE.md).
+
+At --imgsz 160 and 320 no scale factor of these 40 images is a whole number and rectangular batches
+pad by odd numbers of pixels: resize rounding (YOLOv5 rounds each side up) and the recorded padding
+(x.5 for odd spares) decide where boxes land. (a) our loader gives each image the geometry YOLOv5's
+loader gave it; (b) val.py gives YOLOv5's P, R, mAP50 and mAP50-95 (to 1e-6).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+import val
+from utils.dataset import YoloDataset, centred_padding, long_side_hw
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO / "tests" / "fixtures" / "oracle_val_odd"
+ORACLE = json.loads((FIXTURE / "oracle_figures.json").read_text())
+NAMES = json.loads((REPO / "tests" / "fixtures" / "oracle_val" / "oracle_figures.json").read_text())["names"]
+
+
+def test_sides_round_up_and_odd_spares_pad_by_halves() -> None:
+    assert long_side_hw((159, 289), 160) == (89, 160)  # 159·160/289 = 88.03 → 89 (rounding gave 88)
+    assert long_side_hw((163, 281), 160) == (93, 161)  # 281·(160/281) = 160.00000000000003 → 161
+    assert long_side_hw((160, 120), 160) == (160, 120)  # a whole factor changes nothing
+    assert centred_padding((160, 192), (93, 161)) == (15.5, 33.5)
+    assert centred_padding((256, 352), (224, 320)) == (16.0, 16.0)
+
+
+@pytest.fixture(scope="module")
+def data_yaml(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("oracle_val_odd")  # the loader writes a label cache beside the labels
+    for sub in ("images", "labels"):
+        shutil.copytree(FIXTURE / sub, root / sub)
+    (root / "data.yaml").write_text(yaml.safe_dump({"path": str(root), "train": "images/val", "val": "images/val",
+                                                    "names": NAMES}))
+    return root / "data.yaml"
+
+
+@pytest.mark.parametrize("imgsz", [160, 320])
+def test_loader_gives_each_image_yolov5s_geometry(data_yaml: Path, imgsz: int) -> None:
+    want = ORACLE["loader"][str(imgsz)]
+    ds = YoloDataset(data_yaml.parent / "images" / "val", imgsz=imgsz, batch_size=8, rect=True, stride=32, pad=0.5)
+    seen = set()
+    for i in range(len(ds)):
+        img, _, path, hw0, (ratio, pad) = ds[i]
+        w = want[Path(path).stem]
+        seen.add(Path(path).stem)
+        assert list(hw0) == w["hw0"] and list(img.shape[1:]) == w["shape"], path
+        assert list(ratio) == pytest.approx(w["ratio"], abs=1e-12) and list(pad) == w["pad"], path
+    assert len(seen) == len(want) == 40
+
+
+@pytest.mark.parametrize("run", ["strong_160", "strong_320"])
+def test_val_reproduces_oracle_on_odd_sizes(data_yaml: Path, tmp_path: Path, run: str) -> None:
+    want = ORACLE["runs"][run]
+    res = val.run(REPO / "weights" / "demo_teacher.pt", data_yaml, imgsz=want["imgsz"], batch_size=want["batch_size"],
+                  conf_thres=want["conf_thres"], iou_thres=want["iou_thres"], device="cpu", workers=0,
+                  project=tmp_path / "runs", plots=False)
+    ours = (res["precision"], res["recall"], res["map50"], res["map"])
+    oracle = (want["P"], want["R"], want["mAP50"], want["mAP50-95"])
+    print(f"\n{run}: ours {ours} oracle {oracle}")
+    assert ours == pytest.approx(oracle, abs=1e-6)
