@@ -298,7 +298,7 @@ def _save_txt(predn: torch.Tensor, shape0: tuple[int, int], save_conf: bool, pat
     xywh = (xyxy2xywh(p[:, :4]) / gain).tolist()
     with path.open("w") as f:
         for (xc, yc, w, h), conf, cls in zip(xywh, p[:, 4].tolist(), p[:, 5].tolist()):
-            f.write(f"{int(cls)} {xc:.6f} {yc:.6f} {w:.6f} {h:.6f}" + (f" {conf:.5f}" if save_conf else "") + "\n")
+            f.write(f"{int(cls)} {xc:g} {yc:g} {w:g} {h:g}" + (f" {conf:g}" if save_conf else "") + "\n")  # as YOLOv5
 
 
 def _plot_batch(imgs, targets, preds, paths, names, save_dir: Path, bi: int) -> None:

@@ -168,8 +168,8 @@ def label_lines(det: np.ndarray, shape: tuple[int, int], save_conf: bool = False
     xywhn = xyxy2xywhn(det[:, :4].astype(np.float64), w, h)
     rows = []
     for (xc, yc, bw, bh), conf, cls in zip(xywhn, det[:, 4], det[:, 5]):
-        row = f"{int(cls)} {xc:.6f} {yc:.6f} {bw:.6f} {bh:.6f}"
-        rows.append(f"{row} {conf:.6f}" if save_conf else row)
+        row = f"{int(cls)} {xc:g} {yc:g} {bw:g} {bh:g}"  # 6 significant digits, YOLOv5's format
+        rows.append(f"{row} {conf:g}" if save_conf else row)
     return rows
 
 
@@ -203,18 +203,21 @@ class StageClock:
             self.total[stage] += self.last[stage]
 
 
-def _to_input(image: np.ndarray, shape: tuple[int, int], auto: bool, stride: int):
+def _to_input(image: np.ndarray, shape: tuple[int, int], auto: bool, stride: int) -> tuple[torch.Tensor, tuple]:
     """Letterboxed model input for a BGR uint8 (h0, w0, 3) picture (:func:`utils.augment.letterbox_input`):
-    the (1, 3, h, w) RGB float tensor in 0-1, the letterboxed (h, w) and ``((rh, rw), (padw, padh))``."""
-    x, hw, ratio_pad = letterbox_input(image, shape, auto=auto, stride=stride)
-    return torch.from_numpy(x), hw, ratio_pad
+    the (1, 3, h, w) RGB float tensor in 0-1 and the letterboxed (h, w)."""
+    x, hw, _ = letterbox_input(image, shape, auto=auto, stride=stride)
+    return torch.from_numpy(x), hw
 
 
-def _to_original_pixels(det: torch.Tensor, letterboxed: tuple[int, int], original: tuple[int, int],
-                        ratio_pad: tuple) -> np.ndarray:
-    """(n, 6) ``x1 y1 x2 y2 conf cls`` from letterboxed to original-picture pixels, as numpy."""
+def _to_original_pixels(det: torch.Tensor, letterboxed: tuple[int, int], original: tuple[int, int]) -> np.ndarray:
+    """(n, 6) ``x1 y1 x2 y2 conf cls`` from letterboxed to original-picture pixels, as numpy.
+
+    As YOLOv5's detect.py reports boxes (measured against its --save-txt output): the letterbox is
+    recomputed from the two shapes (one scale, half the spare as padding; half a pixel apart from the
+    exact mapping where the spare is odd) and the corners are rounded to whole pixels."""
     det = det.clone()
-    det[:, :4] = scale_boxes(letterboxed, det[:, :4], original, ratio_pad=ratio_pad)
+    det[:, :4] = scale_boxes(letterboxed, det[:, :4], original).round()
     return det.cpu().numpy()
 
 
@@ -306,12 +309,12 @@ def predict(
     try:
         for fr in iter_frames(files):
             with clock("pre-process"):
-                x, letterboxed, ratio_pad = _to_input(fr.image, shape, auto, backend.stride)
+                x, letterboxed = _to_input(fr.image, shape, auto, backend.stride)
             with clock("inference"):
                 pred = backend(x)
             with clock("NMS"):
                 kept = non_max_suppression(pred, s.conf_thres, s.iou_thres, classes=s.classes, max_det=s.max_det)[0]
-                det = _to_original_pixels(kept, letterboxed, fr.image.shape[:2], ratio_pad)
+                det = _to_original_pixels(kept, letterboxed, fr.image.shape[:2])
             out.results.append((fr.path, fr.frame, det))
             _keep(fr, det, backend.names, s, sink)
             if report is not None:

@@ -39,12 +39,12 @@ def images(tmp_path_factory) -> Path:
 def _reference(weights: Path, image: Path) -> np.ndarray:
     """PyTorch predictions for one image, following the documented pipeline step by step."""
     im0 = cv2.imread(str(image))
-    im, (rw, rh), pad = letterbox(im0, IMGSZ, auto=True, stride=32)
+    im, _, _ = letterbox(im0, IMGSZ, auto=True, stride=32)
     x = torch.from_numpy(np.ascontiguousarray(im[..., ::-1].transpose(2, 0, 1))).float()[None] / 255
     model = load_model(str(weights)).fuse()  # as detect.py runs it
     with torch.no_grad():
         det = non_max_suppression(model(x), CONF, 0.45, max_det=1000)[0]
-    det[:, :4] = scale_boxes(im.shape[:2], det[:, :4], im0.shape[:2], ratio_pad=((rh, rw), pad))
+    det[:, :4] = scale_boxes(im.shape[:2], det[:, :4], im0.shape[:2]).round()  # YOLOv5's detect.py mapping
     return det.numpy()
 
 
@@ -77,7 +77,7 @@ def test_image_folder_writes_annotations_and_labels(tiny_pt: Path, images: Path,
         rows = _read_rows(res.save_dir / "labels" / f"{Path(src).stem}.txt")
         h, w = original.shape[:2]
         want = np.concatenate((ref[:, 5:6], xyxy2xywhn(ref[:, :4].astype(np.float64), w, h), ref[:, 4:5]), 1)
-        _assert_same_rows(rows, want, atol=1e-6)  # 6 printed decimals
+        _assert_same_rows(rows, want, atol=1e-6)  # 6 significant digits
         assert ((rows[:, 1:5] >= 0) & (rows[:, 1:5] <= 1)).all()
 
 
@@ -145,8 +145,10 @@ def test_runs_increment_and_exist_ok(tiny_pt: Path, images: Path, tmp_path: Path
 
 def test_label_lines_format() -> None:
     det = np.array([[10.0, 20.0, 50.0, 60.0, 0.9, 2.0]])
-    assert predict.label_lines(det, (100, 200)) == ["2 0.150000 0.400000 0.200000 0.400000"]
-    assert predict.label_lines(det, (100, 200), save_conf=True)[0].endswith(" 0.900000")
+    assert predict.label_lines(det, (100, 200)) == ["2 0.15 0.4 0.2 0.4"]  # YOLOv5's %g
+    assert predict.label_lines(det, (100, 200), save_conf=True)[0] == "2 0.15 0.4 0.2 0.4 0.9"
+    det[0, :4] = (1.0, 1.0, 2.0, 4.0)
+    assert predict.label_lines(det, (300, 700)) == ["2 0.00214286 0.00833333 0.00142857 0.01"]
 
 
 def test_bad_sources_and_weights(tiny_pt: Path, tmp_path: Path, capsys) -> None:

@@ -3,7 +3,8 @@
 At --imgsz 160 and 320 no scale factor of these 40 images is a whole number and rectangular batches
 pad by odd numbers of pixels: resize rounding (YOLOv5 rounds each side up) and the recorded padding
 (x.5 for odd spares) decide where boxes land. (a) our loader gives each image the geometry YOLOv5's
-loader gave it; (b) val.py gives YOLOv5's P, R, mAP50 and mAP50-95 (to 1e-6).
+loader gave it; (b) val.py gives YOLOv5's P, R, mAP50 and mAP50-95 (to 1e-6); (c) detect.py writes
+the label rows YOLOv5's detect.py wrote (boxes rounded to whole pixels, its number format).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import detect
 import val
 from utils.dataset import YoloDataset, centred_padding, long_side_hw
 
@@ -66,3 +68,18 @@ def test_val_reproduces_oracle_on_odd_sizes(data_yaml: Path, tmp_path: Path, run
     oracle = (want["P"], want["R"], want["mAP50"], want["mAP50-95"])
     print(f"\n{run}: ours {ours} oracle {oracle}")
     assert ours == pytest.approx(oracle, abs=1e-6)
+
+
+def test_detect_writes_yolov5s_rows_on_odd_sizes(tmp_path: Path) -> None:
+    want = ORACLE["detect_320"]["labels"]
+    res = detect.run(REPO / "weights" / "demo_teacher.pt", FIXTURE / "images" / "val", imgsz=320, device="cpu",
+                     save_txt=True, save_conf=True, nosave=True, project=tmp_path, name="d")
+    labels = Path(res.save_dir) / "labels"
+    got = {f.stem: f.read_text().split("\n")[:-1] for f in labels.glob("*.txt")}
+    assert set(got) == set(want)
+    for stem, rows in want.items():
+        ours = sorted(tuple(map(float, r.split())) for r in got[stem])
+        theirs = sorted(tuple(map(float, r.split())) for r in rows)
+        assert len(ours) == len(theirs), stem
+        for a, b in zip(ours, theirs):  # same boxes; the last printed digit may differ (float32 vs 64)
+            assert a == pytest.approx(b, rel=2e-6, abs=2e-6), stem

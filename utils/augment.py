@@ -91,7 +91,7 @@ def letterbox(
     box_hw = (new_shape, new_shape) if isinstance(new_shape, int) else (int(new_shape[0]), int(new_shape[1]))
     src_hw = im.shape[:2]
     fit_hw = _fitted_hw(src_hw, box_hw, stretch=scale_fill, enlarge=scaleup)
-    im = resize_to(im, fit_hw)
+    im = resize_to(im, fit_hw, fast=True)  # bilinear either way, as YOLOv5's letterbox: detect.py's pixels
     spare = np.subtract(box_hw, fit_hw)  # (rows, cols) of padding to add
     if auto and not scale_fill:
         spare %= stride
