@@ -195,6 +195,9 @@ def precision_envelope(precision: np.ndarray) -> np.ndarray:
     return np.flip(np.maximum.accumulate(np.flip(precision, 0), axis=0), 0)
 
 
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy 2 renamed it; requirements allow numpy 1.23+
+
+
 def average_precision(
     recall: np.ndarray, precision: np.ndarray, convention: Convention = "yolov5"
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -213,7 +216,7 @@ def average_precision(
         env = precision_envelope(np.concatenate((ones, precision, zeros)))
         # np.interp per column: where one recall value repeats, it uses the last (lowest) envelope value
         sampled = np.stack([np.interp(RECALL_POINTS, r[:, t], env[:, t]) for t in range(T)], 1)
-        return np.trapezoid(sampled, RECALL_POINTS, axis=0), sampled
+        return _trapezoid(sampled, RECALL_POINTS, axis=0), sampled
     _check_convention(convention)
     sampled = np.zeros((RECALL_POINTS.size, T))
     if recall.shape[0]:
