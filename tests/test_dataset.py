@@ -76,14 +76,15 @@ def test_yaml_txt_list_and_mixed_list(tmp_path: Path) -> None:
     ims = make_split(root, "train", 3)
     extra = make_split(root, "extra", 1)
     # relative lines resolve against the list's folder (the dataset root), absolute ones as they are
-    (root / "train.txt").write_text(f"./images/train/{ims[0].name}\nimages/train/{ims[1].name}\n{ims[2]}\n")
+    (root / "train.txt").write_text(f"{ims[2]}\nimages/train/{ims[1].name}\n./images/train/{ims[0].name}\n")
     cfg = load_data_config(write_yaml(tmp_path / "d.yaml", {
         "path": str(root), "train": ["train.txt", "images/extra"], "val": "train.txt",
         "names": {0: "a", 1: "b"}, "nc": 2}))
     assert cfg["names"] == ["a", "b"]
     assert cfg["train"] == [str(root / "train.txt"), str(root / "images" / "extra")]
     ds = YoloDataset(cfg["train"], imgsz=64, nc=cfg["nc"])
-    assert ds.im_files == [str(p) for p in ims] + [str(extra[0])]
+    # one sorted list whatever the order of the list file and of the sources, as YOLOv5 orders them
+    assert ds.im_files == sorted([str(p) for p in ims] + [str(extra[0])]) and ds.im_files[0] == str(extra[0])
     assert all(len(lb) == 1 for lb in ds.labels)
 
 

@@ -63,7 +63,9 @@ def img2label_paths(im_files: Sequence[str]) -> list[str]:
 
 
 def list_image_files(sources: str | Path | Sequence[str | Path]) -> list[str]:
-    """Image paths from folders (searched recursively) and/or ``.txt`` lists, sorted per source.
+    """Image paths from folders (searched recursively) and/or ``.txt`` lists, as ONE sorted list (as
+    YOLOv5 orders them: the order decides which images share a rectangular validation batch, where
+    images of equal aspect ratio are not reordered, and so the padding and the predictions).
 
     Relative lines of a ``.txt`` list are resolved against the list's folder, which is the dataset
     root in the YOLOv5 layout (e.g. ``coco/train2017.txt`` with ``./images/train2017/x.jpg``).
@@ -74,7 +76,7 @@ def list_image_files(sources: str | Path | Sequence[str | Path]) -> list[str]:
         p = Path(s)
         if p.is_dir():
             found = [str(q) for q in p.rglob("*") if q.suffix.lower() in IMG_FORMATS and q.is_file()]
-            files += sorted(found)
+            files += found
         elif p.is_file() and p.suffix.lower() == ".txt":
             for line in p.read_text(encoding="utf-8").splitlines():
                 line = line.strip()
@@ -87,7 +89,7 @@ def list_image_files(sources: str | Path | Sequence[str | Path]) -> list[str]:
             raise ValueError(f"dataset source {p} is neither a folder nor a .txt list of images")
         else:
             raise FileNotFoundError(f"dataset source {p} not found")
-    files = [f for f in files if Path(f).suffix.lower() in IMG_FORMATS]
+    files = sorted(f for f in files if Path(f).suffix.lower() in IMG_FORMATS)
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMG_FORMATS))}) found in {', '.join(map(str, srcs))}")
     return files
