@@ -46,10 +46,11 @@ def run(
     line_width: int | None = None,
     half: bool = False,
     verbose: bool = True,
+    agnostic_nms: bool = False,
 ) -> Detections:
     """:func:`engine.predict.predict` with detect.py's flags; prints a line per frame and the speeds."""
     settings = DetectSettings(conf_thres, iou_thres, max_det, classes, view_img, save_txt, save_conf, nosave,
-                              line_width)
+                              line_width, agnostic_nms)
     out = predict(weights, source, imgsz, device, half, settings, project, name, exist_ok,
                   report=print if verbose else None)
     if verbose:
@@ -76,6 +77,8 @@ CLI_FLAGS: dict[str, list[tuple[str | tuple[str, ...], str, dict]]] = {
         ("--iou-thres", "NMS IoU threshold", {"type": float, "default": 0.45}),
         ("--max-det", "most detections per image", {"type": int, "default": 1000}),
         ("--classes", "keep only these class ids", {"nargs": "+", "type": int}),
+        ("--agnostic-nms", "class-agnostic NMS: boxes of different classes suppress each other",
+         {"action": "store_true"}),
     ],
     "output": [
         ("--project", "results go to project/name", {"default": "runs/detect"}),

@@ -50,10 +50,12 @@ def run(
     workers: int = 8,
     plots: bool = True,
     anno_json: str | Path | None = None,
+    single_cls: bool = False,
 ) -> dict:
     """:func:`engine.validate.validate` with val.py's flags, and its report on the console."""
     settings = EvalSettings(conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, half=half, plots=plots,
-                            save_json=save_json, anno_json=anno_json, save_txt=save_txt, save_conf=save_conf)
+                            save_json=save_json, anno_json=anno_json, save_txt=save_txt, save_conf=save_conf,
+                            single_cls=single_cls)
     results = validate(weights, data, imgsz, batch_size, task, device, settings, project, name, exist_ok, workers)
     print_report(results, verbose)
     return results
@@ -91,6 +93,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iou-thres", type=float, default=0.6, help="NMS IoU threshold")
     p.add_argument("--max-det", type=int, default=300, help="maximum detections per image")
     p.add_argument("--task", default="val", choices=TASKS)
+    p.add_argument("--single-cls", action="store_true",
+                   help="treat the dataset as one class (every label and prediction is class 0, NMS across classes)")
     p.add_argument("--device", default="", help="cuda device (0 or 0,1) or cpu; default: first GPU if any")
     p.add_argument("--half", action="store_true",
                    help="half-precision inference: fp16 on CUDA, bf16 autocast on a CPU with native bf16 "

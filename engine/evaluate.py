@@ -106,6 +106,7 @@ class EvalSettings:
     save_conf: bool = False
     json_name: str = "predictions.json"
     precision: Precision | None = None
+    single_cls: bool = False  # every label is class 0 (the loader's); NMS across classes, predictions class 0
 
 
 @torch.inference_mode()
@@ -209,7 +210,10 @@ def _run_batches(model: nn.Module, loader: Iterable, names: list[str], device: t
         _sync(device)
         t3 = time.perf_counter()
         preds = non_max_suppression(decoded.float(), s.conf_thres, s.iou_thres, multi_label=s.multi_label,
-                                    max_det=s.max_det)
+                                    max_det=s.max_det, agnostic=s.single_cls)
+        if s.single_cls:
+            for p in preds:
+                p[:, 5] = 0
         _sync(device)
         t4 = time.perf_counter()
         for key, dt in (("pre", t1 - t0), ("inf", t2 - t1), ("nms", t4 - t3)):

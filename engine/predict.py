@@ -275,6 +275,7 @@ class DetectSettings:
     save_conf: bool = False
     nosave: bool = False
     line_width: int | None = None
+    agnostic_nms: bool = False
 
 
 def predict(
@@ -313,7 +314,8 @@ def predict(
             with clock("inference"):
                 pred = backend(x)
             with clock("NMS"):
-                kept = non_max_suppression(pred, s.conf_thres, s.iou_thres, classes=s.classes, max_det=s.max_det)[0]
+                kept = non_max_suppression(pred, s.conf_thres, s.iou_thres, classes=s.classes, max_det=s.max_det,
+                                           agnostic=s.agnostic_nms)[0]
                 det = _to_original_pixels(kept, letterboxed, fr.image.shape[:2])
             out.results.append((fr.path, fr.frame, det))
             _keep(fr, det, backend.names, s, sink)

@@ -29,9 +29,10 @@ from utils.torch_utils import select_device
 TASKS = ("val", "test", "speed")
 
 
-def _load(weights: Path, data: Path, task: str, device: str,
-          batch_size: int) -> tuple[dict, str, nn.Module, bool, torch.device]:
-    """(data config, split, model on ``dev``, is_onnx, dev); one-line errors for a missing split or class mismatch."""
+def _load(weights: Path, data: Path, task: str, device: str, batch_size: int,
+          single_cls: bool = False) -> tuple[dict, str, nn.Module, bool, torch.device]:
+    """(data config, split, model on ``dev``, is_onnx, dev); one-line errors for a missing split or class
+    mismatch (any class count goes with ``single_cls``: every label and prediction becomes class 0)."""
     split = "val" if task == "speed" else task
     cfg = load_data_config(data, require=(split,))
     if not cfg.get(split):
@@ -40,8 +41,9 @@ def _load(weights: Path, data: Path, task: str, device: str,
     is_onnx = weights.suffix.lower() == ".onnx"
     # Conv+BN folded as YOLOv5's val.py does: one pass less per conv, the same arithmetic as its figures
     model = OnnxModel(weights, dev) if is_onnx else load_model(weights, device=dev).eval().fuse()
-    if model.nc != cfg["nc"]:
-        raise ValueError(f"--weights {weights} predicts {model.nc} classes but --data {data} has {cfg['nc']}")
+    if model.nc != cfg["nc"] and not single_cls:
+        raise ValueError(f"--weights {weights} predicts {model.nc} classes but --data {data} has {cfg['nc']} "
+                         "(a model trained with --single-cls: validate with --single-cls)")
     return cfg, split, model, is_onnx, dev
 
 
@@ -80,7 +82,7 @@ def validate(
         raise ValueError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
     weights, data = find_weights(weights), find_data_yaml(data)
     s = settings or EvalSettings()
-    cfg, split, model, is_onnx, dev = _load(weights, data, task, device, batch_size)
+    cfg, split, model, is_onnx, dev = _load(weights, data, task, device, batch_size, s.single_cls)
     imgsz, batch_size, notes = fit_input_to_model(model, weights, imgsz, batch_size)
     half = s.half and dev.type == "cuda" and not is_onnx  # fp16 convolutions are a CUDA feature
     if half:
@@ -92,7 +94,7 @@ def validate(
     rect = not speed and not getattr(model, "fixed_shape", None)
     loader, _ = create_dataloader(
         cfg[split], imgsz, batch_size, max(int(model.stride.max()), 32), rect=rect, pad=0.5 if rect else 0.0,
-        workers=workers, nc=cfg["nc"], pin_memory=dev.type == "cuda",
+        workers=workers, nc=cfg["nc"], pin_memory=dev.type == "cuda", single_cls=s.single_cls,
     )  # fmt: skip
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
     anno_json = cfg.get("val_json") if s.anno_json is None and split == "val" else s.anno_json
@@ -100,7 +102,8 @@ def validate(
         _warm_up(model, imgsz, dev)
     s = replace(s, half=half, precision=precision, save_dir=save_dir, anno_json=anno_json,
                 json_name=f"{weights.stem}_predictions.json")
-    results = evaluate(model, loader, cfg["names"], dev, s)
+    names = cfg["names"] if not s.single_cls else list(getattr(model, "names", None) or ["item"])[:1]
+    results = evaluate(model, loader, names, dev, s)
     arithmetic = "fp16" if half else (precision.name if precision is not None else "fp32")
     results.update(save_dir=save_dir, imgsz=imgsz, batch_size=batch_size, device=dev, half=half, notes=notes,
                    arithmetic=arithmetic,

@@ -114,6 +114,17 @@ def test_nms_empty_and_single_class_and_list_input() -> None:
     assert out.shape == (1, 6) and out[0, 4].item() == pytest.approx(0.81) and out[0, 5].item() == 0
 
 
+def test_nms_agnostic_lets_classes_suppress_each_other() -> None:
+    # two nearly identical boxes, one per class (scores 0.8·0.9 = 0.72 and 0.9·0.9 = 0.81)
+    rows = [[50, 50, 20, 20, 0.8, 0.9, 0.0], [51, 50, 20, 20, 0.9, 0.0, 0.9]]
+    (aware,) = non_max_suppression(_pred(rows), 0.25, 0.45)
+    assert sorted(aware[:, 5].tolist()) == [0.0, 1.0]
+    (agnostic,) = non_max_suppression(_pred(rows), 0.25, 0.45, agnostic=True)
+    assert agnostic.shape == (1, 6) and agnostic[0, 5].item() == 1.0 and agnostic[0, 4].item() == pytest.approx(0.81)
+    far = [[50, 50, 20, 20, 0.8, 0.9, 0.0], [150, 50, 20, 20, 0.9, 0.0, 0.9]]  # apart: both stay
+    assert non_max_suppression(_pred(far), 0.25, 0.45, agnostic=True)[0].shape == (2, 6)
+
+
 def test_nms_caps_candidates_at_max_nms_by_score() -> None:
     rows = [[10 + 30 * i, 10, 20, 20, 0.3 + 0.01 * i, 1.0] for i in range(30)]  # disjoint boxes
     (out,) = non_max_suppression(_pred(rows), 0.25, 0.45, max_nms=5)

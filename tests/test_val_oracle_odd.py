@@ -58,12 +58,14 @@ def test_loader_gives_each_image_yolov5s_geometry(data_yaml: Path, imgsz: int) -
     assert len(seen) == len(want) == 40
 
 
-@pytest.mark.parametrize("run", ["strong_160", "strong_320"])
+@pytest.mark.parametrize("run", ["strong_160", "strong_320", "strong_320_single_cls"])
 def test_val_reproduces_oracle_on_odd_sizes(data_yaml: Path, tmp_path: Path, run: str) -> None:
+    """Including --single-cls: the 4-class model scored as one class (NMS across classes)."""
     want = ORACLE["runs"][run]
     res = val.run(REPO / "weights" / "demo_teacher.pt", data_yaml, imgsz=want["imgsz"], batch_size=want["batch_size"],
                   conf_thres=want["conf_thres"], iou_thres=want["iou_thres"], device="cpu", workers=0,
-                  project=tmp_path / "runs", plots=False)
+                  project=tmp_path / "runs", plots=False, single_cls=want.get("single_cls", False))
+    assert len(res["per_class"]) == (1 if want.get("single_cls") else 4)
     ours = (res["precision"], res["recall"], res["map50"], res["map"])
     oracle = (want["P"], want["R"], want["mAP50"], want["mAP50-95"])
     print(f"\n{run}: ours {ours} oracle {oracle}")
@@ -83,3 +85,27 @@ def test_detect_writes_yolov5s_rows_on_odd_sizes(tmp_path: Path) -> None:
         assert len(ours) == len(theirs), stem
         for a, b in zip(ours, theirs):  # same boxes; the last printed digit may differ (float32 vs 64)
             assert a == pytest.approx(b, rel=2e-6, abs=2e-6), stem
+
+
+def test_detect_agnostic_nms_from_the_command_line(tmp_path: Path) -> None:
+    """--agnostic-nms: no two kept boxes of any classes overlap beyond the IoU threshold; class-aware NMS
+    keeps some such pairs on these pictures (the demo classes' boxes overlap)."""
+    import torch
+
+    from utils.boxes import box_iou
+
+    def worst_overlap(results) -> float:
+        worst = 0.0
+        for _, _, det in results:
+            if len(det) > 1:
+                iou = box_iou(torch.from_numpy(det[:, :4]).double(), torch.from_numpy(det[:, :4]).double())
+                worst = max(worst, float(iou.fill_diagonal_(0).max()))
+        return worst
+
+    args = ["--weights", str(REPO / "weights" / "demo_teacher.pt"), "--source", str(FIXTURE / "images" / "val"),
+            "--imgsz", "160", "--device", "cpu", "--nosave", "--conf-thres", "0.05", "--project", str(tmp_path)]
+    aware = detect.run(**vars(detect.parse_opt([*args, "--name", "aware"])))  # the CLI's own mapping
+    agnostic = detect.run(**vars(detect.parse_opt([*args, "--name", "agnostic", "--agnostic-nms"])))
+    n_aware, n_agnostic = (sum(len(d) for _, _, d in r.results) for r in (aware, agnostic))
+    # (overlaps are measured on the reported boxes, rounded to whole pixels: a little above NMS's 0.45)
+    assert n_agnostic < n_aware and worst_overlap(agnostic.results) < 0.5 < worst_overlap(aware.results)

@@ -272,8 +272,9 @@ def non_max_suppression(
     multi_label: bool = False,
     max_det: int = 300,
     max_nms: int = 30000,
+    agnostic: bool = False,
 ) -> list[torch.Tensor]:
-    """Class-aware NMS over decoded YOLO outputs.
+    """Class-aware NMS over decoded YOLO outputs (``agnostic``: boxes of any classes suppress each other).
 
     prediction: (bs, N, 5 + nc) with xywh pixels, objectness and class probabilities (sigmoid), or
     an eval-mode model output (decoded, raw) whose first element is that. Score = objectness ×
@@ -293,6 +294,7 @@ def non_max_suppression(
         if scores.numel() > max_nms:  # bound NMS time on untrained models
             top = scores.topk(max_nms).indices
             boxes, scores, cls = boxes[top], scores[top], cls[top]
-        keep = _first_kept(boxes.float(), scores.float(), cls, iou_thres, max_det)
+        groups = torch.zeros_like(cls) if agnostic else cls
+        keep = _first_kept(boxes.float(), scores.float(), groups, iou_thres, max_det)
         out.append(torch.cat((boxes[keep], scores[keep, None], cls[keep, None].to(boxes.dtype)), 1))
     return out
