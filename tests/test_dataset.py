@@ -166,6 +166,23 @@ def test_yaml_generate_demo_and_val_json(tmp_path: Path, monkeypatch: pytest.Mon
     assert not list((tmp_path / "datasets").glob(".demo.tmp-*"))  # temp folder renamed away
 
 
+def test_yolov5_coco_yaml_finds_cocos_own_annotations(tmp_path: Path) -> None:
+    """YOLOv5's coco.yaml has no val_json: a val2017.txt split under a root holding COCO's
+    annotations/instances_val2017.json scores --save-json against it, as YOLOv5's val.py does."""
+    root = tmp_path / "coco"
+    ims = make_split(root, "val2017", 2)
+    (root / "val2017.txt").write_text("".join(f"./images/val2017/{p.name}\n" for p in ims))
+    y = write_yaml(tmp_path / "coco.yaml", {"path": str(root), "train": "val2017.txt", "val": "val2017.txt",
+                                            "names": ["a", "b"]})
+    assert load_data_config(y)["val_json"] is None  # no annotations folder: generated from the labels
+    (root / "annotations").mkdir()
+    (root / "annotations" / "instances_val2017.json").write_text("{}")
+    assert load_data_config(y)["val_json"] == root / "annotations" / "instances_val2017.json"
+    other = write_yaml(tmp_path / "other.yaml", {"path": str(root), "train": "images/val2017",
+                                                 "val": "images/val2017", "names": ["a", "b"]})
+    assert load_data_config(other)["val_json"] is None  # only COCO's own layout means COCO's json
+
+
 def test_repo_yamls_parse() -> None:
     root = Path(__file__).resolve().parents[1] / "data"
     for name, nc in (("coco.yaml", 80), ("VisDrone.yaml", 10), ("demo.yaml", 4)):

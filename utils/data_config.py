@@ -148,7 +148,7 @@ def load_data_config(path: str | Path, require: Iterable[str] = ("train", "val")
     cfg["path"] = root
     for key in ("train", "val", "test"):
         cfg[key] = [str(q) for q in _split_paths(cfg[key], root)] if cfg.get(key) else None
-    cfg["val_json"] = _val_json(cfg.get("val_json"), root, yaml_file)
+    cfg["val_json"] = _val_json(cfg.get("val_json"), root, yaml_file) or _coco_val_json(cfg["val"], root)
     cfg["yaml_file"] = yaml_file.resolve()
     return cfg
 
@@ -213,5 +213,18 @@ def _val_json(vj: Any, root: Path, yaml_file: Path) -> Path | None:
     vjp = vjp if vjp.is_absolute() else root / vjp
     if vjp.is_file():
         return vjp
-    LOGGER.warning("%s: 'val_json' %s not found; COCO-tool evaluation will be skipped", yaml_file, vjp)
+    LOGGER.warning("%s: 'val_json' %s not found; --save-json scores against a json generated from the labels",
+                   yaml_file, vjp)
+    return None
+
+
+COCO_VAL_JSON = Path("annotations") / "instances_val2017.json"
+
+
+def _coco_val_json(val: list[str] | None, root: Path) -> Path | None:
+    """COCO's own annotation json when the val split is YOLOv5's COCO layout (``val2017.txt`` under a root
+    that holds ``annotations/instances_val2017.json``), as YOLOv5's val.py finds it for a yaml without
+    ``val_json``: pycocotools then scores with COCO's crowd regions and areas."""
+    if val and any(Path(v).name == "val2017.txt" for v in val) and (root / COCO_VAL_JSON).is_file():
+        return root / COCO_VAL_JSON
     return None
