@@ -31,6 +31,7 @@ from torch import nn
 from utils.boxes import clip_boxes, non_max_suppression, xywh2xyxy, xyxy2xywh
 from utils.coco_eval import ImageIdLookup, category_ids, coco_evaluate, labels_to_coco_json, predictions_to_coco
 from utils.detect_outputs import split_outputs
+from utils.labels import label_lines
 from utils.metrics import IOU_THRESHOLDS, ConfusionMatrix, fitness, match_predictions, score_detections
 from utils.precision import Precision
 from utils.torch_utils import unwrap_model
@@ -211,9 +212,8 @@ def _run_batches(model: nn.Module, loader: Iterable, names: list[str], device: t
         t3 = time.perf_counter()
         preds = non_max_suppression(decoded.float(), s.conf_thres, s.iou_thres, multi_label=s.multi_label,
                                     max_det=s.max_det, agnostic=s.single_cls)
-        if s.single_cls:
-            for p in preds:
-                p[:, 5] = 0
+        if s.single_cls:  # one class: every prediction is class 0
+            preds = [torch.cat((p[:, :5], torch.zeros_like(p[:, 5:])), 1) for p in preds]
         _sync(device)
         t4 = time.perf_counter()
         for key, dt in (("pre", t1 - t0), ("inf", t2 - t1), ("nms", t4 - t3)):
@@ -297,12 +297,7 @@ def _summary(tally: _Tally, names: list[str]) -> tuple[dict, object]:
 def _save_txt(predn: torch.Tensor, shape0: tuple[int, int], save_conf: bool, path: Path) -> None:
     """One line per detection: cls xc yc w h [conf], normalised to the original image."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    gain = torch.tensor((shape0[1], shape0[0]) * 2, dtype=torch.float64)
-    p = predn.cpu().double()
-    xywh = (xyxy2xywh(p[:, :4]) / gain).tolist()
-    with path.open("w") as f:
-        for (xc, yc, w, h), conf, cls in zip(xywh, p[:, 4].tolist(), p[:, 5].tolist()):
-            f.write(f"{int(cls)} {xc:g} {yc:g} {w:g} {h:g}" + (f" {conf:g}" if save_conf else "") + "\n")  # as YOLOv5
+    path.write_text("".join(f"{row}\n" for row in label_lines(predn.cpu().double().numpy(), shape0, save_conf)))
 
 
 def _plot_batch(imgs, targets, preds, paths, names, save_dir: Path, bi: int) -> None:

@@ -27,9 +27,10 @@ import torch
 
 from models.backends import load_backend
 from utils.augment import letterbox_input
-from utils.boxes import non_max_suppression, scale_boxes, xyxy2xywhn
+from utils.boxes import non_max_suppression, scale_boxes
 from utils.files import increment_path
 from utils.geometry import round_to_stride
+from utils.labels import label_lines
 from utils.plots import class_color
 from utils.torch_utils import select_device
 
@@ -160,17 +161,6 @@ def draw_detections(im: np.ndarray, det: np.ndarray, names: list[str], line_widt
         text = f"{names[c] if 0 <= c < len(names) else c} {conf:.2f}"
         _draw_tagged_box(im, tuple(int(v) for v in xyxy), text, class_color(c, bgr=True), style)
     return im
-
-
-def label_lines(det: np.ndarray, shape: tuple[int, int], save_conf: bool = False) -> list[str]:
-    """YOLO label rows ``class xc yc w h [conf]`` (normalised by ``shape`` = (h, w)) for (n, 6) boxes."""
-    h, w = shape
-    xywhn = xyxy2xywhn(det[:, :4].astype(np.float64), w, h)
-    rows = []
-    for (xc, yc, bw, bh), conf, cls in zip(xywhn, det[:, 4], det[:, 5]):
-        row = f"{int(cls)} {xc:g} {yc:g} {bw:g} {bh:g}"  # 6 significant digits, YOLOv5's format
-        rows.append(f"{row} {conf:g}" if save_conf else row)
-    return rows
 
 
 # ----------------------------------------------------------------------------------------- run

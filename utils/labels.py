@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from utils.boxes import xyxy2xywhn
+
 LOGGER = logging.getLogger(__name__)
 
 IMG_FORMATS = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}
@@ -375,3 +377,14 @@ def scan_dataset(im_files: Sequence[str], label_files: Sequence[str], cache_path
     return scan
 
 
+def label_lines(det: np.ndarray, shape: tuple[int, int], save_conf: bool = False) -> list[str]:
+    """YOLO label rows ``class xc yc w h [conf]`` (normalised by ``shape`` = (h, w)) for (n, 6) boxes
+    ``x1 y1 x2 y2 conf cls`` in pixels: what detect.py and val.py write with --save-txt, numbers with 6
+    significant digits (``%g``) as YOLOv5 prints them."""
+    h, w = shape
+    xywhn = xyxy2xywhn(np.asarray(det[:, :4], dtype=np.float64), w, h)
+    rows = []
+    for (xc, yc, bw, bh), conf, cls in zip(xywhn, det[:, 4], det[:, 5]):
+        row = f"{int(cls)} {xc:g} {yc:g} {bw:g} {bh:g}"
+        rows.append(f"{row} {conf:g}" if save_conf else row)
+    return rows
