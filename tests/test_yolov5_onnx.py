@@ -20,6 +20,9 @@ import export
 import val
 from models import load_model
 from models.backends import OnnxBackend, metadata_value, names_list, ort_providers
+from utils.augment import letterbox_input
+from utils.boxes import clip_boxes, non_max_suppression
+from utils.labels import label_lines
 
 pytest.importorskip("onnxruntime")
 FIX = Path(__file__).parent / "fixtures"
@@ -77,16 +80,25 @@ def test_detect_and_val_on_yolov5_onnx(tmp_path: Path, pictures: Path) -> None:
     for x, y in zip(a, b):
         assert np.abs(x - y).max() < 0.05  # 64 px pictures: boxes in pixels, scores, classes
 
-    # labels = the .pt's own detections: the ONNX file must find them again through val.py
-    labels = pictures.parent.parent / "labels" / "val"
-    labels.mkdir(parents=True)
-    for f in (tmp_path / "d" / "pt" / "labels").glob("*.txt"):
-        (labels / f.name).write_text(f.read_text())
+    # val.py on YOLOv5's fixed-shape ONNX (square 64 px letterbox: the pictures unchanged) writes the
+    # detections the .pt gives on the same input with val's NMS (multi-label, IoU 0.6), clipped
     data = tmp_path / "data.yaml"
     data.write_text(yaml.safe_dump({"path": str(pictures.parent.parent), "train": "images/val",
                                     "val": "images/val", "names": {0: "cat", 1: "dog"}}))
-    r = val.run(ONNX, data, imgsz=64, batch_size=1, device="cpu", workers=0, plots=False, project=tmp_path / "v")
-    assert r["map50"] > 0.9
+    r = val.run(ONNX, data, imgsz=64, batch_size=1, conf_thres=0.3, device="cpu", workers=0, plots=False,
+                project=tmp_path / "v", save_txt=True, save_conf=True)
+    model = load_model(PT).eval()
+    for picture in sorted(pictures.glob("*.png")):
+        x, hw, _ = letterbox_input(cv2.imread(str(picture)), (64, 64))
+        with torch.no_grad():
+            det = non_max_suppression(model(torch.from_numpy(x)), 0.3, 0.6, multi_label=True)[0]
+        det[:, :4] = clip_boxes(det[:, :4], hw)
+        want = sorted(tuple(map(float, row.split())) for row in label_lines(det.numpy(), hw, save_conf=True))
+        txt = r["save_dir"] / "labels" / f"{picture.stem}.txt"
+        got = sorted(tuple(map(float, row.split())) for row in txt.read_text().splitlines()) if txt.exists() else []
+        assert len(got) == len(want) > 0, picture.name
+        for a, b in zip(got, want):
+            assert a == pytest.approx(b, abs=2e-3), picture.name
 
 
 def test_onnxruntime_runs_on_the_gpu_that_device_names() -> None:

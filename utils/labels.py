@@ -39,9 +39,10 @@ from utils.boxes import xyxy2xywhn
 LOGGER = logging.getLogger(__name__)
 
 IMG_FORMATS = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}
-CACHE_VERSION = 3  # 2: polygon rows parsed as boxes; 3: images are decoded during the scan (1 only verified them)
+CACHE_VERSION = 4  # 2: polygon rows parsed as boxes; 3: images decoded during the scan; 4: YOLOv5's acceptance
+# rules (no clipping of label values, zero-size boxes kept, images under 10 px skipped)
 CACHE_SUFFIX = ".yolokd.npz"  # never YOLOv5's ".cache" (see cache_path_for)
-COORD_TOL = 1e-3  # label coordinates this far outside [0, 1] are round-off and get clipped
+MIN_IMAGE_SIDE = 10  # YOLOv5 skips smaller images (measured on its 7.0 loader)
 MAX_LISTED = 5  # problem files named in the summary warning
 
 
@@ -165,8 +166,8 @@ def decode_check(path: str) -> tuple[tuple[int, int], str]:
         return (w, h), "corrupt image (JPEG data is all zero bytes: the file lost its content)"
     if orientation in (5, 6, 7, 8):  # EXIF rotation by ±90°: OpenCV applies it when reading
         w, h = h, w
-    if w < 2 or h < 2:
-        return (w, h), f"image too small ({w}x{h})"
+    if w < MIN_IMAGE_SIDE or h < MIN_IMAGE_SIDE:
+        return (w, h), f"image too small ({w}x{h}; YOLOv5 skips images under {MIN_IMAGE_SIDE} px)"
     return (w, h), ""
 
 
@@ -183,12 +184,12 @@ def warn_each_unreadable(problems: Sequence[tuple[str, str]]) -> None:
 def _polygon_boxes(rows: list[list[str]]) -> np.ndarray:
     """Rows ``cls x1 y1 ... xn yn`` (segment format) -> (n, 5) float64 ``[cls, xc, yc, w, h]``.
 
-    The box of a polygon is the axis-aligned hull of its points: [min x, max x] × [min y, max y],
-    points clipped to the image first (the caller rejects points beyond round-off). Rows must all
-    have the same odd length (the caller groups them).
+    The box of a polygon is the axis-aligned hull of its points: [min x, max x] × [min y, max y] (the
+    caller range-checks the box, as YOLOv5 does). Rows must all have the same odd length (the caller
+    groups them).
     """
     arr = np.array(rows, dtype=np.float64)
-    pts = arr[:, 1:].reshape(len(arr), -1, 2).clip(0, 1)  # (n, points, xy)
+    pts = arr[:, 1:].reshape(len(arr), -1, 2)  # (n, points, xy)
     lo, hi = pts.min(1), pts.max(1)  # (n, 2) each
     return np.concatenate((arr[:, :1], (lo + hi) / 2, hi - lo), 1)
 
@@ -219,10 +220,13 @@ def parse_label_file(path: str) -> tuple[np.ndarray, str, str, bool]:
     """Parse one YOLO label file.
 
     Returns ``(labels (n, 5) float32 [cls, xc, yc, w, h], error, note, found)``: ``error`` non-empty
-    means the file is malformed (the image will be skipped); ``note`` records repairs (duplicates
-    removed, round-off clipped); ``found`` is False when the file does not exist (background).
+    means the file is malformed (the image will be skipped); ``note`` records repairs (duplicate rows
+    removed); ``found`` is False when the file does not exist (background).
     Rows may be boxes (5 columns) or polygons (``cls x1 y1 ... xn yn``, n >= 3, normalised), which
-    become their bounding boxes as in YOLOv5; polygon points are range-checked like box values.
+    become their bounding boxes as in YOLOv5. The acceptance rules are YOLOv5's (measured on its 7.0
+    loader, so that a dataset gives the images and instances it gives there): every box value
+    ``xc yc w h`` in [0, 1] and nothing negative, or the image is skipped (no clipping of round-off:
+    YOLOv5 skips 1.0005 too); boxes of zero width or height are kept (they count as instances).
     Class range against nc is checked later, so the cache does not depend on nc.
     """
     empty = np.zeros((0, 5), dtype=np.float32)
@@ -249,14 +253,11 @@ def parse_label_file(path: str) -> tuple[np.ndarray, str, str, bool]:
     bad_cls = (cls < 0) | (cls != np.round(cls))
     if bad_cls.any():
         return empty, f"class must be a non-negative integer, got {cls[bad_cls][0]:g}", "", True
-    if (coords < -COORD_TOL).any() or (coords > 1 + COORD_TOL).any():
-        return empty, "coordinates outside [0, 1] (labels must be normalised xc yc w h)", "", True
+    outside = (lb[:, 1:] < 0) | (lb[:, 1:] > 1)
+    if outside.any():
+        return empty, (f"box value {lb[:, 1:][outside][0]:g} outside [0, 1] (labels are normalised xc yc w h; "
+                       "YOLOv5 skips such images too)"), "", True
     notes = []
-    if ((coords < 0) | (coords > 1)).any():
-        notes.append("coordinates clipped to [0, 1]")
-        lb[:, 1:] = lb[:, 1:].clip(0, 1)
-    if ((lb[:, 3] <= 0) | (lb[:, 4] <= 0)).any():
-        return empty, "box with zero width or height", "", True
     _, first = np.unique(lb, axis=0, return_index=True)
     if len(first) < len(lb):
         notes.append(f"{len(lb) - len(first)} duplicate row(s) removed")
