@@ -28,6 +28,8 @@ from engine.validate import TASKS, validate
 from utils.allocator import keep_freed_memory
 from utils.torch_utils import parse_device
 
+PER_CLASS_UP_TO = 50  # fewer classes than this: the per-class table is printed without --verbose
+
 
 def run(
     weights: str | Path,
@@ -57,7 +59,8 @@ def run(
                             save_json=save_json, anno_json=anno_json, save_txt=save_txt, save_conf=save_conf,
                             single_cls=single_cls)
     results = validate(weights, data, imgsz, batch_size, task, device, settings, project, name, exist_ok, workers)
-    print_report(results, verbose)
+    nc = len(results["maps"])
+    print_report(results, verbose or 1 < nc < PER_CLASS_UP_TO)  # YOLOv5's val.py shows small class lists too
     return results
 
 
@@ -102,7 +105,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-json", action="store_true", help="write COCO predictions json and run pycocotools")
     p.add_argument("--save-txt", action="store_true", help="write detections as YOLO txt labels")
     p.add_argument("--save-conf", action="store_true", help="append confidences to --save-txt labels")
-    p.add_argument("--verbose", action="store_true", help="per-class table")
+    p.add_argument("--verbose", action="store_true", help="per-class table (shown anyway for 2-49 classes)")
     p.add_argument("--project", default="runs/val")
     p.add_argument("--name", default="exp")
     p.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of incrementing")
