@@ -42,15 +42,22 @@ VID_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".wmv", ".mpg", ".mpeg"}
 
 
 def list_sources(source: str | Path) -> list[Path]:
-    """Image/video files named by ``source``: one file, a folder (sorted, not recursive) or a glob."""
+    """Image/video files named by ``source``: one file, a folder (sorted, not recursive), a glob, or a
+    ``.txt`` list of such sources, one per line (relative lines from the list's folder), as YOLOv5's
+    detect.py takes them. A path that exists is taken literally (``img[1].jpg`` is a file, not a glob)."""
     s = str(source)
     p = Path(s)
-    if any(c in s for c in "*?["):
-        files = sorted(Path(f) for f in glob.glob(s, recursive=True))
-    elif p.is_dir():
+    if p.is_file() and p.suffix.lower() == ".txt":
+        lines = sorted(ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip())  # as YOLOv5
+        if not lines:
+            raise FileNotFoundError(f"--source {s}: the list is empty (one image, video, folder or glob per line)")
+        return [f for ln in lines for f in list_sources(ln if Path(ln).is_absolute() else p.parent / ln)]
+    if p.is_dir():
         files = sorted(p.iterdir())
     elif p.is_file():
         files = [p]
+    elif any(c in s for c in "*?["):
+        files = sorted(Path(f) for f in glob.glob(s, recursive=True))
     else:
         raise FileNotFoundError(f"--source {s}: no such file, folder or glob match")
     media = [f for f in files if f.is_file() and f.suffix.lower() in IMG_SUFFIXES | VID_SUFFIXES]

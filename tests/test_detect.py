@@ -151,6 +151,22 @@ def test_label_lines_format() -> None:
     assert predict.label_lines(det, (300, 700)) == ["2 0.00214286 0.00833333 0.00142857 0.01"]
 
 
+def test_sources_from_a_txt_list_and_literal_bracket_names(tmp_path: Path) -> None:
+    """A .txt list of sources (relative lines from its folder), as YOLOv5's detect.py takes one, and a
+    file whose name holds glob characters, taken literally because it exists."""
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for name in ("a.png", "img[1].png", "b.png"):
+        cv2.imwrite(str(pics / name), np.zeros((20, 20, 3), np.uint8))
+    assert predict.list_sources(pics / "img[1].png") == [pics / "img[1].png"]
+    (tmp_path / "list.txt").write_text(f"pics/b.png\n{pics / 'img[1].png'}\n\npics/a.png\n")
+    # its lines in sorted order, as YOLOv5 reads them: the absolute path first, then pics/a, pics/b
+    assert predict.list_sources(tmp_path / "list.txt") == [pics / "img[1].png", pics / "a.png", pics / "b.png"]
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(FileNotFoundError, match="list is empty"):
+        predict.list_sources(tmp_path / "empty.txt")
+
+
 def test_bad_sources_and_weights(tiny_pt: Path, tmp_path: Path, capsys) -> None:
     with pytest.raises(FileNotFoundError, match="no such file"):
         predict.list_sources(tmp_path / "nothing_here")
