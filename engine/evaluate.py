@@ -51,9 +51,11 @@ class Unletterbox:
     """The inverse of one image's letterbox: batch-image pixels -> original-image pixels.
 
     The loader resized the original (h0, w0) by ``gain`` = (gain_h, gain_w) and padded it by
-    ``pad`` = (pad_w, pad_h) on the left/top, so a point maps back as x0 = (x - pad_w) / gain_w,
-    y0 = (y - pad_h) / gain_h; results are clipped to the original image. Float64 throughout, so
-    matching sees the boxes exactly where the loader's geometry puts them.
+    ``pad`` = (pad_w, pad_h) on the left/top. A point maps back as x0 = (x - pad_w) / gain_h,
+    y0 = (y - pad_h) / gain_h — the height's gain on both axes, as YOLOv5's val.py maps labels and
+    predictions (its COCO json boxes are these; the two gains differ only by the rounding of the
+    resized sides, and labels and predictions move alike, so IoUs and mAP are unchanged) — then
+    clipped to the original image. Float64 throughout.
     """
 
     shape0: tuple[int, int]  # (h0, w0)
@@ -69,7 +71,7 @@ class Unletterbox:
     def pixels(self, xyxy: torch.Tensor) -> torch.Tensor:
         """(n, 4) xyxy in batch-image pixels -> (n, 4) float64 xyxy in original pixels."""
         offset = torch.tensor(self.pad * 2, dtype=torch.float64)  # (pw, ph, pw, ph)
-        gain = torch.tensor(self.gain[::-1] * 2, dtype=torch.float64)  # (gw, gh, gw, gh)
+        gain = torch.tensor((self.gain[0],) * 4, dtype=torch.float64)  # gain_h on x and y, as YOLOv5
         return clip_boxes((xyxy.double() - offset) / gain, self.shape0)
 
     def normalised(self, cxcywh: torch.Tensor, batch_hw: tuple[int, int]) -> torch.Tensor:

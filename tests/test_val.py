@@ -143,10 +143,13 @@ def test_unletterbox_inverts_the_letterbox():
     # original 90×200 (h×w), resized by (gain_h, gain_w) = (0.5, 0.48) and padded 3 px left, 11 top
     inv = Unletterbox.from_loader(((90, 200), ((0.5, 0.48), (3.0, 11.0))))
     assert inv.shape0 == (90, 200)
-    boxes0 = torch.tensor([[10.0, 5.0, 60.0, 80.0], [150.0, 0.0, 200.0, 90.0]])
+    boxes0 = torch.tensor([[10.0, 5.0, 60.0, 80.0], [150.0, 0.0, 190.0, 90.0]])
     letterboxed = boxes0 * torch.tensor([0.48, 0.5, 0.48, 0.5]) + torch.tensor([3.0, 11.0, 3.0, 11.0])
     back = inv.pixels(letterboxed)
-    assert back.dtype == torch.float64 and torch.allclose(back, boxes0.double(), atol=1e-9)
+    # YOLOv5's mapping: the height's gain on both axes, so x comes back × gain_w / gain_h = 0.96
+    want = boxes0.double() * torch.tensor([0.96, 1.0, 0.96, 1.0], dtype=torch.float64)
+    assert back.dtype == torch.float64 and torch.allclose(back, want, atol=1e-9)
+    boxes0 = want  # what labels and predictions alike come back as (IoUs between them are unchanged)
     # the loader's label rows: centre/size normalised to the (H, W) = (67, 102) batch image
     H, W = 67, 102
     cx, cy = (letterboxed[:, 0] + letterboxed[:, 2]) / 2 / W, (letterboxed[:, 1] + letterboxed[:, 3]) / 2 / H

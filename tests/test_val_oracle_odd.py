@@ -111,3 +111,18 @@ def test_detect_agnostic_nms_from_the_command_line(tmp_path: Path) -> None:
     n_aware, n_agnostic = (sum(len(d) for _, _, d in r.results) for r in (aware, agnostic))
     # (overlaps are measured on the reported boxes, rounded to whole pixels: a little above NMS's 0.45)
     assert n_agnostic < n_aware and worst_overlap(agnostic.results) < 0.5 < worst_overlap(aware.results)
+
+
+def test_save_json_writes_yolov5s_records(data_yaml: Path, tmp_path: Path) -> None:
+    """--save-json: the same COCO records as YOLOv5's val.py (image id = numeric stem, boxes mapped back
+    with its geometry, 3 decimals), here its confident ones."""
+    res = val.run(REPO / "weights" / "demo_teacher.pt", data_yaml, imgsz=320, batch_size=8, device="cpu", workers=0,
+                  project=tmp_path / "runs", plots=False, save_json=True)
+    ours: dict[tuple, list] = {}
+    for r in json.loads(Path(res["pred_json"]).read_text()):
+        ours.setdefault((r["image_id"], r["category_id"]), []).append(r)
+    want = ORACLE["json_320"]["records"]
+    assert len(want) > 100
+    for r in want:  # the record of the same image, class and score (5 decimals, the last may differ)
+        same = [o for o in ours[(r["image_id"], r["category_id"])] if abs(o["score"] - r["score"]) <= 2e-5]
+        assert min(max(abs(a - b) for a, b in zip(o["bbox"], r["bbox"])) for o in same) <= 0.0015, r

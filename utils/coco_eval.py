@@ -103,18 +103,22 @@ def labels_to_coco_json(
 
     labels: per image an (n, 5) array cls, xc, yc, w, h normalised to 0-1; im_files: image paths;
     shapes: per image the original (height, width) in pixels; names: class names (category id =
-    class index). Image ids are 1-based in file order; ``file_name`` is the base name, or the
-    full path when base names repeat. Annotation ids start at 1 (pycocotools treats id 0 as unmatched).
+    class index). Image ids are the file stems as numbers when every stem is a distinct number, as
+    YOLOv5 numbers its json records (``000005.jpg`` → 5), else 1-based in file order; ``file_name`` is
+    the base name, or the full path when base names repeat. Annotation ids start at 1 (pycocotools
+    treats id 0 as unmatched).
     """
     if not (len(labels) == len(im_files) == len(shapes)):
         raise ValueError(f"labels ({len(labels)}), im_files ({len(im_files)}) and shapes ({len(shapes)}) differ")
     base = [Path(f).name for f in im_files]
     unique = len(set(base)) == len(base)
+    stems = [Path(f).stem for f in im_files]
+    numeric = all(st.isnumeric() for st in stems) and len({int(st) for st in stems}) == len(stems)
+    ids = [int(st) for st in stems] if numeric else list(range(1, len(stems) + 1))
     images, annotations = [], []
-    for i, (lab, f, (h, w)) in enumerate(zip(labels, im_files, shapes), start=1):
-        images.append(
-            {"id": i, "file_name": base[i - 1] if unique else Path(f).as_posix(), "height": int(h), "width": int(w)}
-        )
+    for i, lab, f, (h, w) in zip(ids, labels, im_files, shapes):
+        name = Path(f).name if unique else Path(f).as_posix()
+        images.append({"id": i, "file_name": name, "height": int(h), "width": int(w)})
         for c, xc, yc, bw, bh in np.asarray(lab, dtype=float).reshape(-1, 5).tolist():
             bw, bh = bw * w, bh * h
             annotations.append(
