@@ -375,7 +375,9 @@ def _coco(records, names, anno_json, save_dir: Path, json_name: str) -> tuple[st
 
 
 def results_table(results: dict, verbose: bool = False) -> str:
-    """YOLOv5-like text table: Class Images Instances P R mAP50 mAP50-95 (per class with ``verbose``)."""
+    """YOLOv5's text table: Class Images Instances P R mAP50 mAP50-95 (per class with ``verbose``; the
+    Images column is the number of images on every row, as YOLOv5 prints it: the images holding a
+    class are in ``per_class``)."""
     head = f"{'Class':>22}{'Images':>11}{'Instances':>11}{'P':>11}{'R':>11}{'mAP50':>11}{'mAP50-95':>11}"
     row = "{:>22}{:>11}{:>11}{:>11.3g}{:>11.3g}{:>11.3g}{:>11.3g}"
     lines = [
@@ -394,7 +396,8 @@ def results_table(results: dict, verbose: bool = False) -> str:
         for c in results["per_class"]:
             lines.append(
                 row.format(
-                    c["name"][:22], c["images"], c["instances"], c["precision"], c["recall"], c["map50"], c["map"]
+                    c["name"][:22], results["n_images"], c["instances"], c["precision"], c["recall"], c["map50"],
+                    c["map"],
                 )
             )
     return "\n".join(lines)

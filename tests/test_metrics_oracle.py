@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -115,7 +116,7 @@ def medium_checkpoint(folder: Path) -> Path:
 
 
 @pytest.mark.parametrize("run", ["weak_160", "medium_160", "strong_320"])
-def test_val_reproduces_oracle_end_to_end(run, data_yaml, tmp_path):
+def test_val_reproduces_oracle_end_to_end(run, data_yaml, tmp_path, capsys):
     want = RUNS[run]
     kind = want["checkpoint"]
     weights = medium_checkpoint(tmp_path) if kind == "medium" else REPO / ORACLE["checkpoints"][kind]
@@ -126,6 +127,14 @@ def test_val_reproduces_oracle_end_to_end(run, data_yaml, tmp_path):
     ours = {"P": res["precision"], "R": res["recall"], "mAP50": res["map50"], "mAP50-95": res["map"]}
     print(f"\n{run}: " + "  ".join(f"{k} ours {ours[k]:.6f} oracle {want[k]:.6f}" for k in KEYS))
     assert res["n_images"] == 40 and res["n_instances"] == want["n_labels"]
+    # the printed table: YOLOv5's rows (names, image and instance counts exact; the 3 significant
+    # digits may differ by one in the last where the value sits on a rounding boundary)
+    printed = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    for row in want["printed"]:
+        name, *cols = row.split()
+        assert printed[name][:2] == cols[:2], row
+        for a, b in zip(map(float, printed[name][2:]), map(float, cols[2:])):
+            assert abs(a - b) <= 1.01 * 10 ** (math.floor(math.log10(max(abs(b), 1e-12))) - 2), row
     for k in KEYS:
         assert ours[k] == pytest.approx(want[k], abs=0.002), k
         # a weak model's figures are small: hold them to 5% too, or the absolute bound says nothing
