@@ -380,24 +380,9 @@ def results_table(results: dict, verbose: bool = False) -> str:
     class are in ``per_class``)."""
     head = f"{'Class':>22}{'Images':>11}{'Instances':>11}{'P':>11}{'R':>11}{'mAP50':>11}{'mAP50-95':>11}"
     row = "{:>22}{:>11}{:>11}{:>11.3g}{:>11.3g}{:>11.3g}{:>11.3g}"
-    lines = [
-        head,
-        row.format(
-            "all",
-            results["n_images"],
-            results["n_instances"],
-            results["precision"],
-            results["recall"],
-            results["map50"],
-            results["map"],
-        ),
-    ]
+    rows = [("all", results["n_instances"], results["precision"], results["recall"], results["map50"], results["map"])]
     if verbose:
-        for c in results["per_class"]:
-            lines.append(
-                row.format(
-                    c["name"][:22], results["n_images"], c["instances"], c["precision"], c["recall"], c["map50"],
-                    c["map"],
-                )
-            )
+        rows += [(c["name"][:22], c["instances"], c["precision"], c["recall"], c["map50"], c["map"])
+                 for c in results["per_class"]]
+    lines = [head] + [row.format(name, results["n_images"], *rest) for name, *rest in rows]
     return "\n".join(lines)
