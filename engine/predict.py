@@ -203,7 +203,7 @@ class StageClock:
 def _to_input(image: np.ndarray, shape: tuple[int, int], auto: bool, stride: int) -> tuple[torch.Tensor, tuple]:
     """Letterboxed model input for a BGR uint8 (h0, w0, 3) picture (:func:`utils.augment.letterbox_input`):
     the (1, 3, h, w) RGB float tensor in 0-1 and the letterboxed (h, w)."""
-    x, hw, _ = letterbox_input(image, shape, auto=auto, stride=stride)
+    x, hw = letterbox_input(image, shape, auto=auto, stride=stride)
     return torch.from_numpy(x), hw
 
 

@@ -13,12 +13,14 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 import detect
 import val
-from utils.dataset import YoloDataset, centred_padding, long_side_hw
+from utils.augment import letterbox
+from utils.dataset import YoloDataset, long_side_hw
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "oracle_val_odd"
@@ -30,8 +32,10 @@ def test_sides_round_up_and_odd_spares_pad_by_halves() -> None:
     assert long_side_hw((159, 289), 160) == (89, 160)  # 159·160/289 = 88.03 → 89 (rounding gave 88)
     assert long_side_hw((163, 281), 160) == (93, 161)  # 281·(160/281) = 160.00000000000003 → 161
     assert long_side_hw((160, 120), 160) == (160, 120)  # a whole factor changes nothing
-    assert centred_padding((160, 192), (93, 161)) == (15.5, 33.5)
-    assert centred_padding((256, 352), (224, 320)) == (16.0, 16.0)
+    blank = np.zeros((93, 161, 3), np.uint8)
+    img, _, pad = letterbox(blank, (160, 192), scaleup=False)
+    assert pad == (15.5, 33.5) and (img[:33] == 114).all() and (img[33:126, 15:176] == 0).all()  # starts at 15, 33
+    assert letterbox(np.zeros((224, 320, 3), np.uint8), (256, 352), scaleup=False)[2] == (16.0, 16.0)
 
 
 @pytest.fixture(scope="module")

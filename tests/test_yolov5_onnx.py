@@ -89,7 +89,7 @@ def test_detect_and_val_on_yolov5_onnx(tmp_path: Path, pictures: Path) -> None:
                 project=tmp_path / "v", save_txt=True, save_conf=True)
     model = load_model(PT).eval()
     for picture in sorted(pictures.glob("*.png")):
-        x, hw, _ = letterbox_input(cv2.imread(str(picture)), (64, 64))
+        x, hw = letterbox_input(cv2.imread(str(picture)), (64, 64))
         with torch.no_grad():
             det = non_max_suppression(model(torch.from_numpy(x)), 0.3, 0.6, multi_label=True)[0]
         det[:, :4] = clip_boxes(det[:, :4], hw)

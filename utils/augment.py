@@ -78,15 +78,15 @@ def letterbox(
     scale_fill: bool = False,
     scaleup: bool = True,
     stride: int = 32,
-) -> tuple[np.ndarray, tuple[float, float], tuple[int, int]]:
+) -> tuple[np.ndarray, tuple[float, float], tuple[float, float]]:
     """Resize keeping the aspect ratio, then pad to ``new_shape`` = (h, w) (an int means square).
 
     ``auto`` pads only up to the next multiple of ``stride`` (minimum rectangle) instead of the full
     shape; ``scale_fill`` stretches without padding; ``scaleup=False`` never enlarges (validation).
     Returns ``(image (H, W, 3), (rw, rh), (padw, padh))``: the per-axis scale actually applied
-    (resized size / input size, so rounding is accounted for) and the integer left/top padding.
-    A pixel-space point maps as ``x' = x * rw + padw``, ``y' = y * rh + padh``. An odd padding total
-    puts the extra pixel right/bottom.
+    (resized size / input size, so rounding is accounted for) and half the spare columns / rows: the
+    image starts at ⌊padw⌋, ⌊padh⌋, but an odd spare gives x.5, as YOLOv5's loader records it for labels
+    and predictions mapped back (measured), so ``x' = x * rw + padw`` puts labels where it puts them.
     """
     box_hw = (new_shape, new_shape) if isinstance(new_shape, int) else (int(new_shape[0]), int(new_shape[1]))
     src_hw = im.shape[:2]
@@ -101,7 +101,7 @@ def letterbox(
         im = cv2.copyMakeBorder(im, int(before[0]), int(after[0]), int(before[1]), int(after[1]),
                                 cv2.BORDER_CONSTANT, value=color)
     ratio = (fit_hw[1] / src_hw[1], fit_hw[0] / src_hw[0])
-    return im, ratio, (int(before[1]), int(before[0]))
+    return im, ratio, (float(spare[1]) / 2, float(spare[0]) / 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,15 +109,15 @@ def letterbox(
 # ---------------------------------------------------------------------------------------------
 def letterbox_input(
     im_bgr: np.ndarray, shape: tuple[int, int], auto: bool = False, stride: int = 32
-) -> tuple[np.ndarray, tuple[int, int], tuple[tuple[float, float], tuple[float, float]]]:
+) -> tuple[np.ndarray, tuple[int, int]]:
     """A BGR uint8 (h0, w0, 3) picture as model input: the one letterbox-to-tensor conversion.
 
-    Returns float32 (1, 3, h, w) RGB in 0-1, the letterboxed (h, w), and ``((rh, rw), (padw, padh))``,
-    what :func:`utils.boxes.scale_boxes` needs to map boxes back to the picture.
+    Returns float32 (1, 3, h, w) RGB in 0-1 and the letterboxed (h, w); :func:`utils.boxes.scale_boxes`
+    maps boxes back from the two shapes, as YOLOv5's detect.py does.
     """
-    boxed, (rw, rh), pad = letterbox(im_bgr, shape, auto=auto, stride=stride)
+    boxed = letterbox(im_bgr, shape, auto=auto, stride=stride)[0]
     chw = boxed[..., ::-1].transpose(2, 0, 1)  # BGR HWC -> RGB CHW
-    return np.ascontiguousarray(chw, dtype=np.float32)[None] / 255.0, boxed.shape[:2], ((rh, rw), pad)
+    return np.ascontiguousarray(chw, dtype=np.float32)[None] / 255.0, boxed.shape[:2]
 
 
 def hsv_table(gains: Sequence[float]) -> np.ndarray:

@@ -91,16 +91,6 @@ def long_side_hw(hw: tuple[int, int], size: int) -> tuple[int, int]:
     return max(math.ceil(hw[0] * factor), 1), max(math.ceil(hw[1] * factor), 1)
 
 
-def centred_padding(box_hw: tuple[int, int], content_hw: tuple[int, int]) -> tuple[float, float]:
-    """(pad_w, pad_h): half of the spare columns and rows around a letterboxed image, as YOLOv5 records
-    them for its labels and for mapping predictions back: x.5 when the spare is odd, although the image
-    itself starts at the whole pixel below (the extra one goes right/bottom). Measured on YOLOv5 7.0's
-    loader; it puts labels half a pixel right/down of the image content there, and its val.py maps
-    predictions back by the same amount, so its mAP carries that offset: this loader's items do too,
-    because the numbers are to be YOLOv5's."""
-    return (box_hw[1] - content_hw[1]) / 2, (box_hw[0] - content_hw[0]) / 2
-
-
 def rect_batch_shapes(aspect: np.ndarray, batch_size: int, imgsz: int, stride: int, pad: float) -> np.ndarray:
     """Per-batch (h, w) input shapes (nb, 2) int for rectangular batches of images sorted by aspect.
 
@@ -325,8 +315,7 @@ class YoloDataset(Dataset):
         else:
             img, (h0, w0), (hr, wr) = self.load_image(index)
             shape = tuple(self.batch_shapes[self.batch_index[index]]) if self.rect else self.imgsz
-            img, (rw, rh), _ = letterbox(img, shape, auto=False, scaleup=self.augment)
-            padw, padh = centred_padding(img.shape[:2], (round(rh * hr), round(rw * wr)))
+            img, (rw, rh), (padw, padh) = letterbox(img, shape, auto=False, scaleup=self.augment)
             lb = self.labels[index]
             px = np.zeros((len(lb), 5), dtype=np.float32)
             if len(lb):
