@@ -50,8 +50,8 @@ def _sync(device: torch.device) -> None:
 class Unletterbox:
     """The inverse of one image's letterbox: batch-image pixels -> original-image pixels.
 
-    The loader resized the original (h0, w0) by ``gain`` = (gain_h, gain_w) and padded it by
-    ``pad`` = (pad_w, pad_h) on the left/top. A point maps back as x0 = (x - pad_w) / gain_h,
+    The loader resized the original (h0, w0) by (gain_h, gain_w) and padded it by ``pad`` =
+    (pad_w, pad_h) on the left/top. A point maps back as x0 = (x - pad_w) / gain_h,
     y0 = (y - pad_h) / gain_h — the height's gain on both axes, as YOLOv5's val.py maps labels and
     predictions (its COCO json boxes are these; the two gains differ only by the rounding of the
     resized sides, and labels and predictions move alike, so IoUs and mAP are unchanged) — then
@@ -59,20 +59,19 @@ class Unletterbox:
     """
 
     shape0: tuple[int, int]  # (h0, w0)
-    gain: tuple[float, float]  # (gain_h, gain_w)
+    gain: float  # gain_h: the loader's height gain, used on both axes
     pad: tuple[float, float]  # (pad_w, pad_h)
 
     @classmethod
     def from_loader(cls, shape: tuple) -> Unletterbox:
         """From the loader's per-image record ``((h0, w0), ((gain_h, gain_w), (pad_w, pad_h)))``."""
-        (h0, w0), ((gh, gw), (pw, ph)) = shape
-        return cls((int(h0), int(w0)), (float(gh), float(gw)), (float(pw), float(ph)))
+        (h0, w0), ((gh, _), (pw, ph)) = shape
+        return cls((int(h0), int(w0)), float(gh), (float(pw), float(ph)))
 
     def pixels(self, xyxy: torch.Tensor) -> torch.Tensor:
         """(n, 4) xyxy in batch-image pixels -> (n, 4) float64 xyxy in original pixels."""
         offset = torch.tensor(self.pad * 2, dtype=torch.float64)  # (pw, ph, pw, ph)
-        gain = torch.tensor((self.gain[0],) * 4, dtype=torch.float64)  # gain_h on x and y, as YOLOv5
-        return clip_boxes((xyxy.double() - offset) / gain, self.shape0)
+        return clip_boxes((xyxy.double() - offset) / self.gain, self.shape0)
 
     def normalised(self, cxcywh: torch.Tensor, batch_hw: tuple[int, int]) -> torch.Tensor:
         """(n, 4) centre/size boxes normalised to the batch image (the loader's label rows) ->

@@ -195,17 +195,18 @@ def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device, c
         opt.workers = default_workers(device, info.world_size)
         if info.is_main:
             print(f"Data loading: {opt.workers} worker processes per training process (--workers N to choose)")
+    pin_memory = device.type == "cuda"  # page-locked batches only when they go to a GPU
     train_loader, train_set = create_dataloader(
         data["train"], imgsz, opt.batch_size // info.world_size, gs, hyp=hyp, augment=True, rect=opt.rect,
         workers=opt.workers, shuffle=not opt.rect, rank=info.rank, world_size=info.world_size, seed=opt.seed,
-        cache=opt.cache, single_cls=opt.single_cls, nc=data["nc"], pin_memory=device.type == "cuda")
+        cache=opt.cache, single_cls=opt.single_cls, nc=data["nc"], pin_memory=pin_memory)
     _require_labels(train_set, data["train"])
     val_loader = None
     if info.is_main:
         val_loader, _ = create_dataloader(
             data["val"], imgsz, max(opt.batch_size // info.world_size, 1) * 2, gs, hyp=hyp, augment=False,
             rect=True, workers=opt.workers, shuffle=False, seed=opt.seed, cache=opt.cache,
-            single_cls=opt.single_cls, pad=0.5, nc=data["nc"], pin_memory=device.type == "cuda")
+            single_cls=opt.single_cls, pad=0.5, nc=data["nc"], pin_memory=pin_memory)
 
     if ckpt is None:  # a resumed run keeps the anchors it was trained with
         _fit_anchors(opt, model, train_set, hyp, imgsz, info)

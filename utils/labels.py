@@ -239,15 +239,10 @@ def parse_label_file(path: str) -> tuple[np.ndarray, str, str, bool]:
         return empty, f"unreadable label file ({type(e).__name__})", "", True
     if not rows:
         return empty, "", "", True
-    # Range checks run on every coordinate as written (box values or polygon points).
-    try:
-        coords = np.array([float(v) for r in rows for v in r[1:]], dtype=np.float64)
-    except ValueError:
-        return empty, "non-numeric value", "", True
-    lb, err = _rows_to_boxes(rows)
+    lb, err = _rows_to_boxes(rows)  # polygons become boxes first: YOLOv5 checks the boxes
     if err:
         return empty, err, "", True
-    if not (np.isfinite(lb).all() and np.isfinite(coords).all()):
+    if not np.isfinite(lb).all():  # a non-finite polygon point makes its box non-finite too
         return empty, "non-finite value", "", True
     cls = lb[:, 0]
     bad_cls = (cls < 0) | (cls != np.round(cls))
