@@ -111,7 +111,7 @@ def test_labels_to_coco_json_and_records():
     assert [im["file_name"] for im in anno["images"]] == ["x.png", "y.png"]
     assert anno["images"][0]["height"] == 100 and anno["images"][0]["width"] == 200
     (a,) = anno["annotations"]
-    assert a["id"] >= 1 and a["image_id"] == 1 and a["category_id"] == 1
+    assert a["id"] >= 1 and a["image_id"] == "x" and a["category_id"] == 1
     assert a["bbox"] == pytest.approx([80, 30, 40, 40]) and a["area"] == pytest.approx(1600)
     assert [c["id"] for c in anno["categories"]] == [0, 1]
     # repeated base names fall back to full paths, which the lookup still resolves
@@ -141,3 +141,22 @@ def test_coco_evaluate_no_detections(tmp_path):
     anno = labels_to_coco_json([np.array([[0, 0.5, 0.5, 0.2, 0.2]])], ["a.png"], [(10, 10)], ["x"])
     res = coco_evaluate(anno, [])
     assert res["map"] == 0.0 and res["map50"] == 0.0
+
+
+def test_non_numeric_stems_become_string_ids_as_yolov5_writes_them(tmp_path):
+    # YOLOv5's --save-json writes image_id = int(stem) for numeric stems, the stem string otherwise
+    labels = [np.array([[0, 0.5, 0.5, 0.2, 0.4]]), np.array([[1, 0.3, 0.3, 0.2, 0.2]])]
+    files = ["/d/img_a.jpg", "/d/img_b.jpg"]
+    anno = labels_to_coco_json(labels, files, [(100, 200), (50, 60)], ["p", "q"])
+    assert [im["id"] for im in anno["images"]] == ["img_a", "img_b"]
+    lookup = ImageIdLookup(anno)
+    dets = [torch.tensor([[80.0, 30.0, 120.0, 70.0, 0.9, 0.0]]), torch.tensor([[12.0, 10.0, 24.0, 20.0, 0.8, 1.0]])]
+    preds = [r for f, d in zip(files, dets) for r in predictions_to_coco(d, lookup(f), [0, 1])]
+    assert [r["image_id"] for r in preds] == ["img_a", "img_b"]
+    res = coco_evaluate(anno, preds, img_ids=[lookup(f) for f in files])
+    assert res["map50"] == pytest.approx(1.0) and res["map"] == pytest.approx(1.0)
+    # a mix of numeric and other stems: all strings (pycocotools sorts the ids); repeated stems: 1, 2, ...
+    mixed = labels_to_coco_json(labels, ["/d/0005.jpg", "/d/x.jpg"], [(10, 10)] * 2, ["p", "q"])
+    assert [im["id"] for im in mixed["images"]] == ["0005", "x"]
+    repeated = labels_to_coco_json(labels, ["/d/a/x.jpg", "/d/b/x.png"], [(10, 10)] * 2, ["p", "q"])
+    assert [im["id"] for im in repeated["images"]] == [1, 2]

@@ -53,14 +53,14 @@ class ImageIdLookup:
     """
 
     def __init__(self, anno: dict) -> None:
-        self.by_name: dict[str, int] = {}
-        self.ids: set[int] = set()
+        self.by_name: dict[str, int | str] = {}
+        self.ids: set[int | str] = set()
         for im in anno.get("images", []):
-            self.by_name[Path(im["file_name"]).as_posix()] = int(im["id"])
-            self.ids.add(int(im["id"]))
+            self.by_name[Path(im["file_name"]).as_posix()] = im["id"]
+            self.ids.add(im["id"])
         self.depths = sorted({len(Path(k).parts) for k in self.by_name}) or [1]
 
-    def __call__(self, path: str | Path) -> int:
+    def __call__(self, path: str | Path) -> int | str:
         p = Path(path)
         if p.as_posix() in self.by_name:
             return self.by_name[p.as_posix()]
@@ -73,7 +73,8 @@ class ImageIdLookup:
         raise ValueError(f"image {p} is not listed in the annotation json (images are matched by file_name)")
 
 
-def predictions_to_coco(detections: torch.Tensor | np.ndarray, image_id: int, cat_ids: Sequence[int]) -> list[dict]:
+def predictions_to_coco(detections: torch.Tensor | np.ndarray, image_id: int | str,
+                        cat_ids: Sequence[int]) -> list[dict]:
     """COCO result records of one image.
 
     detections: (n, 6) x1, y1, x2, y2, conf, cls in ORIGINAL image pixels. Each record is
@@ -84,7 +85,7 @@ def predictions_to_coco(detections: torch.Tensor | np.ndarray, image_id: int, ca
     for x1, y1, x2, y2, conf, cls in d.tolist():
         out.append(
             {
-                "image_id": int(image_id),
+                "image_id": image_id,
                 "category_id": int(cat_ids[int(cls)]),
                 "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
                 "score": round(conf, 5),
@@ -103,18 +104,21 @@ def labels_to_coco_json(
 
     labels: per image an (n, 5) array cls, xc, yc, w, h normalised to 0-1; im_files: image paths;
     shapes: per image the original (height, width) in pixels; names: class names (category id =
-    class index). Image ids are the file stems as numbers when every stem is a distinct number, as
-    YOLOv5 numbers its json records (``000005.jpg`` → 5), else 1-based in file order; ``file_name`` is
-    the base name, or the full path when base names repeat. Annotation ids start at 1 (pycocotools
-    treats id 0 as unmatched).
+    class index). Image ids are what YOLOv5 writes as its records' ``image_id``: the stem as a number
+    when every stem is a distinct number (``000005.jpg`` → 5), else the stem itself (``img_a.jpg`` →
+    ``"img_a"``) when the stems are distinct — all strings then, since pycocotools cannot sort a mix of
+    numbers and strings —, else 1-based numbers in file order. ``file_name`` is the base name, or the
+    full path when base names repeat. Annotation ids start at 1 (pycocotools treats id 0 as unmatched).
     """
     if not (len(labels) == len(im_files) == len(shapes)):
         raise ValueError(f"labels ({len(labels)}), im_files ({len(im_files)}) and shapes ({len(shapes)}) differ")
     base = [Path(f).name for f in im_files]
     unique = len(set(base)) == len(base)
     stems = [Path(f).stem for f in im_files]
-    numeric = all(st.isnumeric() for st in stems) and len({int(st) for st in stems}) == len(stems)
-    ids = [int(st) for st in stems] if numeric else list(range(1, len(stems) + 1))
+    ids: list[int | str] = list(range(1, len(stems) + 1))
+    if len(set(stems)) == len(stems):
+        numeric = all(st.isnumeric() for st in stems) and len({int(st) for st in stems}) == len(stems)
+        ids = [int(st) for st in stems] if numeric else list(stems)
     images, annotations = [], []
     for i, lab, f, (h, w) in zip(ids, labels, im_files, shapes):
         name = Path(f).name if unique else Path(f).as_posix()
@@ -141,7 +145,7 @@ def labels_to_coco_json(
 
 
 def coco_evaluate(
-    anno_json: str | Path | dict, pred_json: str | Path | list, img_ids: Sequence[int] | None = None
+    anno_json: str | Path | dict, pred_json: str | Path | list, img_ids: Sequence[int | str] | None = None
 ) -> dict:
     """Run the pycocotools bbox evaluation.
 
@@ -164,7 +168,7 @@ def coco_evaluate(
         dt = gt.loadRes(preds)
         ev = COCOeval(gt, dt, "bbox")
         if img_ids is not None:
-            ev.params.imgIds = sorted({int(i) for i in img_ids})
+            ev.params.imgIds = sorted(set(img_ids))
         ev.evaluate()
         ev.accumulate()
         summary_start = log.tell()
