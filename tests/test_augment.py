@@ -301,7 +301,7 @@ def test_boxes_follow_pixels_through_mosaic_perspective_flip(tmp_path: Path) -> 
     checked = 0
     for epoch in range(40):
         ds.set_epoch(epoch)  # a new augmentation draw for the same item
-        img, labels, *_ = ds[0]  # index 0 is always the first mosaic tile
+        img, labels, *_ = ds[0]  # image 0 is always one of the four tiles
         bgr = np.ascontiguousarray(img.numpy().transpose(1, 2, 0)[..., ::-1])
         mask = magenta_mask(bgr)
         boxes = xywhn2xyxy(labels[labels[:, 1] == 1, 2:].numpy(), 128, 128)
@@ -323,6 +323,26 @@ def test_boxes_follow_pixels_through_mosaic_perspective_flip(tmp_path: Path) -> 
             if s[cv2.CC_STAT_AREA] > 150:
                 assert any(b[0] <= s[0] + 2 and b[1] <= s[1] + 2 for b in boxes), (boxes, blobs)
     assert checked >= 20  # the loop really exercised the geometry
+
+
+def test_mosaic_puts_the_items_own_image_in_any_tile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """YOLOv5 shuffles the item's image among the four; always up-left would bias where objects land."""
+    import utils.dataset as dataset_module
+
+    tiles: list[list[np.ndarray]] = []
+    real = dataset_module.mosaic4
+    monkeypatch.setattr(dataset_module, "mosaic4", lambda items, *a, **k: (tiles.append([lb for _, lb in items]),
+                                                                          real(items, *a, **k))[1])
+    hyp = {"hsv_h": 0, "hsv_s": 0, "hsv_v": 0, "degrees": 0.0, "translate": 0.0, "scale": 0.0, "shear": 0.0,
+           "flipud": 0.0, "fliplr": 0.0, "mosaic": 1.0, "mixup": 0.0}
+    ds = YoloDataset(_rect_dataset(tmp_path), imgsz=64, augment=True, hyp=hyp, seed=0)
+    for epoch in range(200):
+        ds.set_epoch(epoch)
+        ds[3]
+    own = [[lb is ds.labels[3] for lb in t] for t in tiles]
+    assert len(own) == 200 and all(any(o) for o in own)
+    counts = np.sum(own, 0)  # per tile, how often image 3 was there (the other three picks may hit it too)
+    assert counts.min() >= 35, counts
 
 
 def test_boxes_follow_pixels_without_mosaic(tmp_path: Path) -> None:

@@ -286,6 +286,7 @@ class YoloDataset(Dataset):
 
     def _load_mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         picks = [index, *(int(j) for j in self.rng.integers(0, self.n, 3))]
+        self.rng.shuffle(picks)  # the item's own image takes any of the four tiles, as in YOLOv5
         items = [(self.load_image(j)[0], self.labels[j]) for j in picks]
         img, px = mosaic4(items, self.imgsz, self.rng, out=self._canvas)
         self._canvas = img  # free to reuse: the warp below always writes a new (imgsz, imgsz) image
