@@ -26,6 +26,7 @@ from engine.setup import Run, prepare_run, resume_options, setup_distributed
 from engine.step import train_step
 from models import load_model
 from models.checkpoint import save_checkpoint
+from utils.multiscale import draw_long_side, resize_batch
 from utils.precision import FP32_CPU_INFERENCE, Precision
 from utils.torch_utils import broadcast_flag, deterministic_algorithms, set_rng_state, state_digest
 
@@ -55,6 +56,8 @@ def train_one_epoch(run: Run, epoch: int, latch: InterruptLatch | None = None) -
         ni = i + n_batches * epoch
         accumulate = run.warmup.step(run.optimizer, ni, epoch)
         imgs, targets = imgs.to(run.device, non_blocking=True), targets.to(run.device)
+        if opt.multi_scale:
+            imgs = _rescaled(run, imgs, ni)
         terms = train_step(run, imgs, targets, ni, accumulate, scale)
         if terms is None:
             _skip_step(run, epoch, i)
@@ -67,6 +70,13 @@ def train_one_epoch(run: Run, epoch: int, latch: InterruptLatch | None = None) -
             line = progress_line(epoch, opt.epochs, _mem_gb(run.device), means, targets.shape[0], imgs.shape[-1])
             bar.set_description(line)
     return {k: v / max(n_batches, 1) for k, v in sums.items()}
+
+
+def _rescaled(run: Run, imgs: torch.Tensor, ni: int) -> torch.Tensor:
+    """--multi-scale: batch ``ni`` at its drawn size (`utils.multiscale`), as float 0-1 images."""
+    data = run.train_loader.dataset
+    side = draw_long_side(data.imgsz, data.stride, run.opt.seed, ni, max(run.info.rank, 0))
+    return resize_batch(run.precision.images(imgs), side, data.stride)
 
 
 def _skip_step(run: Run, epoch: int, batch: int) -> None:
