@@ -39,9 +39,11 @@ def training_checkpoint(
     epoch: int,
     best_fitness: float,
     history: list[dict] | None = None,
+    class_maps: list[float] | None = None,
 ) -> dict:
     """The full state after `epoch` (0-based) finished. ``history``: the results.csv rows of epochs
-    0..epoch (dicts of str -> int/float), so results.csv can be rebuilt exactly on --resume."""
+    0..epoch (dicts of str -> int/float), so results.csv can be rebuilt exactly on --resume;
+    ``class_maps``: the last validation's per-class mAP50-95, which --image-weights samples by."""
     student = unwrap_model(model)
     return {
         "format": FORMAT,
@@ -60,6 +62,7 @@ def training_checkpoint(
         "hyp": dict(hyp),
         "rng": rng_state(),
         "history": [dict(row) for row in (history or [])],
+        "class_maps": None if class_maps is None else [float(m) for m in class_maps],
         "date": datetime.now(timezone.utc).isoformat(),
     }
 

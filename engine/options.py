@@ -43,6 +43,8 @@ TRAIN_FLAGS: dict[str, list[tuple[str | tuple[str, ...], str, dict]]] = {
         (("--imgsz", "--img", "--img-size"), "train/val image size (pixels)", {**_INT, "default": 640}),
         ("--single-cls", "train multi-class data as one class", _SWITCH),
         ("--rect", "rectangular training batches (no mosaic)", _SWITCH),
+        ("--image-weights", "draw each epoch's training images with replacement, favouring rare classes and "
+                            "classes with a low mAP at the last validation (one process, not with --rect)", _SWITCH),
         ("--multi-scale", "train each batch at a random size in [0.5, 1.5] × --imgsz (multiples of the max "
                           "stride; validation stays at --imgsz)", _SWITCH),
         ("--cache", "image cache: ram (as --cache alone), none, or auto (default: ram when the resized images "

@@ -47,6 +47,7 @@ from utils.geometry import round_to_stride
 from utils.loss import scale_hyp
 from utils.plots import plot_labels, plot_results
 from utils.precision import FP32_CPU, Precision, choose_precision
+from utils.sampling import image_weights
 from utils.torch_utils import (
     DistInfo,
     WeightEMA,
@@ -89,6 +90,7 @@ class Run:
     nonfinite_streak: int = 0
     resume_rng: dict | None = None
     history: list[dict] = field(default_factory=list)  # one results.csv row per finished epoch
+    class_maps: list[float] | None = None  # per-class mAP50-95 of the last validation (--image-weights)
     trainable_parameters: list = field(default_factory=list)
 
     precision: Precision = FP32_CPU  # autocast dtype / channels_last / GradScaler (utils.precision)
@@ -101,6 +103,9 @@ class Run:
         """Make the data order and augmentation of `epoch` a function of (seed, epoch) alone, so a
         resumed run sees exactly the batches the uninterrupted run would have seen."""
         set_loader_epoch(self.train_loader, epoch, self.opt.seed)
+        if self.opt.image_weights:  # this epoch's draw favours rare and badly detected classes
+            labels = self.train_loader.dataset.labels
+            self.train_loader.sampler.weights = torch.as_tensor(image_weights(labels, len(self.names), self.class_maps))
 
     def learning_rates(self) -> list[float]:
         """The groups' current LRs in YOLOv5's group order (results.csv's x/lr0..2)."""
@@ -199,7 +204,8 @@ def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device, c
     train_loader, train_set = create_dataloader(
         data["train"], imgsz, opt.batch_size // info.world_size, gs, hyp=hyp, augment=True, rect=opt.rect,
         workers=opt.workers, shuffle=not opt.rect, rank=info.rank, world_size=info.world_size, seed=opt.seed,
-        cache=opt.cache, single_cls=opt.single_cls, nc=data["nc"], pin_memory=pin_memory)
+        cache=opt.cache, single_cls=opt.single_cls, nc=data["nc"], pin_memory=pin_memory,
+        image_weights=opt.image_weights)
     _require_labels(train_set, data["train"])
     val_loader = None
     if info.is_main:
@@ -444,6 +450,8 @@ def _restore(run: Run, ckpt: dict) -> None:
     run.scheduler.last_epoch = ckpt["epoch"] + 1  # the optimizer state already holds that epoch's LR
     run.last_step = run.start_epoch * len(run.train_loader) - 1
     run.resume_rng = ckpt.get("rng")
+    maps = ckpt.get("class_maps")  # absent from checkpoints older than --image-weights
+    run.class_maps = [float(m) for m in maps] if isinstance(maps, list) and len(maps) == len(run.names) else None
     _restore_history(run, ckpt.get("history"))
     if run.info.is_main:
         LOGGER.info(f"Resuming {run.save_dir} from epoch {run.start_epoch + 1}/{run.opt.epochs}")

@@ -155,6 +155,8 @@ def _train_loop(run: Run, on_epoch_end: EpochHook | None, latch: InterruptLatch 
             improved = metrics is not None and metrics["fitness"] > run.best_fitness
             if improved:
                 run.best_fitness, run.best_epoch = metrics["fitness"], epoch
+            if metrics is not None:
+                run.class_maps = list(metrics["maps"])
             run.history.append(row)
             _save(run, epoch, improved, final)  # the checkpoint carries the history, row included ...
             run.write_results()  # ... so a kill between these two lines loses nothing on --resume
@@ -173,7 +175,7 @@ def _save(run: Run, epoch: int, improved: bool, final: bool) -> None:
     if run.opt.nosave and not final:
         return
     ckpt = training_checkpoint(run.model, run.ema, run.optimizer, run.scaler, run.distiller, run.opt, run.hyp,
-                               epoch, run.best_fitness, run.history)
+                               epoch, run.best_fitness, run.history, run.class_maps)
     save_checkpoint(ckpt, run.weights_dir / "last.pt")
     if improved or not (run.weights_dir / "best.pt").exists():
         save_checkpoint(deployable(ckpt), run.weights_dir / "best.pt")

@@ -60,15 +60,22 @@ class _Interrupt(Exception):  # noqa: N818 - a control-flow signal in this test,
     pass
 
 
-def test_resume_continues_exactly(tiny_data: Path, tmp_path: Path) -> None:
-    full = fit(parse_options(train_args(tiny_data, tmp_path, "full", 3)))
+@pytest.mark.parametrize("flags", [(), ("--image-weights", "--multi-scale")])  # per-epoch sampling, per-batch sizes
+def test_resume_continues_exactly(tiny_data: Path, tmp_path: Path, flags: tuple[str, ...],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.setup as setup
+
+    maps_used: list = []  # --image-weights: the per-class mAPs each epoch's draw was weighted by
+    real = setup.image_weights
+    monkeypatch.setattr(setup, "image_weights", lambda lab, nc, maps: maps_used.append(maps) or real(lab, nc, maps))
+    full = fit(parse_options(train_args(tiny_data, tmp_path, "full", 3, *flags)))
 
     def stop_after_second_epoch(epoch: int, row: dict) -> None:
         if epoch == 1:
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        fit(parse_options(train_args(tiny_data, tmp_path, "cut", 3)), on_epoch_end=stop_after_second_epoch)
+        fit(parse_options(train_args(tiny_data, tmp_path, "cut", 3, *flags)), on_epoch_end=stop_after_second_epoch)
     last = tmp_path / "cut" / "weights" / "last.pt"
     assert load_checkpoint(last)["raw"]["epoch"] == 1
     resumed = fit(parse_options(["--resume", str(last)]))
@@ -82,6 +89,8 @@ def test_resume_continues_exactly(tiny_data: Path, tmp_path: Path) -> None:
             torch.testing.assert_close(b[key][name], value, rtol=0, atol=1e-6, msg=f"{key}.{name}")
     rows = list(csv_rows(tmp_path / "cut" / "results.csv"))
     assert [r["epoch"] for r in rows] == ["0", "1", "2"]  # YOLOv5 counts epochs from 0
+    if flags:  # full run's 3 epochs, the cut run's 2, the resumed epoch: weighted by what the full run had
+        assert len(maps_used) == 6 and maps_used[0] is None and maps_used[5] == maps_used[2] is not None
 
 
 def test_resume_keeps_its_device_unless_told_and_may_move_to_loss_scaling(tiny_data: Path, tmp_path: Path,

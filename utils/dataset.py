@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, WeightedRandomSampler, get_worker_info
 
 from utils.augment import jitter_hsv, letterbox, mixup, mosaic4, random_warp, resize_to
 from utils.boxes import xywhn2xyxy, xyxy2xywhn
@@ -456,6 +456,7 @@ def create_dataloader(
     pad: float = 0.0,
     nc: int | None = None,
     pin_memory: bool = False,
+    image_weights: bool = False,
 ) -> tuple[DataLoader, YoloDataset]:
     """Build a :class:`YoloDataset` and its DataLoader; returns ``(loader, dataset)``.
 
@@ -465,7 +466,10 @@ def create_dataloader(
     their workers between epochs; augmenting ones restart them so each epoch's augmentation stream
     (seed, epoch, index) reaches them. The same seed gives the same batches. ``nc`` enables the
     class-range check on labels. ``pin_memory``: page-locked batches, for a loader that feeds a CUDA
-    device (a CPU run on a GPU machine must not pin: that starts CUDA for nothing).
+    device (a CPU run on a GPU machine must not pin: that starts CUDA for nothing). ``image_weights``:
+    draw each epoch's images with replacement through a ``WeightedRandomSampler`` (uniform weights
+    until the trainer sets them, `utils.sampling`) that shares the loader's seeded generator; one
+    process only.
     """
     if rect and shuffle:
         LOGGER.warning("rect=True is incompatible with shuffle; shuffle disabled")
@@ -476,11 +480,17 @@ def create_dataloader(
                           nc=nc, processes=world_size)
     batch_size = min(batch_size, len(dataset))
     nw = max(0, min(int(workers), os.cpu_count() or 1))
-    sampler = None
-    if world_size > 1:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank_offset, shuffle=shuffle, seed=seed)
     generator = torch.Generator()
     generator.manual_seed(seed + 1_000_003 * rank_offset)
+    sampler = None
+    if image_weights:
+        if world_size > 1 or rect:
+            raise ValueError("--image-weights draws images one process at a time in random order: it works "
+                             "neither under torchrun (DDP) nor with --rect; drop one of them")
+        sampler = WeightedRandomSampler(torch.ones(len(dataset), dtype=torch.float64), len(dataset),
+                                        replacement=True, generator=generator)
+    elif world_size > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank_offset, shuffle=shuffle, seed=seed)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
