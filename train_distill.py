@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from distill.cli import add_distill_args
-from engine.options import DEMO_PRESET, add_train_args
+from engine.options import DEMO_PRESET, add_train_args, add_yolov5_only_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_train_args(parser)
     add_distill_args(parser)
+    add_yolov5_only_args(parser)
     return parser
 
 

@@ -244,7 +244,24 @@ TRAIN_CASES = {
     "yaml_syntax": (["--data", "{syntax}"], "syntax.yaml: YAML syntax error at line"),
     "names_empty": (["--data", "{empty}"], "empty_names.yaml: 'names' is empty"),
     "no_labels_folder": (["--data", "{nolabels}"], "not a single label file"),
+    "yolov5_evolve": (["--evolve"], "--evolve: YOLOv5's hyper-parameter evolution is not part of this tool"),
+    "yolov5_quad": (["--quad"], "--quad: YOLOv5's four-image collate is not supported"),
+    "image_weights_rect": (["--image-weights", "--rect"], "--image-weights draws images one process at a time"),
 }
+
+
+def test_yolov5_only_flags_are_accepted_and_say_they_do_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    from engine.options import check_options
+
+    argv = ["--local_rank", "0", "--bbox_interval", "5", "--entity", "team", "--upload_dataset"]
+    opt = train_distill.parse_options(train_args(Path("data.yaml"), Path("runs"), "x", 1, *argv))
+    assert opt.local_rank == 0 and opt.bbox_interval == 5 and opt.upload_dataset is True
+    with caplog.at_level("WARNING"):
+        check_options(opt)
+    assert "--entity, --upload_dataset, --bbox_interval: YOLOv5's remote-logging flags have no effect" in caplog.text
+    caplog.clear()
+    check_options(train_distill.parse_options(train_args(Path("data.yaml"), Path("runs"), "x", 1, "--local-rank=1")))
+    assert not caplog.text  # the launcher's flag is expected, not warned about
 
 
 @pytest.mark.parametrize("case", TRAIN_CASES)
