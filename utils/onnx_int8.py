@@ -251,10 +251,11 @@ def _pre_processed(onnx, src: Path, pre: Path, tmp: str, static: bool):
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     errors = []
+    src, pre = src.resolve(), pre.resolve()  # before the chdir: a relative --weights is relative to here
     for skip_symbolic in (False, True) if static else (True,):
         try:
             with contextlib.chdir(tmp):
-                quant_pre_process(str(src.resolve()), str(pre), skip_symbolic_shape=skip_symbolic)
+                quant_pre_process(str(src), str(pre), skip_symbolic_shape=skip_symbolic)
             return onnx.load(str(pre))
         except Exception as e:
             errors.append(f"{type(e).__name__}: {e}")
