@@ -185,6 +185,7 @@ for spec in sys.argv[3:]:
         ours50 = ours = "not run"
     rows.append(f"| {name} ({init}) | {imgsz} | {teacher} | {kd} | {ours50} | {ours} | {pub50} | {pub} |")
 text = "\n".join([f"# VisDrone2019-DET ({task} split): yolov5m student, our runs vs. published", "", *rows, ""])
+project.mkdir(parents=True, exist_ok=True)  # the summary of no runs yet is a table of "not run"
 (project / "summary.md").write_text(text)
 print(text)
 PY
