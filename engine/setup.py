@@ -217,7 +217,7 @@ def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device, c
     if ckpt is None:  # a resumed run keeps the anchors it was trained with
         _fit_anchors(opt, model, train_set, hyp, imgsz, info)
     precision = _choose_precision(opt, device, model, info)
-    teacher, distiller = _build_distiller(opt, model, loss_hyp, device, precision)
+    teacher, distiller = _build_distiller(opt, model, loss_hyp, device, precision, info.is_main)
     if distiller is not None and info.distributed:
         broadcast_state(distiller)  # DDP broadcasts only the student it wraps
     nbs = opt.nominal_batch
@@ -370,7 +370,7 @@ def _choose_precision(opt: argparse.Namespace, device: torch.device, model: nn.M
 
 
 def _build_distiller(opt: argparse.Namespace, student: DetectionModel, loss_hyp: dict, device: torch.device,
-                     precision: Precision) -> tuple[DetectionModel | None, nn.Module | None]:
+                     precision: Precision, is_main: bool = True) -> tuple[DetectionModel | None, nn.Module | None]:
     if not opt.t_weights:
         config_from_args(opt, loss_hyp)  # rejects KD flags given without a teacher
         return None, None
@@ -378,7 +378,7 @@ def _build_distiller(opt: argparse.Namespace, student: DetectionModel, loss_hyp:
     teacher = load_teacher(opt.t_weights, device, cfg=opt.t_cfg or None, precision=precision,
                            fold_bn=not any(BN_STATS in FEATURE_TABLE[m].needs for m in cfg.features))
     distiller = Distiller(student, teacher, cfg).to(device)
-    for line in distiller.summary():
+    for line in distiller.summary() if is_main else ():  # once per run, not once per DDP rank
         LOGGER.info(line)
     return teacher, distiller
 
