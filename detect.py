@@ -23,6 +23,7 @@ from pathlib import Path
 
 from engine.cli import configure_logging, parser_from_table, require, run_guarded
 from engine.predict import Detections, DetectSettings, predict
+from engine.yolov5_flags import Yolov5OnlyFlag, add_yolov5_only_flags, check_yolov5_only_flags, without_yolov5_only
 from utils.allocator import keep_freed_memory
 from utils.torch_utils import parse_device
 
@@ -47,10 +48,14 @@ def run(
     half: bool = False,
     verbose: bool = True,
     agnostic_nms: bool = False,
+    hide_labels: bool = False,
+    hide_conf: bool = False,
+    save_crop: bool = False,
+    vid_stride: int = 1,
 ) -> Detections:
     """:func:`engine.predict.predict` with detect.py's flags; prints a line per frame and the speeds."""
     settings = DetectSettings(conf_thres, iou_thres, max_det, classes, view_img, save_txt, save_conf, nosave,
-                              line_width, agnostic_nms)
+                              line_width, agnostic_nms, hide_labels, hide_conf, save_crop, vid_stride)
     out = predict(weights, source, imgsz, device, half, settings, project, name, exist_ok,
                   report=print if verbose else None)
     if verbose:
@@ -71,6 +76,7 @@ CLI_FLAGS: dict[str, list[tuple[str | tuple[str, ...], str, dict]]] = {
         (("--imgsz", "--img", "--img-size"), "h w, or one size", {"nargs": "+", "type": int, "default": [640]}),
         ("--device", "cpu, or a CUDA index such as 0 (default: CUDA if available)", {"default": ""}),
         ("--half", "fp16 PyTorch inference (CUDA only)", _SWITCH),
+        ("--vid-stride", "read every N-th frame of a video", {"type": int, "default": 1}),
     ],
     "which detections": [
         ("--conf-thres", "score threshold (objectness × class)", {"type": float, "default": 0.25}),
@@ -87,15 +93,32 @@ CLI_FLAGS: dict[str, list[tuple[str | tuple[str, ...], str, dict]]] = {
         ("--nosave", "do not save annotated images/videos", _SWITCH),
         ("--save-txt", "save YOLO-format labels to labels/*.txt", _SWITCH),
         ("--save-conf", "append the score to each --save-txt row", _SWITCH),
-        ("--line-width", "box line width in pixels (default: by picture size)", {"type": int}),
+        ("--save-crop", "save each detection's crop to crops/<class name>/<stem>.jpg", _SWITCH),
+        (("--line-width", "--line-thickness"), "box line width in pixels (default: by picture size)", {"type": int}),
+        ("--hide-labels", "draw boxes without name tags", _SWITCH),
+        ("--hide-conf", "name tags without the score", _SWITCH),
         ("--view-img", "show results in a window", _SWITCH),
     ],
 }
 
 
+YOLOV5_ONLY_FLAGS = [
+    Yolov5OnlyFlag(("--data",), "YOLOv5 reads class names from it for some runtimes; ours come from the weights",
+                   {"default": None}),
+    Yolov5OnlyFlag(("--dnn",), "YOLOv5's OpenCV DNN runtime; .onnx files run in onnxruntime"),
+    Yolov5OnlyFlag(("--update",), "YOLOv5's stripping of optimizer state from its model files"),
+    Yolov5OnlyFlag(("--augment",), "YOLOv5's test-time augmentation is not part of this tool; detect without it",
+                   refused=True),
+    Yolov5OnlyFlag(("--visualize",), "YOLOv5's feature-map dumps are not part of this tool (analyze_kd.py "
+                   "draws per-image entropy maps)", refused=True),
+]
+
+
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the `CLI_FLAGS` command line."""
-    return parser_from_table("Detect objects in images and videos", CLI_FLAGS).parse_args(argv)
+    """Parse the `CLI_FLAGS` command line (and YOLOv5's flags that do nothing here)."""
+    parser = parser_from_table("Detect objects in images and videos", CLI_FLAGS)
+    add_yolov5_only_flags(parser, YOLOV5_ONLY_FLAGS)
+    return parser.parse_args(argv)
 
 
 def check_options(opt: argparse.Namespace) -> argparse.Namespace:
@@ -105,7 +128,9 @@ def check_options(opt: argparse.Namespace) -> argparse.Namespace:
     require(0.0 <= opt.iou_thres <= 1.0, f"--iou-thres {opt.iou_thres}: an IoU threshold in [0, 1]")
     require(opt.max_det >= 1, f"--max-det {opt.max_det}: must be at least 1")
     require(opt.line_width is None or opt.line_width >= 1, f"--line-width {opt.line_width}: must be at least 1")
+    require(opt.vid_stride >= 1, f"--vid-stride {opt.vid_stride}: must be at least 1")
     parse_device(opt.device)
+    check_yolov5_only_flags(opt, YOLOV5_ONLY_FLAGS)
     return opt
 
 
@@ -114,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     opt = parse_opt(argv)
     configure_logging()
     keep_freed_memory()
-    status, _ = run_guarded("detect.py", lambda: run(**vars(check_options(opt))), extra_errors=(ImportError,))
+    status, _ = run_guarded("detect.py", lambda: run(**without_yolov5_only(check_options(opt), YOLOV5_ONLY_FLAGS)),
+                            extra_errors=(ImportError,))
     return status
 
 

@@ -51,6 +51,7 @@ from engine.export import (
     preprocess,
     synthetic_image,
 )
+from engine.yolov5_flags import Yolov5OnlyFlag, add_yolov5_only_flags, check_yolov5_only_flags
 from utils.torch_utils import parse_device
 
 # The library functions scripts and tests use through this module's name.
@@ -89,9 +90,27 @@ CLI_FLAGS: dict[str, list[tuple[str | tuple[str, ...], str, dict]]] = {
 }
 
 
+_TF_ONLY = "an option of YOLOv5's TensorFlow/TensorRT/CoreML exports; ONNX files are written without it"
+YOLOV5_ONLY_FLAGS = [
+    Yolov5OnlyFlag(("--inplace",), "YOLOv5's in-place Detect decode; the exported decode gives the same numbers"),
+    Yolov5OnlyFlag(("--keras",), _TF_ONLY),
+    Yolov5OnlyFlag(("--optimize",), "YOLOv5's TorchScript mobile optimisation (no TorchScript export here)"),
+    Yolov5OnlyFlag(("--verbose",), "YOLOv5's TensorRT log level"),
+    Yolov5OnlyFlag(("--workspace",), "YOLOv5's TensorRT workspace size", {"type": int, "default": 4}),
+    Yolov5OnlyFlag(("--nms",), _TF_ONLY + " (run NMS after onnxruntime, as val.py and detect.py do)"),
+    Yolov5OnlyFlag(("--agnostic-nms",), _TF_ONLY),
+    Yolov5OnlyFlag(("--topk-per-class",), _TF_ONLY, {"type": int, "default": 100}),
+    Yolov5OnlyFlag(("--topk-all",), _TF_ONLY, {"type": int, "default": 100}),
+    Yolov5OnlyFlag(("--iou-thres",), _TF_ONLY, {"type": float, "default": 0.45}),
+    Yolov5OnlyFlag(("--conf-thres",), _TF_ONLY, {"type": float, "default": 0.25}),
+]
+
+
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the `CLI_FLAGS` command line."""
-    return parser_from_table("Export a YOLOv5 detector to ONNX and check it in onnxruntime", CLI_FLAGS).parse_args(argv)
+    """Parse the `CLI_FLAGS` command line (and YOLOv5's flags that do nothing here)."""
+    parser = parser_from_table("Export a YOLOv5 detector to ONNX and check it in onnxruntime", CLI_FLAGS)
+    add_yolov5_only_flags(parser, YOLOV5_ONLY_FLAGS)
+    return parser.parse_args(argv)
 
 
 def check_options(opt: argparse.Namespace) -> argparse.Namespace:
@@ -100,6 +119,7 @@ def check_options(opt: argparse.Namespace) -> argparse.Namespace:
     require(opt.batch_size >= 1, f"--batch-size {opt.batch_size}: must be at least 1")
     require(opt.calib_images >= 1, f"--calib-images {opt.calib_images}: must be at least 1")
     parse_device(opt.device)
+    check_yolov5_only_flags(opt, YOLOV5_ONLY_FLAGS)
     return opt
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from engine.cli import configure_logging, require, run_guarded
 from engine.evaluate import EvalSettings, results_table
 from engine.validate import TASKS, validate
+from engine.yolov5_flags import Yolov5OnlyFlag, add_yolov5_only_flags, check_yolov5_only_flags, without_yolov5_only
 from utils.allocator import keep_freed_memory
 from utils.torch_utils import parse_device
 
@@ -85,6 +86,15 @@ def print_report(results: dict, verbose: bool = False) -> None:
     print(f"Results saved to {results['save_dir']}")
 
 
+YOLOV5_ONLY_FLAGS = [
+    Yolov5OnlyFlag(("--augment",), "YOLOv5's test-time augmentation is not part of this tool; validate without it",
+                   refused=True),
+    Yolov5OnlyFlag(("--save-hybrid",), "YOLOv5's labels-plus-predictions files are not supported; use --save-txt",
+                   refused=True),
+    Yolov5OnlyFlag(("--dnn",), "YOLOv5's OpenCV DNN runtime; .onnx files run in onnxruntime"),
+]
+
+
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Evaluate a YOLOv5 detector (mAP50, mAP50-95, P, R).")
     p.add_argument("--weights", type=str, required=True,
@@ -111,6 +121,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of incrementing")
     p.add_argument("--workers", type=int, default=8, help="dataloader workers")
     p.add_argument("--noplots", action="store_true", help="skip plots")
+    add_yolov5_only_flags(p, YOLOV5_ONLY_FLAGS)
     return p.parse_args(argv)
 
 
@@ -123,6 +134,7 @@ def check_options(opt: argparse.Namespace) -> argparse.Namespace:
     require(opt.max_det >= 1, f"--max-det {opt.max_det}: must be at least 1")
     require(opt.workers >= 0, f"--workers {opt.workers}: must be 0 or more")
     parse_device(opt.device)
+    check_yolov5_only_flags(opt, YOLOV5_ONLY_FLAGS)
     return opt
 
 
@@ -133,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     keep_freed_memory()
 
     def work() -> dict:
-        kwargs = vars(check_options(opt))
+        kwargs = without_yolov5_only(check_options(opt), YOLOV5_ONLY_FLAGS)
         kwargs["plots"] = not kwargs.pop("noplots")
         return run(**kwargs)
 

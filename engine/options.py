@@ -8,11 +8,9 @@ saved in `opt.yaml` and in every checkpoint.
 from __future__ import annotations
 
 import argparse
-import logging
 
 from engine.cli import require
-
-LOGGER = logging.getLogger(__name__)
+from engine.yolov5_flags import Yolov5OnlyFlag, add_yolov5_only_flags, check_yolov5_only_flags
 
 DEMO_PRESET = [
     "--data", "data/demo.yaml",
@@ -97,25 +95,27 @@ TRAIN_FLAGS: dict[str, list[tuple[str | tuple[str, ...], str, dict]]] = {
     ],
 }
 
-# Accepted so that YOLOv5 command lines keep working; each help says what it does here. Added last to
-# the parser (`add_yolov5_only_args`), after the distillation flags.
-YOLOV5_ONLY_FLAGS: list[tuple[str | tuple[str, ...], str, dict]] = [
-    (("--local_rank", "--local-rank"), "set by the legacy torch.distributed.launch; the LOCAL_RANK environment "
-                                       "variable (torchrun sets it) is what counts", {**_INT, "default": -1}),
-    ("--entity", "YOLOv5's W&B entity: ignored (no remote loggers; results.csv and plots stay in the run folder)",
-     {"default": None}),
-    ("--upload_dataset", "YOLOv5's W&B dataset upload: ignored", {"nargs": "?", "const": True, "default": False}),
-    ("--bbox_interval", "YOLOv5's W&B image-logging interval: ignored", {**_INT, "default": -1}),
-    ("--artifact_alias", "YOLOv5's W&B artifact version: ignored", {"default": "latest"}),
-    ("--bucket", "YOLOv5's cloud bucket for --evolve: ignored", {"default": ""}),
-    ("--evolve", "YOLOv5's hyper-parameter evolution: not available (refused with a message)",
-     {**_INT, "nargs": "?", "const": 300, "default": None}),
-    ("--quad", "YOLOv5's four-image collate: not available (refused with a message)", _SWITCH),
+# YOLOv5's train.py flags without an effect here (`engine.yolov5_flags`); added after the distillation flags.
+YOLOV5_ONLY_FLAGS = [
+    Yolov5OnlyFlag(("--local_rank", "--local-rank"), "set by the legacy torch.distributed.launch; the LOCAL_RANK "
+                   "environment variable (torchrun sets it) is what counts", {**_INT, "default": -1}, quiet=True),
+    Yolov5OnlyFlag(("--entity",), "YOLOv5's W&B entity (no remote loggers; results stay in the run folder)",
+                   {"default": None}),
+    Yolov5OnlyFlag(("--upload_dataset",), "YOLOv5's W&B dataset upload", {"nargs": "?", "const": True,
+                                                                          "default": False}),
+    Yolov5OnlyFlag(("--bbox_interval",), "YOLOv5's W&B image-logging interval", {**_INT, "default": -1}),
+    Yolov5OnlyFlag(("--artifact_alias",), "YOLOv5's W&B artifact version", {"default": "latest"}),
+    Yolov5OnlyFlag(("--bucket",), "YOLOv5's cloud bucket for --evolve", {"default": ""}),
+    Yolov5OnlyFlag(("--evolve",), "YOLOv5's hyper-parameter evolution is not part of this tool; train with a --hyp "
+                   "yaml (data/hyps/) per setting instead", {**_INT, "nargs": "?", "const": 300, "default": None},
+                   refused=True),
+    Yolov5OnlyFlag(("--quad",), "YOLOv5's four-image collate is not supported; leave it out", refused=True),
 ]
 
-# The logging flags above: warned about when set, then ignored.
-IGNORED_LOGGER_FLAGS = {"entity": None, "upload_dataset": False, "bbox_interval": -1, "artifact_alias": "latest",
-                        "bucket": ""}
+
+def add_yolov5_only_args(parser: argparse.ArgumentParser) -> None:
+    """Add `YOLOV5_ONLY_FLAGS` as the parser's last group."""
+    add_yolov5_only_flags(parser, YOLOV5_ONLY_FLAGS)
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
@@ -124,13 +124,6 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(title)
         for names, text, options in flags:
             group.add_argument(*((names,) if isinstance(names, str) else names), help=text, **options)
-
-
-def add_yolov5_only_args(parser: argparse.ArgumentParser) -> None:
-    """Add `YOLOV5_ONLY_FLAGS` as the parser's last group."""
-    group = parser.add_argument_group("YOLOv5 flags with no effect here")
-    for names, text, options in YOLOV5_ONLY_FLAGS:
-        group.add_argument(*((names,) if isinstance(names, str) else names), help=text, **options)
 
 
 def check_options(opt: argparse.Namespace) -> argparse.Namespace:
@@ -152,13 +145,6 @@ def check_options(opt: argparse.Namespace) -> argparse.Namespace:
     require(0.0 <= opt.label_smoothing < 1.0, f"--label-smoothing {opt.label_smoothing}: must be in [0, 1)")
     require(all(i >= 0 for i in opt.freeze), f"--freeze {' '.join(map(str, opt.freeze))}: layer numbers are >= 0")
     require(bool(opt.name) and opt.name not in (".", ".."), f"--name {opt.name!r}: give a folder name, e.g. exp")
-    require(getattr(opt, "evolve", None) is None,
-            "--evolve: YOLOv5's hyper-parameter evolution is not part of this tool; train with a --hyp yaml "
-            "(data/hyps/) per setting instead")
-    require(not getattr(opt, "quad", False), "--quad: YOLOv5's four-image collate is not supported; leave it out")
     parse_device(opt.device)  # raises its own one-line ValueError naming --device
-    ignored = [k for k, default in IGNORED_LOGGER_FLAGS.items() if getattr(opt, k, default) != default]
-    if ignored:
-        flags = ", ".join("--" + k for k in ignored)
-        LOGGER.warning(f"{flags}: YOLOv5's remote-logging flags have no effect here (results stay in the run folder)")
+    check_yolov5_only_flags(opt, YOLOV5_ONLY_FLAGS)
     return opt

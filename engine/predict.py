@@ -16,7 +16,7 @@ import math
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,9 +85,9 @@ def _skip(path: Path, why: str) -> None:
     print(f"detect.py: warning: skipped {path}: {why}", file=sys.stderr)
 
 
-def iter_frames(files: list[Path]) -> Iterator[Frame]:
-    """Yield every image, and every frame of every video, in order; unreadable files are skipped
-    with one warning each."""
+def iter_frames(files: list[Path], vid_stride: int = 1) -> Iterator[Frame]:
+    """Yield every image, and every ``vid_stride``-th frame of every video (from the first), in order;
+    unreadable files are skipped with one warning each."""
     for f in files:
         if f.suffix.lower() in IMG_SUFFIXES:
             im = cv2.imread(str(f))
@@ -106,10 +106,11 @@ def iter_frames(files: list[Path]) -> Iterator[Frame]:
         try:
             i = 0
             while True:
-                ok, im = cap.read()
+                ok, im = cap.read() if i % vid_stride == 0 else (cap.grab(), None)  # grab: skip, no decode
                 if not ok:
                     break
-                yield Frame(f, im, i, n, fps)
+                if im is not None:
+                    yield Frame(f, im, i, n, fps)
                 i += 1
         finally:
             cap.release()
@@ -159,15 +160,34 @@ def _draw_tagged_box(im: np.ndarray, box: tuple[int, int, int, int], text: str, 
                 cv2.LINE_AA)
 
 
-def draw_detections(im: np.ndarray, det: np.ndarray, names: list[str], line_width: int | None = None) -> np.ndarray:
+def draw_detections(im: np.ndarray, det: np.ndarray, names: list[str], line_width: int | None = None,
+                    hide_labels: bool = False, hide_conf: bool = False) -> np.ndarray:
     """Draw (n, 6) ``x1 y1 x2 y2 conf cls`` boxes with ``name conf`` tags onto ``im`` (in place), one
-    colour per class (:func:`utils.plots.class_color`, the palette of the validation plots)."""
+    colour per class (:func:`utils.plots.class_color`, the palette of the validation plots).
+    ``hide_labels``: bare boxes; ``hide_conf``: the class name only."""
     style = BoxStyle.for_shape(im.shape, line_width)
     for *xyxy, conf, cls in det.tolist():
         c = int(cls)
-        text = f"{names[c] if 0 <= c < len(names) else c} {conf:.2f}"
-        _draw_tagged_box(im, tuple(int(v) for v in xyxy), text, class_color(c, bgr=True), style)
+        box = tuple(int(v) for v in xyxy)
+        if hide_labels:
+            cv2.rectangle(im, box[:2], box[2:], class_color(c, bgr=True), style.stroke, cv2.LINE_AA)
+            continue
+        name = str(names[c]) if 0 <= c < len(names) else str(c)
+        _draw_tagged_box(im, box, name if hide_conf else f"{name} {conf:.2f}", class_color(c, bgr=True), style)
     return im
+
+
+def crop_box(im: np.ndarray, xyxy: Sequence[float], gain: float = 1.02, pad: int = 10) -> np.ndarray:
+    """The part of ``im`` (h, w, C) under box ``xyxy``, grown about its centre to ``gain`` × its width and
+    height plus ``pad`` pixels (half on each side), clipped to the picture: the cut of YOLOv5's
+    --save-crop (a little context around the object). A copy."""
+    x1, y1, x2, y2 = (float(v) for v in xyxy)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    half_w, half_h = ((x2 - x1) * gain + pad) / 2, ((y2 - y1) * gain + pad) / 2
+    h, w = im.shape[:2]
+    left, right = (int(min(max(v, 0), w)) for v in (cx - half_w, cx + half_w))
+    top, bottom = (int(min(max(v, 0), h)) for v in (cy - half_h, cy + half_h))
+    return im[top:bottom, left:right].copy()
 
 
 # ----------------------------------------------------------------------------------------- run
@@ -242,6 +262,15 @@ class _Outputs:
             rows = label_lines(det, fr.image.shape[:2], self.save_conf)
             (self.save_dir / "labels" / f"{stem}.txt").write_text("\n".join(rows) + "\n")
 
+    def crops(self, fr: Frame, det: np.ndarray, names: list[str]) -> None:
+        """``crops/<class name>/<stem>.jpg`` per detection (``<stem>2.jpg``, ... when a picture has several)."""
+        stem = fr.path.stem if fr.frame is None else f"{fr.path.stem}_{fr.frame}"
+        for *xyxy, _, cls in det.tolist():
+            c = int(cls)
+            folder = self.save_dir / "crops" / (str(names[c]) if 0 <= c < len(names) else str(c))
+            folder.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(increment_path(folder / f"{stem}.jpg")), crop_box(fr.image, xyxy))
+
     def picture(self, fr: Frame, annotated: np.ndarray) -> None:
         if fr.frame is None:
             cv2.imwrite(str(self.save_dir / fr.path.name), annotated)
@@ -273,6 +302,10 @@ class DetectSettings:
     nosave: bool = False
     line_width: int | None = None
     agnostic_nms: bool = False
+    hide_labels: bool = False
+    hide_conf: bool = False
+    save_crop: bool = False
+    vid_stride: int = 1
 
 
 def predict(
@@ -305,7 +338,7 @@ def predict(
     out = Detections(save_dir)
     clock = StageClock()
     try:
-        for fr in iter_frames(files):
+        for fr in iter_frames(files, s.vid_stride):
             with clock("pre-process"):
                 x, letterboxed = _to_input(fr.image, shape, auto, backend.stride)
             with clock("inference"):
@@ -332,9 +365,11 @@ def _keep(fr: Frame, det: np.ndarray, names: list[str], s: DetectSettings, sink:
     """Write the frame's labels and annotated picture, and show it, as the settings ask."""
     if s.save_txt:
         sink.labels(fr, det)
+    if s.save_crop:
+        sink.crops(fr, det, names)
     if s.nosave and not s.view_img:
         return
-    annotated = draw_detections(fr.image.copy(), det, names, s.line_width)
+    annotated = draw_detections(fr.image.copy(), det, names, s.line_width, s.hide_labels, s.hide_conf)
     if not s.nosave:
         sink.picture(fr, annotated)
     if s.view_img:

@@ -133,6 +133,36 @@ def test_video_source(tiny_pt: Path, tmp_path: Path) -> None:
     labelled = {p.name for p in (res.save_dir / "labels").glob("*.txt")}
     with_boxes = {f"clip_{f}.txt" for _, f, d in res.results if len(d)}
     assert labelled == with_boxes
+    strided = detect.run(tiny_pt, video, imgsz=128, conf_thres=CONF, device="cpu", vid_stride=3, nosave=True,
+                         project=tmp_path / "runs", verbose=False)
+    assert [f for _, f, _ in strided.results] == [0, 3]  # --vid-stride 3: frames 0 and 3 of 4
+    for (_, _, every), (_, _, third) in zip((res.results[0], res.results[3]), strided.results):
+        np.testing.assert_array_equal(every, third)  # the frames read are the same frames
+
+
+def test_crops_and_tag_options(tiny_pt: Path, images: Path, tmp_path: Path) -> None:
+    res = detect.run(tiny_pt, images, imgsz=IMGSZ, conf_thres=CONF, device="cpu", save_crop=True, nosave=True,
+                     project=tmp_path / "runs", verbose=False)
+    crops = sorted((res.save_dir / "crops").rglob("*.jpg"))
+    assert len(crops) == sum(len(d) for _, _, d in res.results) > 1  # one file per detection, none overwritten
+    path, _, det = next(r for r in res.results if len(r[2]))
+    x1, y1, x2, y2 = det[0, :4]
+    folder = res.save_dir / "crops" / NAMES[int(det[0, 5])]
+    sizes = {cv2.imread(str(f)).shape[:2] for f in folder.glob(f"{path.stem}*.jpg")}
+    im = cv2.imread(str(path))
+    grown = predict.crop_box(im, det[0, :4])  # 1.02 × the box + 10 px, clipped to the picture
+    assert grown.shape[:2] in sizes
+    assert grown.shape[0] <= min(im.shape[0], round((y2 - y1) * 1.02 + 10) + 1)
+    # centre -22.5, half size (55 · 1.02 + 10) / 2 = 33.05: [-55.55, 10.55] clipped to [0, 10]
+    assert predict.crop_box(im, [-50, -50, 5, 5]).shape[:2] == (10, 10)
+    # tags: without labels only the boxes' pixels change; without the score the tags are narrower
+    im = np.full((200, 300, 3), 255, np.uint8)
+    det = np.array([[40, 60, 160, 150, 0.87, 1]], dtype=np.float32)
+    bare = predict.draw_detections(im.copy(), det, NAMES, hide_labels=True)
+    named = predict.draw_detections(im.copy(), det, NAMES, hide_conf=True)
+    full = predict.draw_detections(im.copy(), det, NAMES)
+    assert (bare != 255).any(axis=2)[:55].sum() == 0  # nothing above the box: no tag
+    assert 0 < (named != bare).any(axis=2).sum() < (full != bare).any(axis=2).sum()
 
 
 def test_runs_increment_and_exist_ok(tiny_pt: Path, images: Path, tmp_path: Path) -> None:

@@ -1,0 +1,82 @@
+"""YOLOv5 flags each script accepts without acting on them: parsed, warned about, or refused in one line."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+import detect
+import export
+import train_distill
+import val
+from engine import options
+from engine.yolov5_flags import GROUP_TITLE, Yolov5OnlyFlag, check_yolov5_only_flags, without_yolov5_only
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIRED = {"val": ["--weights", "w.pt", "--data", "d.yaml"], "detect": ["--weights", "w.pt", "--source", "s"],
+            "export": ["--weights", "w.pt"], "train": []}
+SCRIPTS = {"val": (val.parse_opt, val.YOLOV5_ONLY_FLAGS), "detect": (detect.parse_opt, detect.YOLOV5_ONLY_FLAGS),
+           "export": (export.parse_opt, export.YOLOV5_ONLY_FLAGS),
+           "train": (train_distill.parse_options, options.YOLOV5_ONLY_FLAGS)}
+
+
+def _setting(flag: Yolov5OnlyFlag) -> list[str]:
+    """A command-line setting of ``flag`` that differs from its default."""
+    if flag.options.get("action") == "store_true" or flag.options.get("nargs") == "?":
+        return [flag.names[0]]
+    kind = flag.options.get("type", str)
+    return [flag.names[0], {int: "7", float: "0.7"}.get(kind, "x")]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_flag_parses_and_is_refused_or_named(script: str, caplog: pytest.LogCaptureFixture) -> None:
+    parse, flags = SCRIPTS[script]
+    assert flags
+    for flag in flags:
+        opt = parse(REQUIRED[script] + _setting(flag))
+        assert getattr(opt, flag.dest) != flag.default
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            if flag.refused:
+                with pytest.raises(ValueError, match=f"^{flag.names[0]}: "):
+                    check_yolov5_only_flags(opt, flags)
+            else:
+                assert check_yolov5_only_flags(opt, flags) == ([] if flag.quiet else [flag.names[0]])
+                assert (flag.names[0] in caplog.text) != flag.quiet
+        assert not set(without_yolov5_only(opt, flags)) & {f.dest for f in flags}
+    assert not check_yolov5_only_flags(parse(REQUIRED[script]), flags)  # nothing set: nothing said
+
+
+@pytest.mark.parametrize("script", ["val", "detect", "export"])
+def test_help_lists_them_in_their_own_group(script: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        SCRIPTS[script][0](["--help"])
+    text = capsys.readouterr().out
+    assert GROUP_TITLE in text and text.index(GROUP_TITLE) > text.index("--weights")
+
+
+def test_refused_flag_is_one_line_with_exit_2(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as stop:
+        val.main(["--weights", "w.pt", "--data", "d.yaml", "--augment"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["val.py: error: --augment: YOLOv5's test-time augmentation is not part of this tool; "
+                   "validate without it"]
+
+
+def test_an_ignored_flag_leaves_the_run_as_it_was(tmp_path: Path) -> None:
+    image = REPO / "tests" / "fixtures" / "oracle_val_odd" / "images" / "val" / "000001.png"
+    runs = []
+    for extra in ([], ["--dnn", "--data", "whatever.yaml", "--update"]):
+        argv = ["--weights", str(REPO / "weights" / "demo_teacher.pt"), "--source", str(image), "--imgsz", "160",
+                "--nosave", "--save-txt", "--project", str(tmp_path), "--device", "cpu", *extra]
+        assert detect.main(argv) == 0
+        runs.append(sorted(tmp_path.glob("exp*/labels/*.txt"))[-1].read_text())
+    assert runs[0] == runs[1] and runs[0]
+
+
+def test_yolov5_only_flag_defaults() -> None:
+    assert Yolov5OnlyFlag(("--x",), "why").default is False
+    assert Yolov5OnlyFlag(("--top-k",), "why", {"type": int, "default": 100}).dest == "top_k"
