@@ -26,7 +26,7 @@ from utils.files import find_data_yaml, increment_path
 from utils.precision import FP32_CPU_INFERENCE, Precision, choose_precision
 from utils.torch_utils import select_device
 
-TASKS = ("val", "test", "speed")
+TASKS = ("train", "val", "test", "speed")  # YOLOv5 also has "study" (a sweep of sizes with a plot)
 
 
 def _load(weights: Path, data: Path, task: str, device: str, batch_size: int,

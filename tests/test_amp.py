@@ -228,9 +228,11 @@ def test_benchmark_compiled_teacher_computes_and_records_what_the_eager_one_does
 @pytest.mark.slow
 def test_noamp_reproduces_the_fp32_numbers_and_records_amp(tmp_path: Path, monkeypatch) -> None:
     """--noamp runs the plain fp32 path: no autocast, contiguous tensors, and the numbers pinned from a
-    1-epoch run of the code before mixed precision existed (seed 3, 16 images). The pins were taken on
-    an AVX512-BF16 box; oneDNN's fp32 kernels sum in another order on an AMX box (2e-4 relative after
-    one epoch), so the numbers are compared at 1e-3 and the fp32 path itself is checked exactly."""
+    1-epoch run of the code before mixed precision existed (seed 3, 16 images), re-pinned when mosaic
+    began to shuffle its four tiles (a new training stream; with the tiles in the old order the old pins
+    0.124525, 0.0145766, 0.0475908 and 4594.4224 still held). oneDNN's fp32 kernels sum in another order
+    on an AMX box than on an AVX512-BF16 one (2e-4 relative after one epoch), so the numbers are
+    compared at 1e-3 and the fp32 path itself is checked exactly."""
     from engine import step
     from engine.trainer import fit
     from train_distill import parse_options
@@ -253,10 +255,10 @@ def test_noamp_reproduces_the_fp32_numbers_and_records_amp(tmp_path: Path, monke
     with open(run / "results.csv", newline="") as f:
         row = next(csv.DictReader(f))
     losses = [float(row[f"train/{k}_loss"]) for k in ("box", "obj", "cls")]
-    assert losses == pytest.approx([0.124525, 0.0145766, 0.0475908], rel=1e-3)
+    assert losses == pytest.approx([0.126389, 0.0149213, 0.0455742], rel=1e-3)
     ckpt = load_checkpoint(run / "weights/last.pt")["raw"]
     ema_sum = float(sum(v.double().sum() for v in ckpt["ema"].values() if v.is_floating_point()))
-    assert ema_sum == pytest.approx(4594.4223513109455, rel=1e-4)
+    assert ema_sum == pytest.approx(4592.907892668122, rel=1e-4)
     assert yaml.safe_load((run / "opt.yaml").read_text())["amp"] == "fp32"
     assert ckpt["opt"]["amp"] == "fp32" and ckpt["opt"]["noamp"] is True
 

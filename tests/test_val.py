@@ -187,6 +187,9 @@ def test_val_run_end_to_end(checkpoint, demo, tmp_path, capsys):
     assert (Path(res2["save_dir"]) / "annotations.json").is_file()
     assert res2["map"] == pytest.approx(res["map"], abs=1e-6)
     assert res2["coco"]["map"] == pytest.approx(res["coco"]["map"], abs=2e-3)
+    # --task train (as in YOLOv5): the same evaluation on the train split (1 image here)
+    res3 = val.run(checkpoint, demo["without_json"], task="train", conf_thres=1e-4, plots=False, **kw)
+    assert res3["n_images"] == 1 and res["n_images"] == N_VAL
 
 
 def test_val_official_yolov5_checkpoint(demo, tmp_path):
