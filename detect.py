@@ -20,10 +20,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from engine.cli import configure_logging, parser_from_table, require, run_guarded
 from engine.predict import Detections, DetectSettings, predict
-from engine.yolov5_flags import Yolov5OnlyFlag, add_yolov5_only_flags, check_yolov5_only_flags, without_yolov5_only
+from engine.yolov5_flags import Yolov5OnlyFlag, add_yolov5_only_flags, check_yolov5_only_kwargs
 from utils.allocator import keep_freed_memory
 from utils.torch_utils import parse_device
 
@@ -52,8 +53,11 @@ def run(
     hide_conf: bool = False,
     save_crop: bool = False,
     vid_stride: int = 1,
+    **yolov5_only: Any,
 ) -> Detections:
-    """:func:`engine.predict.predict` with detect.py's flags; prints a line per frame and the speeds."""
+    """:func:`engine.predict.predict` with detect.py's flags; prints a line per frame and the speeds.
+    ``yolov5_only``: YOLOv5's keywords of `YOLOV5_ONLY_FLAGS` (``dnn=True`` ...), warned about or refused."""
+    check_yolov5_only_kwargs(yolov5_only, YOLOV5_ONLY_FLAGS, "detect.run")
     settings = DetectSettings(conf_thres, iou_thres, max_det, classes, view_img, save_txt, save_conf, nosave,
                               line_width, agnostic_nms, hide_labels, hide_conf, save_crop, vid_stride)
     out = predict(weights, source, imgsz, device, half, settings, project, name, exist_ok,
@@ -130,8 +134,7 @@ def check_options(opt: argparse.Namespace) -> argparse.Namespace:
     require(opt.line_width is None or opt.line_width >= 1, f"--line-width {opt.line_width}: must be at least 1")
     require(opt.vid_stride >= 1, f"--vid-stride {opt.vid_stride}: must be at least 1")
     parse_device(opt.device)
-    check_yolov5_only_flags(opt, YOLOV5_ONLY_FLAGS)
-    return opt
+    return opt  # YOLOv5's flags without an effect here are run()'s to check (it takes them from Python too)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = parse_opt(argv)
     configure_logging()
     keep_freed_memory()
-    status, _ = run_guarded("detect.py", lambda: run(**without_yolov5_only(check_options(opt), YOLOV5_ONLY_FLAGS)),
+    status, _ = run_guarded("detect.py", lambda: run(**vars(check_options(opt))),
                             extra_errors=(ImportError,))
     return status
 

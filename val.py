@@ -21,11 +21,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from engine.cli import configure_logging, require, run_guarded
 from engine.evaluate import EvalSettings, results_table
 from engine.validate import TASKS, validate
-from engine.yolov5_flags import Yolov5OnlyFlag, add_yolov5_only_flags, check_yolov5_only_flags, without_yolov5_only
+from engine.yolov5_flags import Yolov5OnlyFlag, add_yolov5_only_flags, check_yolov5_only_kwargs
 from utils.allocator import keep_freed_memory
 from utils.torch_utils import parse_device
 
@@ -54,8 +55,11 @@ def run(
     plots: bool = True,
     anno_json: str | Path | None = None,
     single_cls: bool = False,
+    **yolov5_only: Any,
 ) -> dict:
-    """:func:`engine.validate.validate` with val.py's flags, and its report on the console."""
+    """:func:`engine.validate.validate` with val.py's flags, and its report on the console.
+    ``yolov5_only``: YOLOv5's keywords of `YOLOV5_ONLY_FLAGS` (``dnn=True`` ...), warned about or refused."""
+    check_yolov5_only_kwargs(yolov5_only, YOLOV5_ONLY_FLAGS, "val.run")
     settings = EvalSettings(conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, half=half, plots=plots,
                             save_json=save_json, anno_json=anno_json, save_txt=save_txt, save_conf=save_conf,
                             single_cls=single_cls)
@@ -134,8 +138,7 @@ def check_options(opt: argparse.Namespace) -> argparse.Namespace:
     require(opt.max_det >= 1, f"--max-det {opt.max_det}: must be at least 1")
     require(opt.workers >= 0, f"--workers {opt.workers}: must be 0 or more")
     parse_device(opt.device)
-    check_yolov5_only_flags(opt, YOLOV5_ONLY_FLAGS)
-    return opt
+    return opt  # YOLOv5's flags without an effect here are run()'s to check (it takes them from Python too)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     keep_freed_memory()
 
     def work() -> dict:
-        kwargs = without_yolov5_only(check_options(opt), YOLOV5_ONLY_FLAGS)
+        kwargs = vars(check_options(opt))
         kwargs["plots"] = not kwargs.pop("noplots")
         return run(**kwargs)
 

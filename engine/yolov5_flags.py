@@ -63,10 +63,15 @@ def check_yolov5_only_flags(opt: argparse.Namespace, flags: list[Yolov5OnlyFlag]
     return ignored
 
 
-def without_yolov5_only(opt: argparse.Namespace, flags: list[Yolov5OnlyFlag]) -> dict:
-    """``vars(opt)`` without ``flags``' entries: the keywords of a script's ``run()``."""
-    drop = {f.dest for f in flags}
-    return {k: v for k, v in vars(opt).items() if k not in drop}
+def check_yolov5_only_kwargs(kwargs: dict, flags: list[Yolov5OnlyFlag], where: str) -> None:
+    """A script's ``run(**kwargs)`` from Python takes YOLOv5's keywords too (``detect.run(..., dnn=True)``):
+    the same warning or refusal as on the command line; a keyword that is not one of ``flags`` is a
+    TypeError naming ``where``, as Python reports any unexpected keyword."""
+    unknown = sorted(set(kwargs) - {f.dest for f in flags})
+    if unknown:
+        raise TypeError(f"{where}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+    check_yolov5_only_flags(argparse.Namespace(**kwargs), flags)
 
 
-__all__ = ["GROUP_TITLE", "Yolov5OnlyFlag", "add_yolov5_only_flags", "check_yolov5_only_flags", "without_yolov5_only"]
+__all__ = ["GROUP_TITLE", "Yolov5OnlyFlag", "add_yolov5_only_flags", "check_yolov5_only_flags",
+           "check_yolov5_only_kwargs"]

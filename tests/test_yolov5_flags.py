@@ -12,7 +12,7 @@ import export
 import train_distill
 import val
 from engine import options
-from engine.yolov5_flags import GROUP_TITLE, Yolov5OnlyFlag, check_yolov5_only_flags, without_yolov5_only
+from engine.yolov5_flags import GROUP_TITLE, Yolov5OnlyFlag, check_yolov5_only_flags, check_yolov5_only_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = {"val": ["--weights", "w.pt", "--data", "d.yaml"], "detect": ["--weights", "w.pt", "--source", "s"],
@@ -45,7 +45,6 @@ def test_every_flag_parses_and_is_refused_or_named(script: str, caplog: pytest.L
             else:
                 assert check_yolov5_only_flags(opt, flags) == ([] if flag.quiet else [flag.names[0]])
                 assert (flag.names[0] in caplog.text) != flag.quiet
-        assert not set(without_yolov5_only(opt, flags)) & {f.dest for f in flags}
     assert not check_yolov5_only_flags(parse(REQUIRED[script]), flags)  # nothing set: nothing said
 
 
@@ -75,6 +74,17 @@ def test_an_ignored_flag_leaves_the_run_as_it_was(tmp_path: Path) -> None:
         assert detect.main(argv) == 0
         runs.append(sorted(tmp_path.glob("exp*/labels/*.txt"))[-1].read_text())
     assert runs[0] == runs[1] and runs[0]
+
+
+def test_run_from_python_takes_yolov5s_keywords_and_no_others(tmp_path: Path) -> None:
+    image = REPO / "tests" / "fixtures" / "oracle_val_odd" / "images" / "val" / "000001.png"
+    kw = dict(imgsz=160, device="cpu", nosave=True, project=tmp_path, verbose=False)
+    out = detect.run(REPO / "weights" / "demo_teacher.pt", image, dnn=True, **kw)  # as YOLOv5's detect.run takes it
+    assert len(out.results) == 1
+    with pytest.raises(ValueError, match="^--augment: "):
+        detect.run(REPO / "weights" / "demo_teacher.pt", image, augment=True, **kw)
+    with pytest.raises(TypeError, match="val.run\\(\\) got unexpected keyword argument\\(s\\) 'no_such_flag'"):
+        check_yolov5_only_kwargs({"no_such_flag": 1, "dnn": True}, val.YOLOV5_ONLY_FLAGS, "val.run")
 
 
 def test_yolov5_only_flag_defaults() -> None:

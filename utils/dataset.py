@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, WeightedRandomSampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, WeightedRandomSampler, get_worker_info
 
 from utils.augment import jitter_hsv, letterbox, mixup, mosaic4, random_warp, resize_to
 from utils.boxes import xywhn2xyxy, xyxy2xywhn
@@ -482,15 +482,7 @@ def create_dataloader(
     nw = max(0, min(int(workers), os.cpu_count() or 1))
     generator = torch.Generator()
     generator.manual_seed(seed + 1_000_003 * rank_offset)
-    sampler = None
-    if image_weights:
-        if world_size > 1 or rect:
-            raise ValueError("--image-weights draws images one process at a time in random order: it works "
-                             "neither under torchrun (DDP) nor with --rect; drop one of them")
-        sampler = WeightedRandomSampler(torch.ones(len(dataset), dtype=torch.float64), len(dataset),
-                                        replacement=True, generator=generator)
-    elif world_size > 1:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank_offset, shuffle=shuffle, seed=seed)
+    sampler = _sampler(dataset, generator, image_weights, rect, world_size, rank_offset, shuffle, seed)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -507,6 +499,21 @@ def create_dataloader(
     )
     return loader, dataset
 
+
+
+def _sampler(dataset: YoloDataset, generator: torch.Generator, image_weights: bool, rect: bool, world_size: int,
+             rank: int, shuffle: bool, seed: int) -> Sampler | None:
+    """The loader's sampler: weighted draws (``image_weights``), one share per DDP rank, or None (the
+    DataLoader's own sequential/shuffled order)."""
+    if image_weights:
+        if world_size > 1 or rect:
+            raise ValueError("--image-weights draws images one process at a time in random order: it works "
+                             "neither under torchrun (DDP) nor with --rect; drop one of them")
+        return WeightedRandomSampler(torch.ones(len(dataset), dtype=torch.float64), len(dataset),
+                                     replacement=True, generator=generator)
+    if world_size > 1:
+        return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+    return None
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
