@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,17 @@ def test_weights_by_hand() -> None:
     # the last validation's mAP: class 0 at 0.5 keeps (1 - 0.5)² = 1/4 of its weight, class 1 at 0 all
     assert image_weights(LABELS, 3, [0.5, 0.0, 0.3]) == pytest.approx([0.1, 0.4, 0.0])
     assert image_weights(LABELS, 3, [1.0, 1.0, 1.0]) == pytest.approx([1.0, 1.0, 1.0])  # nothing to favour
+
+
+def test_weights_equal_yolov5s() -> None:
+    """12 images, 5 classes (one without labels, some images without labels), per-class mAPs: the weights
+    YOLOv5 7.0's own functions gave (tests/fixtures/PROVENANCE.md), before and after a validation."""
+    oracle = json.loads((Path(__file__).parent / "fixtures" / "oracle_image_weights" / "oracle.json").read_text())
+    labels = [np.array(lab, dtype=np.float64).reshape(-1, 5) for lab in oracle["labels"]]
+    got = image_weights(labels, oracle["nc"], oracle["maps"])
+    np.testing.assert_allclose(got, oracle["image_weights"], rtol=1e-6, atol=1e-7)  # theirs pass through float32
+    np.testing.assert_allclose(image_weights(labels, oracle["nc"]), oracle["image_weights_before_val"], rtol=1e-6,
+                               atol=1e-7)
 
 
 def test_weighted_loader_draws_by_the_weights_it_is_given(tiny_data: Path) -> None:
