@@ -142,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = parse_opt(argv)
     configure_logging()
     keep_freed_memory()
-    status, _ = run_guarded("detect.py", lambda: run(**vars(check_options(opt))),
-                            extra_errors=(ImportError,))
+    status, _ = run_guarded("detect.py", lambda: run(**vars(check_options(opt))), extra_errors=(ImportError,))
     return status
 
 
