@@ -238,21 +238,23 @@ def test_neighbour_cells(centre: tuple[float, float], cells: set) -> None:
     assert torch.allclose(pos.anchor_wh, torch.tensor([1.0, 1.0]).expand(pos.count, 2))
 
 
-def test_centre_on_a_cell_border_leans_to_the_lower_cell() -> None:
-    # f = 0 exactly: the lower neighbour is the other cell that touches the centre, no duplicate
+def test_centre_on_a_cell_border_gets_yolov5s_cells_duplicates_included() -> None:
+    # x = 3.0: own 3, lower ⌊2.5⌋ = 2 (frac 0 < ½, 3 > 1), upper ⌊3.5⌋ = 3 again (frac(8 − 3) = 0, 5 > 1);
+    # y = 1.0: own 1, no lower (1 > 1 fails), upper ⌊1.5⌋ = 1 again. (0, 0): no lower, both uppers = own.
     row, cell = training_cells(torch.tensor([[3.0, 1.0], [0.0, 0.0]]), (GRID, GRID))
-    got = sorted(zip(row.tolist(), map(tuple, cell.tolist())))
-    assert got == [(0, (2, 1)), (0, (3, 0)), (0, (3, 1)), (1, (0, 0))]
+    assert row.tolist() == [0, 1, 0, 0, 1, 0, 1]  # own, own, lower-x, upper-x ×2, upper-y ×2
+    assert cell.tolist() == [[3, 1], [0, 0], [2, 1], [3, 1], [0, 0], [3, 1], [0, 0]]
 
 
 def test_indices_are_clamped_on_the_border() -> None:
     model = _Model(ONE_LEVEL)
     loss = DetectionLoss(model, HYP)
-    t = torch.tensor([_target(0, 0, float(GRID), float(GRID), 1.2, 0.9)])  # centre exactly on the edge
+    t = torch.tensor([_target(0, 0, float(GRID), float(GRID), 1.2, 0.9)])  # centre exactly on the far edge
     (pos,) = loss.assign(_preds(), t)
-    # the last cell, the centre 1.0 from its corner (reachable: decoded xy < 1.5), no neighbour
-    assert _cells(pos) == [(GRID - 1, GRID - 1)]
-    assert pos.box[0, :2].tolist() == [1.0, 1.0]
+    # own ⌊8⌋ and both lower neighbours ⌊7.5⌋ clamp to the last cell (YOLOv5 lists it three times), the
+    # centre 1.0 from its corner (reachable: decoded xy < 1.5); no upper neighbour (8 − 8 = 0 is not > 1)
+    assert _cells(pos) == [(GRID - 1, GRID - 1)] * 3
+    assert pos.box[:, :2].tolist() == [[1.0, 1.0]] * 3
 
 
 def test_listing_order_own_cells_then_neighbours_by_side_and_axis() -> None:
@@ -422,3 +424,23 @@ def test_ciou_gradient_treats_alpha_as_constant() -> None:
 def test_missing_hyp_key_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="anchor_t"):
         DetectionLoss(_Model(ONE_LEVEL), {"box": 0.05, "obj": 1.0, "cls": 0.5})
+
+
+ORACLE_LOSS = FIXTURES / "oracle_loss"
+LOSS_CASES = json.loads((ORACLE_LOSS / "cases.json").read_text())
+
+
+@pytest.mark.parametrize("case", list(LOSS_CASES))
+def test_loss_equals_yolov5s_on_its_own_cases(case: str) -> None:
+    """YOLOv5 7.0's ComputeLoss on seven cases (tests/fixtures/oracle_loss: label smoothing, one class, focal
+    loss, centres on cell borders, tiny/huge/thin boxes, no targets): our loss gives its total and items."""
+    from models import load_model
+
+    meta, want = LOSS_CASES[case], json.loads((ORACLE_LOSS / "oracle.json").read_text())[case]
+    arrays = np.load(ORACLE_LOSS / "cases.npz")
+    model = load_model("models/yolov5n.yaml", nc=meta["nc"])
+    np.testing.assert_allclose(model.detect.anchors.numpy(), want["anchors"])  # the same grid-unit anchors
+    preds = [torch.from_numpy(arrays[f"{case}_p{i}"].astype(np.float32)) for i in range(3)]
+    total, items = DetectionLoss(model, meta["hyp"])(preds, torch.from_numpy(arrays[f"{case}_targets"]))
+    assert float(total) == pytest.approx(want["loss"], rel=1e-6)
+    np.testing.assert_allclose(items.numpy(), want["items"], rtol=1e-6, atol=1e-7)

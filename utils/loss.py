@@ -146,13 +146,19 @@ def match_anchors(wh: torch.Tensor, anchor_wh: torch.Tensor, anchor_t: float) ->
 def training_cells(centre: torch.Tensor, grid_wh: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The grid cells that learn a box centred at ``centre``: its own cell and up to two neighbours.
 
-    ``centre`` (m, 2) xy in grid units of a (ny, nx) grid, ``grid_wh`` = (nx, ny).
+    ``centre`` (m, 2) xy in grid units of a (ny, nx) grid, ``grid_wh`` = (nx, ny). YOLOv5's rule
+    (REFERENCE §3), per axis with coordinate c and grid size n:
 
-    own cell c = ⌊centre⌋ clamped into the grid; f = centre − c, in [0, 1] (1 only on the far edge).
-    On each axis the centre leans toward the lower neighbour when f < 0.5 and toward the upper one
-    when f > 0.5 (neither at exactly 0.5); the neighbour on that side trains the box too, when it
-    lies inside the grid. Those are the cells whose decoded offset range (−0.5, 1.5) still reaches
-    the centre with a margin: the centre is < 0.5 away from their edge.
+    * own cell ⌊c⌋;
+    * lower neighbour ⌊c − ½⌋ when frac(c) < ½ and c > 1;
+    * upper neighbour ⌊c + ½⌋ when frac(n − c) < ½ and n − c > 1;
+
+    every index then clamped into the grid. Off the cell borders these are the cells whose decoded
+    offset range (−0.5, 1.5) reaches the centre with a margin (the centre is < 0.5 from their edge).
+    On a border (integer c, e.g. a normalised centre of 0.5) both conditions hold and the upper
+    "neighbour" ⌊c + ½⌋ is the own cell again; at c = n the lower one clamps into it. Those duplicates
+    are kept: they weigh such a target twice in the box and class means, as in YOLOv5, so the loss
+    equals its loss on any labels (measured against YOLOv5 7.0's own loss, tests/test_loss.py).
 
     Returns ``(row, cell)``: for each listed cell the row of ``centre`` it serves (k,) and the cell
     (k, 2) long xy. Listing order: every own cell first (rows ascending), then the neighbours
@@ -160,29 +166,22 @@ def training_cells(centre: torch.Tensor, grid_wh: tuple[int, int]) -> tuple[torc
     The order only matters for the objectness target of a cell claimed by two different targets
     with the same anchor (the one listed last sets it, :func:`put_last_wins`); this one gives the
     same winner as YOLOv5, which keeps the loss values identical in crowded scenes.
-
-    Deviation, on purpose: a coordinate exactly on a cell border (f = 0; integer grid coordinates,
-    e.g. a normalised centre of 0.5) leans to the lower neighbour, and a cell is never listed twice
-    for one match. YOLOv5's rule there lists the own cell a second time (its half-cell shift toward
-    the upper side lands back in the own cell; at the far edge, x = nx, all shifts clamp into it)
-    and skips the lower neighbour at coordinate 1.0; those duplicates weigh the target twice in the
-    box and class means. Off the borders the two agree exactly (non-integer coordinates).
     """
     m = centre.shape[0]
-    upper = torch.tensor(grid_wh, device=centre.device) - 1  # last cell index per axis, xy
-    own = centre.floor().long().clamp_(min=torch.zeros_like(upper), max=upper)
-    frac = centre - own
-    step = (frac > 0.5).long() - (frac < 0.5).long()  # (m, 2): −1 lower, +1 upper, 0 centred
-    # candidate j of row i: the own cell moved by step[i, j] along axis j only → (m, 2 axes, 2 coords)
-    moved = own[:, None, :] + torch.diag_embed(step)
-    target = moved.diagonal(dim1=1, dim2=2)  # (m, 2): the moved coordinate of each candidate
-    inside = (step != 0) & (target >= 0) & (target <= upper)
-    rows, axis = torch.nonzero(inside, as_tuple=True)
-    group = (step[rows, axis] > 0).long() * 2 + axis  # lower-x 0, lower-y 1, upper-x 2, upper-y 3
-    order = torch.argsort(group, stable=True)
-    rows, axis = rows[order], axis[order]
-    own_rows = torch.arange(m, device=centre.device)
-    return torch.cat((own_rows, rows)), torch.cat((own, moved[rows, axis]))
+    size = centre.new_tensor(grid_wh)  # (2,) nx, ny
+    last = torch.tensor(grid_wh, device=centre.device) - 1
+    to_far_edge = size - centre
+    sides = (((centre % 1) < 0.5) & (centre > 1), -0.5), (((to_far_edge % 1) < 0.5) & (to_far_edge > 1), 0.5)
+    rows, cells = [torch.arange(m, device=centre.device)], [centre.floor()]
+    for allowed, shift in sides:  # lower side first, then upper; x before y within a side
+        for axis in (0, 1):
+            r = torch.nonzero(allowed[:, axis], as_tuple=True)[0]
+            moved = centre[r].floor()
+            moved[:, axis] = (centre[r, axis] + shift).floor()
+            rows.append(r)
+            cells.append(moved)
+    cell = torch.cat(cells).long().clamp_(min=torch.zeros_like(last), max=last)
+    return torch.cat(rows), cell
 
 
 def level_positives(
