@@ -10,10 +10,11 @@ into ``runs/val/exp*``. ``run(...)`` does the same from Python and returns the m
 
 The work is :func:`engine.validate.validate`; this script parses, calls it and prints.
 ``.onnx`` weights (fp32 or INT8 files from export.py) run in onnxruntime through
-``models.backends.OnnxModel``; everything after the model output (NMS, matching, AP) is the same code. A file
-exported with ``--dynamic`` gets the same rectangular batches as a .pt; a fixed-shape file is fed
-square letterboxed batches of its own size (rect off, ``--imgsz`` ignored; a non-square fixed size
-is refused) and at most its static batch size, which is said on the console.
+``models.backends.OnnxModel``; everything after the model output (NMS, matching, AP) is the same code.
+ONNX files get square letterboxed batches, as YOLOv5's val.py feeds exported models (and so its
+figures); ``--rect`` gives a file exported with ``--dynamic`` the .pt's rectangular batches (and the
+.pt's figures). A fixed-shape file is fed batches of its own size (``--imgsz`` ignored; a non-square
+fixed size is refused) and at most its static batch size, which is said on the console.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def run(
     plots: bool = True,
     anno_json: str | Path | None = None,
     single_cls: bool = False,
+    rect: bool = False,
     **yolov5_only: Any,
 ) -> dict:
     """:func:`engine.validate.validate` with val.py's flags, and its report on the console.
@@ -63,7 +65,8 @@ def run(
     settings = EvalSettings(conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, half=half, plots=plots,
                             save_json=save_json, anno_json=anno_json, save_txt=save_txt, save_conf=save_conf,
                             single_cls=single_cls)
-    results = validate(weights, data, imgsz, batch_size, task, device, settings, project, name, exist_ok, workers)
+    results = validate(weights, data, imgsz, batch_size, task, device, settings, project, name, exist_ok, workers,
+                       rect)
     nc = len(results["maps"])
     print_report(results, verbose or 1 < nc < PER_CLASS_UP_TO)  # YOLOv5's val.py shows small class lists too
     return results
@@ -125,6 +128,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of incrementing")
     p.add_argument("--workers", type=int, default=8, help="dataloader workers")
     p.add_argument("--noplots", action="store_true", help="skip plots")
+    p.add_argument("--rect", action="store_true",
+                   help="a --dynamic .onnx file gets the .pt's rectangular batches (and its figures) instead of "
+                   "YOLOv5's square letterboxed ones")
     add_yolov5_only_flags(p, YOLOV5_ONLY_FLAGS)
     return p.parse_args(argv)
 

@@ -54,6 +54,20 @@ def _warm_up(model: nn.Module, imgsz: int, dev: torch.device) -> None:
         model(torch.zeros(1, 3, imgsz, imgsz, device=dev, dtype=p.dtype))
 
 
+def _rectangular(is_onnx: bool, asked: bool, speed: bool, fixed_shape: object, notes: list[str]) -> bool:
+    """Whether the loader pads batches to their aspect (YOLOv5: a .pt yes, any other file no)."""
+    if speed:
+        return False
+    if not is_onnx:
+        return True
+    if asked and fixed_shape:
+        notes.append("--rect: this ONNX file has a fixed input, so its batches stay square")
+    elif not asked and not fixed_shape:
+        notes.append("ONNX file: square letterboxed batches, as YOLOv5's val.py feeds exported models "
+                     "(--rect: the .pt's rectangular batches and figures)")
+    return asked and not fixed_shape
+
+
 def validate(
     weights: str | Path,
     data: str | Path,
@@ -66,6 +80,7 @@ def validate(
     name: str = "exp",
     exist_ok: bool = False,
     workers: int = 8,
+    rect: bool = False,
 ) -> dict:
     """Evaluate ``weights`` on the ``task`` split of ``data``; returns :func:`engine.evaluate.evaluate`'s
     dict plus ``save_dir``, ``imgsz``, ``batch_size``, ``device``, ``half``, ``arithmetic`` ('fp32', 'fp16',
@@ -74,9 +89,11 @@ def validate(
 
     ``settings`` carries thresholds and outputs (``save_dir`` and ``json_name`` are set here).
     ``task='speed'`` times inference on square batches with deployment thresholds (conf 0.25,
-    IoU 0.45) and skips plots and COCO json. ``anno_json`` defaults to the dataset's ``val_json``
-    for the val split; otherwise one is generated from the labels. Raises FileNotFoundError /
-    ValueError (one line) for missing files or mismatched classes.
+    IoU 0.45) and skips plots and COCO json. Batches are YOLOv5's: rectangular (padded to the batch's
+    aspect) for a .pt, square letterboxed ``imgsz × imgsz`` for an .onnx file; ``rect`` gives a
+    ``--dynamic`` .onnx the .pt's rectangular batches (and so the .pt's figures). ``anno_json``
+    defaults to the dataset's ``val_json`` for the val split; otherwise one is generated from the labels.
+    Raises FileNotFoundError / ValueError (one line) for missing files or mismatched classes.
     """
     if task not in TASKS:
         raise ValueError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
@@ -91,7 +108,7 @@ def validate(
     speed = task == "speed"
     if speed:
         s = replace(s, conf_thres=0.25, iou_thres=0.45, save_json=False, plots=False)
-    rect = not speed and not getattr(model, "fixed_shape", None)
+    rect = _rectangular(is_onnx, rect, speed, getattr(model, "fixed_shape", None), notes)
     loader, _ = create_dataloader(
         cfg[split], imgsz, batch_size, max(int(model.stride.max()), 32), rect=rect, pad=0.5 if rect else 0.0,
         workers=workers, nc=cfg["nc"], pin_memory=dev.type == "cuda", single_cls=s.single_cls,

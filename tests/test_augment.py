@@ -39,7 +39,8 @@ def magenta_mask(img_bgr: np.ndarray) -> np.ndarray:
     ("hw", "new", "kw", "out_hw", "ratio", "pad"),
     [
         ((100, 200), 320, {}, (320, 320), (1.6, 1.6), (0, 80)),
-        ((100, 150), 320, {"auto": True}, (224, 320), (320 / 150, 213 / 100), (0, 5.5)),  # odd spare: x.5
+        # odd spare: x.5; the factor as computed, not 213 / 100 (the side rounded from 213.3), as YOLOv5 scales labels
+        ((100, 150), 320, {"auto": True}, (224, 320), (320 / 150, 320 / 150), (0, 5.5)),
         ((100, 200), 640, {"scaleup": False}, (640, 640), (1.0, 1.0), (220, 270)),
         ((100, 200), (160, 320), {}, (160, 320), (1.6, 1.6), (0, 0)),
         ((100, 200), 128, {"scale_fill": True}, (128, 128), (0.64, 1.28), (0, 0)),

@@ -130,3 +130,34 @@ def test_save_json_writes_yolov5s_records(data_yaml: Path, tmp_path: Path) -> No
     for r in want:  # the record of the same image, class and score (5 decimals, the last may differ)
         same = [o for o in ours[(r["image_id"], r["category_id"])] if abs(o["score"] - r["score"]) <= 2e-5]
         assert min(max(abs(a - b) for a, b in zip(o["bbox"], r["bbox"])) for o in same) <= 0.0015, r
+
+
+SQUARE = json.loads((FIXTURE / "oracle_square.json").read_text())
+
+
+@pytest.mark.parametrize("imgsz", [160, 320])
+def test_square_batches_scale_labels_as_yolov5s_loader(data_yaml: Path, imgsz: int) -> None:
+    """Square letterboxing (how YOLOv5 feeds exported models): a resized side of 321 px is letterboxed down
+    again, and the labels follow the unrounded factor, as YOLOv5's loader scales them (0.3 px apart before)."""
+    ds = YoloDataset(data_yaml.parent / "images" / "val", imgsz=imgsz, batch_size=8, rect=False, stride=32)
+    for i in range(len(ds)):
+        img, labels, path, _, _ = ds[i]
+        want = np.array(SQUARE["labels"][str(imgsz)][Path(path).stem], dtype=np.float64).reshape(-1, 5)
+        assert tuple(img.shape[1:]) == (imgsz, imgsz)
+        np.testing.assert_allclose(labels[:, 1:].numpy(), want, atol=1e-6, err_msg=path)
+
+
+@pytest.mark.parametrize("imgsz", [160, 320])
+def test_val_on_a_dynamic_onnx_gives_yolov5s_figures(data_yaml: Path, tmp_path: Path, imgsz: int) -> None:
+    """YOLOv5's val.py feeds any exported model square letterboxed batches; so does ours (--rect: the .pt's)."""
+    import export
+
+    onnx, _ = export.run(REPO / "weights" / "demo_teacher.pt", imgsz=320, dynamic=True, output=tmp_path / "t.onnx")
+    kw = dict(imgsz=imgsz, batch_size=8, device="cpu", workers=0, project=tmp_path / "runs", plots=False)
+    got = val.run(onnx, data_yaml, **kw)
+    want = SQUARE["runs"][f"onnx_dynamic_{imgsz}"]
+    for ours, theirs in (("precision", "P"), ("recall", "R"), ("map50", "mAP50"), ("map", "mAP50-95")):
+        assert got[ours] == pytest.approx(want[theirs], abs=2e-4), ours  # onnxruntime's kernels may differ by CPU
+    rect = val.run(onnx, data_yaml, rect=True, **kw)
+    pt = val.run(REPO / "weights" / "demo_teacher.pt", data_yaml, **kw)
+    assert rect["map"] == pytest.approx(pt["map"], abs=2e-4) and abs(got["map"] - pt["map"]) > 1e-3

@@ -41,9 +41,7 @@ def _rng(rng: np.random.Generator | None) -> np.random.Generator:
     return rng if rng is not None else np.random.default_rng()
 
 
-# ---------------------------------------------------------------------------------------------
-# resizing and letterbox
-# ---------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------- resizing and letterbox
 def resize_to(im: np.ndarray, hw: tuple[int, int], fast: bool = False) -> np.ndarray:
     """Resize an image to ``hw`` = (h, w) with the filter suited to the direction of the change.
 
@@ -61,13 +59,18 @@ def resize_to(im: np.ndarray, hw: tuple[int, int], fast: bool = False) -> np.nda
     return cv2.resize(im, (w, h), interpolation=interp)
 
 
-def _fitted_hw(src_hw: tuple[int, int], box_hw: tuple[int, int], stretch: bool, enlarge: bool) -> tuple[int, int]:
-    """Size of ``src_hw`` scaled to fit inside ``box_hw``: one common factor, or per axis when stretching."""
+def _fit_factors(src_hw: tuple[int, int], box_hw: tuple[int, int], stretch: bool, enlarge: bool) -> tuple[float, float]:
+    """(w, h) factors that fit ``src_hw`` inside ``box_hw``: one common factor (at most 1 unless
+    ``enlarge``), or each axis's own when stretching."""
     if stretch:
-        return box_hw
-    ceiling = math.inf if enlarge else 1.0
-    factor = min(box_hw[0] / src_hw[0], box_hw[1] / src_hw[1], ceiling)
-    return tuple(max(round(side * factor), 1) for side in src_hw)  # type: ignore[return-value]
+        return box_hw[1] / src_hw[1], box_hw[0] / src_hw[0]
+    factor = min(box_hw[0] / src_hw[0], box_hw[1] / src_hw[1], math.inf if enlarge else 1.0)
+    return factor, factor
+
+
+def _fitted_hw(src_hw: tuple[int, int], factors: tuple[float, float]) -> tuple[int, int]:
+    """``src_hw`` scaled by ``factors`` (w, h), each side rounded to whole pixels (at least 1)."""
+    return max(round(src_hw[0] * factors[1]), 1), max(round(src_hw[1] * factors[0]), 1)
 
 
 def letterbox(
@@ -83,14 +86,17 @@ def letterbox(
 
     ``auto`` pads only up to the next multiple of ``stride`` (minimum rectangle) instead of the full
     shape; ``scale_fill`` stretches without padding; ``scaleup=False`` never enlarges (validation).
-    Returns ``(image (H, W, 3), (rw, rh), (padw, padh))``: the per-axis scale actually applied
-    (resized size / input size, so rounding is accounted for) and half the spare columns / rows: the
-    image starts at ⌊padw⌋, ⌊padh⌋, but an odd spare gives x.5, as YOLOv5's loader records it for labels
-    and predictions mapped back (measured), so ``x' = x * rw + padw`` puts labels where it puts them.
+    Returns ``(image (H, W, 3), (rw, rh), (padw, padh))``: the scale factors as computed, before the
+    resized sides were rounded to whole pixels (one factor for both axes unless ``scale_fill``), and
+    half the spare columns / rows: the image starts at ⌊padw⌋, ⌊padh⌋, but an odd spare gives x.5. Both
+    are what YOLOv5's loader scales labels by and records for mapping predictions back (measured: a
+    side rounded from 177.45 to 177 px still scales labels by the unrounded factor), so
+    ``x' = x * rw + padw`` puts labels where it puts them.
     """
     box_hw = (new_shape, new_shape) if isinstance(new_shape, int) else (int(new_shape[0]), int(new_shape[1]))
     src_hw = im.shape[:2]
-    fit_hw = _fitted_hw(src_hw, box_hw, stretch=scale_fill, enlarge=scaleup)
+    factors = _fit_factors(src_hw, box_hw, stretch=scale_fill, enlarge=scaleup)
+    fit_hw = _fitted_hw(src_hw, factors)
     im = resize_to(im, fit_hw, fast=True)  # bilinear either way, as YOLOv5's letterbox: detect.py's pixels
     spare = np.subtract(box_hw, fit_hw)  # (rows, cols) of padding to add
     if auto and not scale_fill:
@@ -100,13 +106,9 @@ def letterbox(
     if spare.any():
         im = cv2.copyMakeBorder(im, int(before[0]), int(after[0]), int(before[1]), int(after[1]),
                                 cv2.BORDER_CONSTANT, value=color)
-    ratio = (fit_hw[1] / src_hw[1], fit_hw[0] / src_hw[0])
-    return im, ratio, (float(spare[1]) / 2, float(spare[0]) / 2)
+    return im, factors, (float(spare[1]) / 2, float(spare[0]) / 2)
 
 
-# ---------------------------------------------------------------------------------------------
-# colour
-# ---------------------------------------------------------------------------------------------
 def letterbox_input(
     im_bgr: np.ndarray, shape: tuple[int, int], auto: bool = False, stride: int = 32
 ) -> tuple[np.ndarray, tuple[int, int]]:
@@ -120,6 +122,7 @@ def letterbox_input(
     return np.ascontiguousarray(chw, dtype=np.float32)[None] / 255.0, boxed.shape[:2]
 
 
+# ----------------------------------------------------------------------------------------------------------- colour
 def hsv_table(gains: Sequence[float]) -> np.ndarray:
     """(1, 256, 3) uint8 lookup table multiplying OpenCV's H, S, V channels by ``gains``.
 
@@ -158,9 +161,7 @@ def mixup(
     return cv2.addWeighted(im, lam, im2, 1.0 - lam, 0.0), np.concatenate((labels, labels2), 0)
 
 
-# ---------------------------------------------------------------------------------------------
-# geometry: one sampled warp, its 3×3 matrix, boxes through it
-# ---------------------------------------------------------------------------------------------
+# ----------------------------------------------------- geometry: one sampled warp, its 3×3 matrix, boxes through it
 @dataclass(frozen=True)
 class WarpParams:
     """One draw of the geometric augmentation (all defaults = identity about the centre).
@@ -323,9 +324,7 @@ def random_warp(
     return im, labels
 
 
-# ---------------------------------------------------------------------------------------------
-# mosaic
-# ---------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------- mosaic
 # Tile k's direction from the centre, (x sign, y sign): up-left, up-right, down-left, down-right.
 TILE_SIGNS = tuple((sx, sy) for sy in (-1, 1) for sx in (-1, 1))
 
