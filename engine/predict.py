@@ -362,7 +362,10 @@ def predict(
 
 
 def _keep(fr: Frame, det: np.ndarray, names: list[str], s: DetectSettings, sink: _Outputs) -> None:
-    """Write the frame's labels and annotated picture, and show it, as the settings ask."""
+    """Write the frame's labels and annotated picture, and show it, as the settings ask. Detections go
+    out lowest score first, as YOLOv5's detect.py writes them: the same label files and crop numbers,
+    and the most confident boxes drawn last, on top."""
+    det = det[::-1]
     if s.save_txt:
         sink.labels(fr, det)
     if s.save_crop:

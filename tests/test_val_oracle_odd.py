@@ -85,9 +85,9 @@ def test_detect_writes_yolov5s_rows_on_odd_sizes(tmp_path: Path) -> None:
     labels = Path(res.save_dir) / "labels"
     got = {f.stem: f.read_text().split("\n")[:-1] for f in labels.glob("*.txt")}
     assert set(got) == set(want)
-    for stem, rows in want.items():
-        ours = sorted(tuple(map(float, r.split())) for r in got[stem])
-        theirs = sorted(tuple(map(float, r.split())) for r in rows)
+    for stem, rows in want.items():  # in YOLOv5's order too: lowest score first
+        ours = [tuple(map(float, r.split())) for r in got[stem]]
+        theirs = [tuple(map(float, r.split())) for r in rows]
         assert len(ours) == len(theirs), stem
         for a, b in zip(ours, theirs):  # same boxes; the last printed digit may differ (float32 vs 64)
             assert a == pytest.approx(b, rel=2e-6, abs=2e-6), stem
@@ -161,3 +161,17 @@ def test_val_on_a_dynamic_onnx_gives_yolov5s_figures(data_yaml: Path, tmp_path: 
     rect = val.run(onnx, data_yaml, rect=True, **kw)
     pt = val.run(REPO / "weights" / "demo_teacher.pt", data_yaml, **kw)
     assert rect["map"] == pytest.approx(pt["map"], abs=2e-4) and abs(got["map"] - pt["map"]) > 1e-3
+
+
+def test_detect_save_crop_cuts_and_numbers_as_yolov5(tmp_path: Path) -> None:
+    """--save-crop: crops/<class>/<stem>.jpg, <stem>2.jpg, ... — the same files, of the same sizes, as
+    YOLOv5's detect.py --save-crop wrote (oracle_crops.json: name → (h, w)); numbering follows its
+    lowest-score-first order."""
+    import cv2
+
+    want = json.loads((FIXTURE / "oracle_crops.json").read_text())
+    res = detect.run(REPO / "weights" / "demo_teacher.pt", FIXTURE / "images" / "val", imgsz=320, device="cpu",
+                     save_crop=True, nosave=True, project=tmp_path, name="c", verbose=False)
+    crops = Path(res.save_dir) / "crops"
+    got = {f.relative_to(crops).as_posix(): list(cv2.imread(str(f)).shape[:2]) for f in crops.rglob("*.jpg")}
+    assert got == want
