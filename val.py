@@ -127,7 +127,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default="exp")
     p.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of incrementing")
     p.add_argument("--workers", type=int, default=8, help="dataloader workers")
-    p.add_argument("--noplots", action="store_true", help="skip plots")
+    p.add_argument("--noplots", dest="plots", action="store_false", help="skip plots")
     p.add_argument("--rect", action="store_true",
                    help="a --dynamic .onnx file gets the .pt's rectangular batches (and its figures) instead of "
                    "YOLOv5's square letterboxed ones")
@@ -153,12 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     configure_logging()
     keep_freed_memory()
 
-    def work() -> dict:
-        kwargs = vars(check_options(opt))
-        kwargs["plots"] = not kwargs.pop("noplots")
-        return run(**kwargs)
-
-    status, results = run_guarded("val.py", work)
+    status, results = run_guarded("val.py", lambda: run(**vars(check_options(opt))))
     if status:
         raise SystemExit(status)
     return results

@@ -63,7 +63,7 @@ def measure(weights: Path, label: str, args: argparse.Namespace) -> dict[str, An
     for precision, path in (("fp32", fp32), ("int8", int8)):
         lat = q.ort_latency(path, (args.imgsz, args.imgsz), repeats=args.repeats, warmup=args.warmup,
                             threads=args.threads)
-        m = _map(validate(path, device="cpu", **vkw))
+        m = _map(validate(path, device="cpu", rect=not args.static, **vkw))  # --dynamic: the .pt's batches
         rows.append({"precision": precision, "file": str(path), "size_mb": round(q.file_mb(path), 3),
                      "latency_ms": round(lat["median_ms"], 2), "latency_iqr_ms": round(lat["iqr_ms"], 2), **m})
     return {"label": label, "weights": str(weights), "onnx_parity": parity, "pt": m_pt, "calib_images": len(images),

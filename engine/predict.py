@@ -88,6 +88,8 @@ def _skip(path: Path, why: str) -> None:
 def iter_frames(files: list[Path], vid_stride: int = 1) -> Iterator[Frame]:
     """Yield every image, and every ``vid_stride``-th frame of every video (from the first), in order;
     unreadable files are skipped with one warning each."""
+    if vid_stride < 1:
+        raise ValueError(f"--vid-stride {vid_stride}: must be at least 1")
     for f in files:
         if f.suffix.lower() in IMG_SUFFIXES:
             im = cv2.imread(str(f))
@@ -252,6 +254,7 @@ class _Outputs:
     def __init__(self, save_dir: Path, save_txt: bool, save_conf: bool) -> None:
         self.save_dir, self.save_conf = save_dir, save_conf
         self.videos: dict[Path, cv2.VideoWriter] = {}
+        self.crop_numbers: dict[tuple[Path, str], int] = {}  # next crop number to try per (folder, stem)
         if save_txt:
             (save_dir / "labels").mkdir(exist_ok=True)
 
@@ -263,13 +266,22 @@ class _Outputs:
             (self.save_dir / "labels" / f"{stem}.txt").write_text("\n".join(rows) + "\n")
 
     def crops(self, fr: Frame, det: np.ndarray, names: list[str]) -> None:
-        """``crops/<class name>/<stem>.jpg`` per detection (``<stem>2.jpg``, ... when a picture has several)."""
-        stem = fr.path.stem if fr.frame is None else f"{fr.path.stem}_{fr.frame}"
+        """``crops/<class name>/<stem>.jpg`` per detection, then ``<stem>2.jpg``, ``<stem>3.jpg``, ... (every
+        frame of a video shares its stem), as YOLOv5 names them: the first name of this stem not taken yet."""
         for *xyxy, _, cls in det.tolist():
             c = int(cls)
             folder = self.save_dir / "crops" / (str(names[c]) if 0 <= c < len(names) else str(c))
             folder.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(increment_path(folder / f"{stem}.jpg")), crop_box(fr.image, xyxy))
+            cv2.imwrite(str(self._free_crop_name(folder, fr.path.stem)), crop_box(fr.image, xyxy))
+
+    def _free_crop_name(self, folder: Path, stem: str) -> Path:
+        """Only this stem's own names are tried, from where the last one was found: a folder of many
+        crops costs no scan per crop."""
+        n = self.crop_numbers.get((folder, stem), 1)
+        while (folder / f"{stem}{n if n > 1 else ''}.jpg").exists():
+            n += 1
+        self.crop_numbers[(folder, stem)] = n + 1
+        return folder / f"{stem}{n if n > 1 else ''}.jpg"
 
     def picture(self, fr: Frame, annotated: np.ndarray) -> None:
         if fr.frame is None:

@@ -160,3 +160,6 @@ def test_non_numeric_stems_become_string_ids_as_yolov5_writes_them(tmp_path):
     assert [im["id"] for im in mixed["images"]] == ["0005", "x"]
     repeated = labels_to_coco_json(labels, ["/d/a/x.jpg", "/d/b/x.png"], [(10, 10)] * 2, ["p", "q"])
     assert [im["id"] for im in repeated["images"]] == [1, 2]
+    # numerals that are not decimal digits ("一", "½") are names, not numbers
+    other = labels_to_coco_json(labels, ["/d/一.jpg", "/d/½.jpg"], [(10, 10)] * 2, ["p", "q"])
+    assert [im["id"] for im in other["images"]] == ["一", "½"]

@@ -134,7 +134,14 @@ def test_video_source(tiny_pt: Path, tmp_path: Path) -> None:
     with_boxes = {f"clip_{f}.txt" for _, f, d in res.results if len(d)}
     assert labelled == with_boxes
     strided = detect.run(tiny_pt, video, imgsz=128, conf_thres=CONF, device="cpu", vid_stride=3, nosave=True,
-                         project=tmp_path / "runs", verbose=False)
+                         save_crop=True, project=tmp_path / "runs", verbose=False)
+    crops = sorted(p.stem for p in (strided.save_dir / "crops").rglob("*.jpg"))
+    n_boxes = sum(len(d) for _, _, d in strided.results)
+    # YOLOv5's names: a video's frames share its stem, numbered on from the first free name
+    assert len(crops) == n_boxes and all(c == "clip" or c[4:].isdecimal() for c in crops), crops
+    with pytest.raises(ValueError, match="--vid-stride 0"):
+        detect.run(tiny_pt, video, imgsz=128, device="cpu", vid_stride=0, nosave=True, project=tmp_path / "runs",
+                   verbose=False)
     assert [f for _, f, _ in strided.results] == [0, 3]  # --vid-stride 3: frames 0 and 3 of 4
     for (_, _, every), (_, _, third) in zip((res.results[0], res.results[3]), strided.results):
         np.testing.assert_array_equal(every, third)  # the frames read are the same frames

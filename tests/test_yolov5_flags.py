@@ -87,6 +87,20 @@ def test_run_from_python_takes_yolov5s_keywords_and_no_others(tmp_path: Path) ->
         check_yolov5_only_kwargs({"no_such_flag": 1, "dnn": True}, val.YOLOV5_ONLY_FLAGS, "val.run")
 
 
+@pytest.mark.parametrize("script", ["val", "detect"])
+def test_run_takes_the_parsed_command_line_whole(script: str) -> None:
+    """``run(**vars(parse_opt(argv)))`` is the whole CLI: every parsed name is one of run()'s keywords."""
+    import inspect
+
+    module = {"val": val, "detect": detect}[script]
+    opt = vars(SCRIPTS[script][0](REQUIRED[script] + (["--noplots"] if script == "val" else [])))
+    params = inspect.signature(module.run).parameters
+    yolov5_only = {f.dest for f in SCRIPTS[script][1]}
+    assert set(opt) - yolov5_only <= set(params)
+    if script == "val":
+        assert opt["plots"] is False
+
+
 def test_yolov5_only_flag_defaults() -> None:
     assert Yolov5OnlyFlag(("--x",), "why").default is False
     assert Yolov5OnlyFlag(("--top-k",), "why", {"type": int, "default": 100}).dest == "top_k"

@@ -68,7 +68,7 @@ class ImageIdLookup:
             key = Path(*p.parts[-d:]).as_posix()
             if key in self.by_name:
                 return self.by_name[key]
-        if p.stem.isnumeric() and int(p.stem) in self.ids:
+        if p.stem.isdecimal() and int(p.stem) in self.ids:
             return int(p.stem)
         raise ValueError(f"image {p} is not listed in the annotation json (images are matched by file_name)")
 
@@ -117,7 +117,7 @@ def labels_to_coco_json(
     stems = [Path(f).stem for f in im_files]
     ids: list[int | str] = list(range(1, len(stems) + 1))
     if len(set(stems)) == len(stems):
-        numeric = all(st.isnumeric() for st in stems) and len({int(st) for st in stems}) == len(stems)
+        numeric = all(st.isdecimal() for st in stems) and len({int(st) for st in stems}) == len(stems)
         ids = [int(st) for st in stems] if numeric else list(stems)
     images, annotations = [], []
     for i, lab, f, (h, w) in zip(ids, labels, im_files, shapes):
