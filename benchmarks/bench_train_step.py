@@ -183,8 +183,8 @@ def make_row(name: str, student0: nn.Module | None, teacher0: tuple[nn.Module | 
 
     ``teacher0``: (BN-folded teacher, teacher with BN) as the trainer builds them for non-Overhaul /
     Overhaul runs (either may be None when no row needs it)."""
-    name, compiled = name.removesuffix(COMPILED), name.endswith(COMPILED)
-    label = name + COMPILED * compiled
+    label, name = name, name.removesuffix(COMPILED)
+    compiled = label != name
     if name == "teacher":
         teacher = copy.deepcopy(teacher0[0])
         if compiled:

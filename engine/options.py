@@ -8,7 +8,6 @@ saved in `opt.yaml` and in every checkpoint.
 from __future__ import annotations
 
 import argparse
-import os
 
 from engine.cli import require
 from engine.yolov5_flags import Yolov5OnlyFlag, add_yolov5_only_flags, check_yolov5_only_flags
@@ -146,9 +145,6 @@ def check_options(opt: argparse.Namespace) -> argparse.Namespace:
     require(0.0 <= opt.label_smoothing < 1.0, f"--label-smoothing {opt.label_smoothing}: must be in [0, 1)")
     require(all(i >= 0 for i in opt.freeze), f"--freeze {' '.join(map(str, opt.freeze))}: layer numbers are >= 0")
     require(bool(opt.name) and opt.name not in (".", ".."), f"--name {opt.name!r}: give a folder name, e.g. exp")
-    require(not (opt.image_weights and (opt.rect or int(os.environ.get("WORLD_SIZE", "1")) > 1)),
-            "--image-weights draws images one process at a time in random order: it works neither under "
-            "torchrun (DDP) nor with --rect; drop one of them")
     parse_device(opt.device)  # raises its own one-line ValueError naming --device
     check_yolov5_only_flags(opt, YOLOV5_ONLY_FLAGS)
     return opt

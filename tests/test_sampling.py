@@ -55,16 +55,16 @@ def test_weighted_loader_draws_by_the_weights_it_is_given(tiny_data: Path) -> No
         create_dataloader(root / "images" / "train", 96, 8, 32, workers=0, image_weights=True, rect=True)
 
 
-def test_image_weights_is_refused_before_anything_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine.options import check_options
-
-    base = train_args(Path("data.yaml"), Path("runs"), "x", 1, "--image-weights")
-    check_options(parse_options(base))  # one process, no --rect: fine
+def test_image_weights_is_refused_before_anything_is_built(tmp_path: Path) -> None:
+    """The loader refuses --image-weights with --rect or under DDP before it reads a single source (the
+    scan and RAM cache of a large dataset would otherwise come first): no such folder is ever looked at."""
+    missing = tmp_path / "no_such_images"
     with pytest.raises(ValueError, match="--image-weights .* nor with --rect"):
-        check_options(parse_options([*base, "--rect"]))
-    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun
+        create_dataloader(missing, 96, 8, 32, workers=0, image_weights=True, rect=True)
     with pytest.raises(ValueError, match="under torchrun"):
-        check_options(parse_options(base))
+        create_dataloader(missing, 96, 8, 32, workers=0, image_weights=True, rank=1, world_size=2)
+    with pytest.raises(FileNotFoundError):  # one process, no --rect: the sources are what fails
+        create_dataloader(missing, 96, 8, 32, workers=0, image_weights=True)
 
 
 def test_training_with_image_weights_samples_by_the_last_validation(tiny_data: Path, tmp_path: Path,

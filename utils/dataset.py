@@ -465,12 +465,13 @@ def create_dataloader(
     ``loader.sampler.set_epoch(epoch)`` and ``dataset.set_epoch(epoch)``). Non-augmenting loaders keep
     their workers between epochs; augmenting ones restart them so each epoch's augmentation stream
     (seed, epoch, index) reaches them. The same seed gives the same batches. ``nc`` enables the
-    class-range check on labels. ``pin_memory``: page-locked batches, for a loader that feeds a CUDA
-    device (a CPU run on a GPU machine must not pin: that starts CUDA for nothing). ``image_weights``:
-    draw each epoch's images with replacement through a ``WeightedRandomSampler`` (uniform weights
-    until the trainer sets them, `utils.sampling`) that shares the loader's seeded generator; one
-    process only.
+    class-range check on labels. ``pin_memory``: page-locked batches, only for a loader feeding a GPU
+    (pinning starts CUDA). ``image_weights``: draws with replacement by a ``WeightedRandomSampler`` on the
+    loader's seeded generator, uniform until the trainer re-weights it (`utils.sampling`; one process).
     """
+    if image_weights and (world_size > 1 or rect):  # refused before the dataset is scanned and cached
+        raise ValueError("--image-weights draws images one process at a time in random order: it works neither "
+                         "under torchrun (DDP) nor with --rect; drop one of them")
     if rect and shuffle:
         LOGGER.warning("rect=True is incompatible with shuffle; shuffle disabled")
         shuffle = False
@@ -480,9 +481,8 @@ def create_dataloader(
                           nc=nc, processes=world_size)
     batch_size = min(batch_size, len(dataset))
     nw = max(0, min(int(workers), os.cpu_count() or 1))
-    generator = torch.Generator()
-    generator.manual_seed(seed + 1_000_003 * rank_offset)
-    sampler = _sampler(dataset, generator, image_weights, rect, world_size, rank_offset, shuffle, seed)
+    generator = torch.Generator().manual_seed(seed + 1_000_003 * rank_offset)
+    sampler = _sampler(dataset, generator, image_weights, world_size, rank_offset, shuffle, seed)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -501,14 +501,11 @@ def create_dataloader(
 
 
 
-def _sampler(dataset: YoloDataset, generator: torch.Generator, image_weights: bool, rect: bool, world_size: int,
+def _sampler(dataset: YoloDataset, generator: torch.Generator, image_weights: bool, world_size: int,
              rank: int, shuffle: bool, seed: int) -> Sampler | None:
     """The loader's sampler: weighted draws (``image_weights``), one share per DDP rank, or None (the
     DataLoader's own sequential/shuffled order)."""
     if image_weights:
-        if world_size > 1 or rect:
-            raise ValueError("--image-weights draws images one process at a time in random order: it works "
-                             "neither under torchrun (DDP) nor with --rect; drop one of them")
         return WeightedRandomSampler(torch.ones(len(dataset), dtype=torch.float64), len(dataset),
                                      replacement=True, generator=generator)
     if world_size > 1:
