@@ -30,11 +30,11 @@ from utils.augment import letterbox_input
 from utils.boxes import non_max_suppression, scale_boxes
 from utils.files import increment_path
 from utils.geometry import round_to_stride
-from utils.labels import label_lines
+from utils.labels import IMG_FORMATS, label_lines
 from utils.plots import class_color
 from utils.torch_utils import select_device
 
-IMG_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}
+IMG_SUFFIXES = IMG_FORMATS  # the suffixes datasets list: YOLOv5 shares one list between them too
 VID_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".wmv", ".mpg", ".mpeg"}
 
 

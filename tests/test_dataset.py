@@ -230,7 +230,8 @@ def test_label_edge_cases_and_one_summary_warning(tmp_path: Path, caplog: pytest
     names = {Path(f).name: lb for f, lb in zip(ds.im_files, ds.labels)}
     assert set(names) == {"ok.png", "empty.png", "nolabel.png", "dup.png", "flat.png"}
     assert len(names["empty.png"]) == 0 and len(names["nolabel.png"]) == 0
-    np.testing.assert_allclose(names["dup.png"], [[1, 0.5, 0.5, 0.2, 0.2], [0, 0.3, 0.3, 0.1, 0.1]])
+    # duplicates removed, the rest in YOLOv5's order then: sorted rows (measured on its 7.0 loader)
+    np.testing.assert_allclose(names["dup.png"], [[0, 0.3, 0.3, 0.1, 0.1], [1, 0.5, 0.5, 0.2, 0.2]])
     np.testing.assert_allclose(names["flat.png"], [[0, 0.5, 0.5, 0.2, 0.2], [1, 0.3, 0.3, 0.0, 0.2]])
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     # one warning per unusable image file (each needs fixing), ONE summary for the label problems
@@ -280,19 +281,26 @@ def test_cache_built_reused_rebuilt(tmp_path: Path, caplog: pytest.LogCaptureFix
 
 
 def test_polygon_rows_become_their_boxes(tmp_path: Path) -> None:
-    """Segment rows (cls x1 y1 ... xn yn) -> bounding box of the points; 5-column rows stay boxes."""
+    """Segment rows (cls x1 y1 ... xn yn) -> bounding box of the points. In a file with polygon rows,
+    YOLOv5 reads EVERY row as a polygon, a 5-column row as two points (measured on its 7.0 loader)."""
     lb = tmp_path / "a.txt"
     lb.write_text("2 0.1 0.2 0.5 0.1 0.3 0.6 0.2 0.4\n"  # 4 points: x 0.1..0.5, y 0.1..0.6
-                  "0 0.5 0.5 0.2 0.2\n"  # a box in the same file
                   "1 0.9 0.9 0.95 0.8 1.0004 0.99\n")  # a point a hair outside: its box stays in [0, 1]
     labels, err, note, found = parse_label_file(str(lb))
     assert err == "" and found and note == ""
-    np.testing.assert_allclose(labels, [[2, 0.3, 0.35, 0.4, 0.5], [0, 0.5, 0.5, 0.2, 0.2],
-                                        [1, 0.9502, 0.895, 0.1004, 0.19]], atol=1e-6)
+    np.testing.assert_allclose(labels, [[2, 0.3, 0.35, 0.4, 0.5], [1, 0.9502, 0.895, 0.1004, 0.19]], atol=1e-6)
+    lb.write_text("2 0.1 0.2 0.5 0.1 0.3 0.6\n0 0.5 0.5 0.2 0.2\n1 0.4 0.6\n")  # + a box row, a 1-point row
+    labels, err, note, _ = parse_label_file(str(lb))
+    assert err == "" and "2 row(s) of under 7 columns read as polygons" in note
+    # the oracle's figures for this file: the box row became (0.5, 0.5)-(0.2, 0.2), the point a flat box
+    np.testing.assert_allclose(labels, [[2, 0.3, 0.35, 0.4, 0.5], [0, 0.35, 0.35, 0.3, 0.3],
+                                        [1, 0.4, 0.6, 0.0, 0.0]], atol=1e-6)
     lb.write_text("0 0.1 0.1 0.2 0.1 0.3 0.1\n")  # collinear: a flat box, kept as YOLOv5 keeps it
     np.testing.assert_allclose(parse_label_file(str(lb))[0], [[0, 0.2, 0.1, 0.2, 0.0]], atol=1e-6)
     for text, why in (("0 0.1 0.1 0.2 0.2 0.3\n", "6 columns"),  # 2.5 points
-                      ("0 0.1 0.1 0.2 0.2 0.3 0.3 0.4 0.4\n0 0.1 0.2\n", "line 2 has 3 columns"),
+                      ("0 0.1 0.1 0.2 0.2 0.3 0.3 0.4 0.4\n0 0.1 0.2 0.3 0.4 0.5 0.6 0.7\n",
+                       "line 2: 8 columns do not make (x, y) points"),
+                      ("0 0.5 0.5 0.2 0.2\n1 0.5 0.5\n", "line 2 has 3 columns"),  # no polygon row: boxes only
                       ("0 0.1 0.1 0.2 0.2 1.7 0.3\n", "outside"),
                       ("0 0.1 0.1 0.2 x 0.3 0.3\n", "non-numeric")):
         lb.write_text(text)

@@ -32,15 +32,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from utils.boxes import xyxy2xywhn
 
 LOGGER = logging.getLogger(__name__)
 
-IMG_FORMATS = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}
-CACHE_VERSION = 4  # 2: polygon rows parsed as boxes; 3: images decoded during the scan; 4: YOLOv5's acceptance
-# rules (no clipping of label values, zero-size boxes kept, images under 10 px skipped)
+# YOLOv5's image suffixes (measured on its 7.0 loader): .mpo is multi-picture JPEG, .dng TIFF-based raw;
+# a .pfm file is listed but PIL cannot read it, so the scan reports it as corrupt (as YOLOv5 does)
+IMG_FORMATS = {".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".pfm", ".png", ".tif", ".tiff", ".webp"}
+CACHE_VERSION = 5  # 2: polygon rows parsed as boxes; 3: images decoded during the scan; 4: YOLOv5's acceptance
+# rules (no clipping of label values, zero-size boxes kept, images under 10 px skipped); 5: values checked in
+# float32, files mixing boxes and polygons read as YOLOv5 reads them, EXIF 5/7 shapes unrotated
 CACHE_SUFFIX = ".yolokd.npz"  # never YOLOv5's ".cache" (see cache_path_for)
 MIN_IMAGE_SIDE = 10  # YOLOv5 skips smaller images (measured on its 7.0 loader)
 MAX_LISTED = 5  # problem files named in the summary warning
@@ -65,37 +68,61 @@ def img2label_paths(im_files: Sequence[str]) -> list[str]:
     return out
 
 
-def list_image_files(sources: str | Path | Sequence[str | Path]) -> list[str]:
-    """Image paths from folders (searched recursively) and/or ``.txt`` lists, as ONE sorted list (as
-    YOLOv5 orders them: the order decides which images share a rectangular validation batch, where
-    images of equal aspect ratio are not reordered, and so the padding and the predictions).
+def _listed_path(line: str, list_file: Path) -> str:
+    """One line of a ``.txt`` image list as a path, resolved as YOLOv5 resolves it where it can.
 
-    Relative lines of a ``.txt`` list are resolved against the list's folder, which is the dataset
-    root in the YOLOv5 layout (e.g. ``coco/train2017.txt`` with ``./images/train2017/x.jpg``).
+    ``./x`` is under the list's folder (the YOLOv5 layout: ``coco/train2017.txt`` with
+    ``./images/train2017/x.jpg``). Any other relative line is under the current directory, YOLOv5's
+    rule, when the file exists there; else under the list's folder, so that a list written relative
+    to itself works from anywhere (YOLOv5 would fail on it).
+    """
+    q = Path(line)
+    if q.is_absolute():
+        return os.path.normpath(q)
+    if not line.startswith("./") and q.exists():
+        return os.path.normpath(q)
+    return os.path.normpath(list_file.parent / q)
+
+
+def _folder_images(folder: Path) -> list[str]:
+    """Image files under ``folder``, recursively, skipping hidden files and folders (``.git``,
+    ``.ipynb_checkpoints`` copies...), which YOLOv5's search never sees either."""
+    def visible(q: Path) -> bool:
+        return not any(part.startswith(".") for part in q.relative_to(folder).parts)
+
+    return [str(q) for q in folder.rglob("*") if q.suffix.lower() in IMG_FORMATS and visible(q) and q.is_file()]
+
+
+def list_image_files(sources: str | Path | Sequence[str | Path]) -> list[str]:
+    """Image paths from folders (searched recursively) and/or ``.txt`` lists (:func:`_listed_path`), as
+    ONE sorted list without repeats, as YOLOv5 orders them: the order decides which images share a
+    rectangular validation batch, where images of equal aspect ratio are not reordered, and so the
+    padding and the predictions. An image listed twice (a folder named twice, a repeated list line) is
+    used once, as in YOLOv5.
     """
     srcs = [sources] if isinstance(sources, (str, Path)) else list(sources)
     files: list[str] = []
     for s in srcs:
         p = Path(s)
         if p.is_dir():
-            found = [str(q) for q in p.rglob("*") if q.suffix.lower() in IMG_FORMATS and q.is_file()]
-            files += found
+            files += _folder_images(p)
         elif p.is_file() and p.suffix.lower() == ".txt":
             for line in p.read_text(encoding="utf-8").splitlines():
                 line = line.strip()
-                if not line or line.startswith("#"):
-                    continue
-                q = Path(line)
-                q = q if q.is_absolute() else p.parent / q
-                files.append(os.path.normpath(q))
+                if line and not line.startswith("#"):
+                    files.append(_listed_path(line, p))
         elif p.exists():
             raise ValueError(f"dataset source {p} is neither a folder nor a .txt list of images")
         else:
             raise FileNotFoundError(f"dataset source {p} not found")
-    files = sorted(f for f in files if Path(f).suffix.lower() in IMG_FORMATS)
-    if not files:
+    listed = [f for f in files if Path(f).suffix.lower() in IMG_FORMATS]
+    unique = sorted(set(listed))
+    if len(unique) < len(listed):
+        LOGGER.warning("%d image entries of %s repeat an earlier one; each image is used once (as in YOLOv5)",
+                       len(listed) - len(unique), ", ".join(map(str, srcs)))
+    if not unique:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMG_FORMATS))}) found in {', '.join(map(str, srcs))}")
-    return files
+    return unique
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,11 +187,16 @@ def decode_check(path: str) -> tuple[tuple[int, int], str]:
             if is_jpeg:
                 im.draft(im.mode, (max(w // 8, 1), max(h // 8, 1)))
             im.load()  # raises on truncated or undecodable data
+    except UnidentifiedImageError:  # its own message names an in-memory buffer, not the file
+        return (0, 0), "corrupt image (not a picture format the decoder knows, or damaged header)"
     except Exception as e:  # any decoder error means the file is unusable
         return (0, 0), f"corrupt image ({type(e).__name__}: {e})"
     if is_jpeg and _jpeg_scan_is_blank(data):
         return (w, h), "corrupt image (JPEG data is all zero bytes: the file lost its content)"
-    if orientation in (5, 6, 7, 8):  # EXIF rotation by ±90°: OpenCV applies it when reading
+    # EXIF rotation by ±90° (6, 8): OpenCV applies it when reading. 5 and 7 (rotation with a mirror)
+    # turn the picture too, yet YOLOv5 keeps their stored shape (measured on its 7.0 loader); so do we:
+    # the shape only chooses the rectangular batch, whose size then equals YOLOv5's.
+    if orientation in (6, 8):
         w, h = h, w
     if w < MIN_IMAGE_SIDE or h < MIN_IMAGE_SIDE:
         return (w, h), f"image too small ({w}x{h}; YOLOv5 skips images under {MIN_IMAGE_SIDE} px)"
@@ -181,39 +213,50 @@ def warn_each_unreadable(problems: Sequence[tuple[str, str]]) -> None:
         LOGGER.warning("skipped image %s: %s", path, why)
 
 
-def _polygon_boxes(rows: list[list[str]]) -> np.ndarray:
-    """Rows ``cls x1 y1 ... xn yn`` (segment format) -> (n, 5) float64 ``[cls, xc, yc, w, h]``.
+def _polygon_box(values: np.ndarray) -> np.ndarray:
+    """One polygon row ``[cls, x1, y1, ..., xn, yn]`` (float32) -> ``[cls, xc, yc, w, h]`` float32.
 
-    The box of a polygon is the axis-aligned hull of its points: [min x, max x] × [min y, max y] (the
-    caller range-checks the box, as YOLOv5 does). Rows must all have the same odd length (the caller
-    groups them).
+    The box is the axis-aligned hull of the points, [min x, max x] × [min y, max y], computed in
+    float32 as YOLOv5 computes it (so that range checks and duplicates see its numbers). Raises
+    ValueError when the coordinates do not pair up into at least one point.
     """
-    arr = np.array(rows, dtype=np.float64)
-    pts = arr[:, 1:].reshape(len(arr), -1, 2)  # (n, points, xy)
-    lo, hi = pts.min(1), pts.max(1)  # (n, 2) each
-    return np.concatenate((arr[:, :1], (lo + hi) / 2, hi - lo), 1)
+    coords = values[1:]
+    if len(coords) == 0 or len(coords) % 2:
+        raise ValueError(f"{len(values)} columns do not make (x, y) points after the class")
+    pts = coords.reshape(-1, 2)  # (points, xy)
+    lo, hi = pts.min(0), pts.max(0)
+    return np.concatenate((values[:1], (lo + hi) / np.float32(2), hi - lo)).astype(np.float32)
 
 
-def _rows_to_boxes(rows: list[list[str]]) -> tuple[np.ndarray, str]:
-    """Label rows of either kind -> ((n, 5) float64 in file order, error).
+def _rows_to_boxes(rows: list[list[str]]) -> tuple[np.ndarray, str, str]:
+    """Label rows -> ((n, 5) float32 ``[cls, xc, yc, w, h]`` in file order, error, note).
 
-    5 columns: a box ``cls xc yc w h``; 7, 9, 11, ... columns: a polygon ``cls x1 y1 ... xn yn`` with
-    n >= 3 points (YOLOv5's segment labels), reduced to its bounding box. A file may mix both.
+    YOLOv5's reading (its 7.0 loader, measured): when no row has more than 6 columns, every row must
+    be a box ``cls xc yc w h``; once any row has more, EVERY row is a polygon ``cls x1 y1 ... xn yn``
+    reduced to its box — a 5-column row in such a file becomes the two points (xc, yc), (w, h), which
+    the note reports. Values are float32 from the start, as there.
     """
-    out = np.zeros((len(rows), 5), dtype=np.float64)
-    by_width: dict[int, list[int]] = {}
-    for i, r in enumerate(rows):
-        by_width.setdefault(len(r), []).append(i)
-    for width, idx in by_width.items():
-        if width != 5 and (width < 7 or width % 2 == 0):
-            return out[:0], (f"line {idx[0] + 1} has {width} columns, expected 5 (cls xc yc w h) "
-                             "or an odd number >= 7 (cls x1 y1 x2 y2 x3 y3 ... polygon)")
-        group = [rows[i] for i in idx]
+    empty = np.zeros((0, 5), dtype=np.float32)
+    try:
+        values = [np.array(r, dtype=np.float32) for r in rows]
+    except ValueError:
+        return empty, "non-numeric value", ""
+    if all(len(v) <= 6 for v in values):
+        for i, v in enumerate(values):
+            if len(v) != 5:
+                return empty, (f"line {i + 1} has {len(v)} columns, expected 5 (cls xc yc w h) "
+                               "or an odd number >= 7 (cls x1 y1 x2 y2 x3 y3 ... polygon)"), ""
+        return np.stack(values), "", ""
+    boxes = []
+    for i, v in enumerate(values):
         try:
-            out[idx] = np.array(group, dtype=np.float64) if width == 5 else _polygon_boxes(group)
-        except ValueError:
-            return out[:0], "non-numeric value"
-    return out, ""
+            boxes.append(_polygon_box(v))
+        except ValueError as e:
+            return empty, f"line {i + 1}: {e} (a file with polygon rows is read as polygons only)", ""
+    narrow = sum(len(v) < 7 for v in values)
+    note = (f"{narrow} row(s) of under 7 columns read as polygons (the file mixes boxes and polygons; "
+            "YOLOv5 reads it so)") if narrow else ""
+    return np.stack(boxes), "", note
 
 
 def parse_label_file(path: str) -> tuple[np.ndarray, str, str, bool]:
@@ -222,8 +265,8 @@ def parse_label_file(path: str) -> tuple[np.ndarray, str, str, bool]:
     Returns ``(labels (n, 5) float32 [cls, xc, yc, w, h], error, note, found)``: ``error`` non-empty
     means the file is malformed (the image will be skipped); ``note`` records repairs (duplicate rows
     removed); ``found`` is False when the file does not exist (background).
-    Rows may be boxes (5 columns) or polygons (``cls x1 y1 ... xn yn``, n >= 3, normalised), which
-    become their bounding boxes as in YOLOv5. The acceptance rules are YOLOv5's (measured on its 7.0
+    Rows may be boxes (5 columns) or polygons (``cls x1 y1 ... xn yn``, normalised), which become
+    their bounding boxes as in YOLOv5 (:func:`_rows_to_boxes`). The acceptance rules are YOLOv5's (measured on its 7.0
     loader, so that a dataset gives the images and instances it gives there): every box value
     ``xc yc w h`` in [0, 1] and nothing negative, or the image is skipped (no clipping of round-off:
     YOLOv5 skips 1.0005 too); boxes of zero width or height are kept (they count as instances).
@@ -239,7 +282,7 @@ def parse_label_file(path: str) -> tuple[np.ndarray, str, str, bool]:
         return empty, f"unreadable label file ({type(e).__name__})", "", True
     if not rows:
         return empty, "", "", True
-    lb, err = _rows_to_boxes(rows)  # polygons become boxes first: YOLOv5 checks the boxes
+    lb, err, note = _rows_to_boxes(rows)  # polygons become boxes first: YOLOv5 checks the boxes
     if err:
         return empty, err, "", True
     if not np.isfinite(lb).all():  # a non-finite polygon point makes its box non-finite too
@@ -247,17 +290,17 @@ def parse_label_file(path: str) -> tuple[np.ndarray, str, str, bool]:
     cls = lb[:, 0]
     bad_cls = (cls < 0) | (cls != np.round(cls))
     if bad_cls.any():
-        return empty, f"class must be a non-negative integer, got {cls[bad_cls][0]:g}", "", True
+        return empty, f"class must be a non-negative integer, got {cls[bad_cls][0]!s}", "", True
     outside = (lb[:, 1:] < 0) | (lb[:, 1:] > 1)
     if outside.any():
-        return empty, (f"box value {lb[:, 1:][outside][0]:g} outside [0, 1] (labels are normalised xc yc w h; "
+        return empty, (f"box value {lb[:, 1:][outside][0]!s} outside [0, 1] (labels are normalised xc yc w h; "
                        "YOLOv5 skips such images too)"), "", True
-    notes = []
+    notes = [note] if note else []
     _, first = np.unique(lb, axis=0, return_index=True)
     if len(first) < len(lb):
         notes.append(f"{len(lb) - len(first)} duplicate row(s) removed")
-        lb = lb[np.sort(first)]  # keep file order
-    return lb.astype(np.float32), "", "; ".join(notes), True
+        lb = lb[first]  # YOLOv5's order after removing duplicates: rows sorted (class, then xc, ...)
+    return lb, "", "; ".join(notes), True
 
 
 def _files_hash(im_files: Sequence[str], label_files: Sequence[str]) -> str:
