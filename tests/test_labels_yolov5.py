@@ -106,3 +106,7 @@ def test_unidentified_image_message_names_no_buffer(tmp_path: Path) -> None:
     f.write_bytes(b"not a picture at all")
     _, why = decode_check(str(f))
     assert why.startswith("corrupt image") and "BytesIO" not in why and "0x" not in why
+
+
+def test_listed_but_missing_image_says_so(tmp_path: Path) -> None:
+    assert decode_check(str(tmp_path / "gone.jpg")) == ((0, 0), "image file not found")

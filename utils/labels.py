@@ -187,6 +187,8 @@ def decode_check(path: str) -> tuple[tuple[int, int], str]:
             if is_jpeg:
                 im.draft(im.mode, (max(w // 8, 1), max(h // 8, 1)))
             im.load()  # raises on truncated or undecodable data
+    except FileNotFoundError:  # a .txt list may name files that are gone
+        return (0, 0), "image file not found"
     except UnidentifiedImageError:  # its own message names an in-memory buffer, not the file
         return (0, 0), "corrupt image (not a picture format the decoder knows, or damaged header)"
     except Exception as e:  # any decoder error means the file is unusable
