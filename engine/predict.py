@@ -30,7 +30,8 @@ from utils.augment import letterbox_input
 from utils.boxes import non_max_suppression, scale_boxes
 from utils.files import increment_path
 from utils.geometry import round_to_stride
-from utils.labels import IMG_FORMATS, label_lines
+from utils.image_files import IMG_FORMATS
+from utils.labels import label_lines
 from utils.plots import class_color
 from utils.torch_utils import select_device
 

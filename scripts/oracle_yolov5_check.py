@@ -149,7 +149,7 @@ def compare_detections(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray
 
 def _subset_yaml(cfg: dict, work: Path, n: int) -> tuple[Path, list[str]]:
     """A dataset yaml (absolute paths) over the first ``n`` val images, via a .txt list; the files."""
-    from utils.labels import list_image_files
+    from utils.image_files import list_image_files
 
     files = list_image_files(cfg["val"])[:n]
     lst = work / "val_subset.txt"

@@ -24,7 +24,8 @@ from utils.dataset import (
     long_side_hw,
     rect_batch_shapes,
 )
-from utils.labels import img2label_paths, parse_label_file
+from utils.image_files import img2label_paths
+from utils.labels import parse_label_file
 
 
 def write_image(path: Path, h: int = 48, w: int = 64, colour: tuple[int, int, int] = (90, 90, 90)) -> Path:

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from utils.dataset import YoloDataset
-from utils.labels import decode_check, list_image_files, parse_label_file
+from utils.image_files import list_image_files
+from utils.labels import decode_check, parse_label_file
 
 
 def picture(path: Path, w: int = 48, h: int = 32, fmt: str | None = None, orientation: int | None = None) -> Path:

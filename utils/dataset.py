@@ -1,6 +1,6 @@
 """The YOLO dataset (loading, letterbox/mosaic augmentation, rect batches) and its loader.
 
-Files and labels come from :mod:`utils.labels` (scan + cache), the yaml from
+Files come from :mod:`utils.image_files`, labels from :mod:`utils.labels` (scan + cache), the yaml from
 :mod:`utils.data_config`. Problems in the data never crash an epoch: the scan's drops are
 reported in ONE summary warning (count + first files). An image whose label file has an
 out-of-range class (``0 <= cls < nc`` fails) is dropped as a whole rather than trained with some
@@ -29,13 +29,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, W
 
 from utils.augment import jitter_hsv, letterbox, mixup, mosaic4, random_warp, resize_to
 from utils.boxes import xywhn2xyxy, xyxy2xywhn
+from utils.image_files import img2label_paths, list_image_files
 from utils.labels import (
     IMAGE_PROBLEMS,
     MAX_LISTED,
     UnreadableImageError,
     cache_path_for,
-    img2label_paths,
-    list_image_files,
     scan_dataset,
     warn_each_unreadable,
 )

@@ -43,7 +43,7 @@ import numpy as np
 from utils.augment import letterbox_input
 from utils.data_config import load_data_config
 from utils.dataset import load_bgr
-from utils.labels import list_image_files
+from utils.image_files import list_image_files
 
 INT8_SUFFIX = ".int8.onnx"
 DEFAULT_CALIB_IMAGES = 64
