@@ -21,9 +21,9 @@ def add_distill_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
                    help="teacher model yaml: build it, then load --t_weights into it (default: the checkpoint's own)")
     modes = "; ".join(f"{k} = {m.summary}" for k, m in OUTPUT_TABLE.items())
     g.add_argument("--d_output", default=None, choices=OUTPUT_MODES,
-                   help=f"output distillation: {modes}. Default objmse when a teacher is given (silently "
-                        f"disabled, with a warning, if the heads' anchors/strides differ; an error when you ask "
-                        f"for it explicitly)")
+                   help=f"output distillation: {modes}. Default objmse when a teacher is given; the student "
+                        f"takes the teacher's anchors. If the heads differ in levels/strides it is dropped with "
+                        f"a warning when --d_feature is given, an error otherwise or when you ask for it")
     g.add_argument("--d_weight", type=float, default=10.0,
                    help="weight of the objmse/adlik/soft output terms; each is also multiplied by its detection "
                         "gain (box/obj/cls)")

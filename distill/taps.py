@@ -9,6 +9,7 @@ Overhaul method needs).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -28,13 +29,15 @@ def detect_layer(model: nn.Module) -> nn.Module:
     return det
 
 
-def detect_inputs(model: nn.Module) -> list[nn.Module]:
-    """The layers whose outputs enter Detect, in Detect's level order (P3, P4, P5 …)."""
+def detect_inputs(model: nn.Module, levels: Sequence[int] | None = None) -> list[nn.Module]:
+    """The layers whose outputs enter Detect, in Detect's level order (P3, P4, P5 …); only the
+    ``levels`` given (indices into that order), in their order, when not None."""
     model = unwrap_model(model)
     det = detect_layer(model)
     f = [det.f] if isinstance(det.f, int) else list(det.f)
     i_det = int(getattr(det, "i", len(model.model) - 1))
-    return [model.model[j if j >= 0 else i_det + j] for j in f]  # negative f counts back from Detect
+    layers = [model.model[j if j >= 0 else i_det + j] for j in f]  # negative f counts back from Detect
+    return layers if levels is None else [layers[k] for k in levels]
 
 
 def final_conv(layer: nn.Module) -> nn.Module:
@@ -54,10 +57,10 @@ def final_bn(layer: nn.Module) -> nn.BatchNorm2d:
     return final_conv(layer).bn
 
 
-def detect_input_channels(model: nn.Module) -> list[int]:
-    """Channels of each tensor entering Detect, read from its 1×1 output convs."""
-    det = detect_layer(model)
-    return [int(m.in_channels) for m in det.m]
+def detect_input_channels(model: nn.Module, levels: Sequence[int] | None = None) -> list[int]:
+    """Channels of each tensor entering Detect (of the ``levels`` given), read from its 1×1 output convs."""
+    channels = [int(m.in_channels) for m in detect_layer(model).m]
+    return channels if levels is None else [channels[k] for k in levels]
 
 
 class FeatureTaps:
@@ -67,6 +70,8 @@ class FeatureTaps:
         model: a DetectionModel, possibly wrapped in DDP / DataParallel (hooks go on the inner one).
         pre_activation: record the BN outputs of the final Conv of each layer (pre-SiLU) instead of
             the layer outputs.
+        levels: the Detect levels to record (indices in Detect's order; default all), e.g. the
+            teacher levels whose strides match a student with fewer levels.
 
     ``features``: list (one per level) of the latest forward's tensors, in Detect's level order;
         it is reset at the start of every forward of ``model``. Tensors keep their autograd graph
@@ -77,10 +82,11 @@ class FeatureTaps:
     fire on, so a deep copy of the model (e.g. the EMA) does not write into this object.
     """
 
-    def __init__(self, model: nn.Module, pre_activation: bool = False) -> None:
+    def __init__(self, model: nn.Module, pre_activation: bool = False, levels: Sequence[int] | None = None) -> None:
         self.model = unwrap_model(model)
         self.pre_activation = bool(pre_activation)
-        layers = detect_inputs(self.model)
+        self.levels = None if levels is None else list(levels)
+        layers = detect_inputs(self.model, self.levels)
         self.modules: list[nn.Module] = [final_bn(m) for m in layers] if pre_activation else layers
         self.features: list[torch.Tensor | None] = [None] * len(self.modules)
         self._handles = []
@@ -106,7 +112,7 @@ class FeatureTaps:
         """Channels per level (from the hooked modules when they say, else from Detect's convs)."""
         if self.pre_activation:
             return [int(m.num_features) for m in self.modules]
-        return detect_input_channels(self.model)
+        return detect_input_channels(self.model, self.levels)
 
     def get(self) -> list[torch.Tensor]:
         """The recorded features; raises if the model has not run since the taps were reset."""

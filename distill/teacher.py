@@ -168,7 +168,8 @@ class Compatibility:
     ``output``: the output-distillation mode to use ('none' when it had to be disabled);
     ``output_reason``: why it was disabled ('' otherwise); ``s_channels`` / ``t_channels``: channels
     of the tensors entering Detect (features may differ in width: connectors handle it);
-    ``strides`` (student's, pixels); ``notes``: human-readable lines for the log.
+    ``strides`` (student's, pixels); ``t_levels``: the teacher's Detect level paired with each student
+    level (``t_channels`` are those levels' channels); ``notes``: human-readable lines for the log.
     """
 
     output: str
@@ -176,6 +177,7 @@ class Compatibility:
     s_channels: list[int] = field(default_factory=list)
     t_channels: list[int] = field(default_factory=list)
     strides: list[float] = field(default_factory=list)
+    t_levels: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -222,6 +224,17 @@ def _head_mismatch(s_det: nn.Module, t_det: nn.Module) -> str:
     return ""
 
 
+def paired_levels(s_stride: list[float], t_stride: list[float]) -> list[int] | None:
+    """The teacher level for each student level: level by level when both have as many, else the
+    teacher level of the same stride (a P6 teacher's P3-P5 for a P5 student); None when a student
+    stride has no teacher level."""
+    if len(s_stride) == len(t_stride):
+        return list(range(len(s_stride)))
+    if not set(s_stride) <= set(t_stride):
+        return None
+    return [t_stride.index(st) for st in s_stride]
+
+
 def check_compatibility(
     student: nn.Module,
     teacher: nn.Module,
@@ -237,39 +250,63 @@ def check_compatibility(
       number of levels, strides and anchors (compared in pixels: anchors·stride) and anchors per
       cell. On a mismatch: ``explicit`` True (the user asked for it) → ValueError; otherwise
       (it was the default) → a warning and output KD is disabled (``output`` = 'none').
-    * feature KD (``features`` non-empty) works across widths and depths but needs the same number
-      of Detect levels (ValueError otherwise); spatial sizes follow from the strides and are
-      resized if they differ.
+    * feature KD (``features`` non-empty) works across widths and depths; it pairs the levels
+      (:func:`paired_levels`): level by level when both models have as many (spatial sizes follow
+      from the strides and are resized if they differ), else by equal stride; ValueError when a
+      student stride has no teacher level.
+    * something must be left to distil: ValueError when output KD is off (disabled, or 'none') and
+      no feature method is given — the teacher would run for nothing.
     """
     s_det, t_det = detect_layer(student), detect_layer(teacher)
     _check_same_classes(student, teacher)
-    s_stride = [float(x) for x in s_det.stride]
-    t_stride = [float(x) for x in t_det.stride]
-    rec = Compatibility(output=output_kd, s_channels=detect_input_channels(student),
-                        t_channels=detect_input_channels(teacher), strides=s_stride)
-
-    if output_kd != "none":
-        reason = _head_mismatch(s_det, t_det)
-        if reason:
-            if explicit:
-                raise ValueError(f"--d_output {output_kd}: output distillation needs identical heads but {reason}; "
-                                 f"use --d_output none and/or feature distillation (--d_feature)")
-            warnings.warn(f"output distillation disabled: {reason} (it compares head outputs cell by cell); "
-                          f"feature distillation (--d_feature) still works", stacklevel=2)
-            rec.output, rec.output_reason = "none", reason
-            rec.notes.append(f"output KD disabled: {reason}")
-
     features = list(features)
+    rec = Compatibility(output=output_kd, s_channels=detect_input_channels(student),
+                        t_channels=detect_input_channels(teacher), strides=[float(x) for x in s_det.stride])
+    _decide_output(rec, s_det, t_det, explicit, features)
     if features:
-        if len(rec.s_channels) != len(rec.t_channels):
-            raise ValueError(f"--d_feature {','.join(features)}: teacher has {len(rec.t_channels)} Detect levels, "
-                             f"student {len(rec.s_channels)}; feature distillation pairs them level by level")
-        if not rec.same_channels:
-            rec.notes.append(f"feature widths differ (student {rec.s_channels}, teacher {rec.t_channels}): "
-                             f"1×1 connectors adapt them")
-        if s_stride != t_stride:
-            rec.notes.append(f"strides differ (student {s_stride}, teacher {t_stride}): student maps are resized")
+        _pair_feature_levels(rec, features, [float(x) for x in t_det.stride])
     return rec
+
+
+def _decide_output(rec: Compatibility, s_det: nn.Module, t_det: nn.Module, explicit: bool, features: list[str]) -> None:
+    """Keep ``rec.output``, drop it with a warning, or raise (see :func:`check_compatibility`)."""
+    s_stride, t_stride = rec.strides, [float(x) for x in t_det.stride]
+    if rec.output == "none":
+        if not features:
+            raise ValueError("--d_output none without --d_feature leaves nothing to distil; give a feature method "
+                             "(e.g. --d_feature pkd) or train without --t_weights")
+        return
+    reason = _head_mismatch(s_det, t_det)
+    if reason and (explicit or not features):
+        hint = ("add feature distillation, e.g. --d_feature pkd (it pairs levels of equal stride)"
+                if paired_levels(s_stride, t_stride) is not None else
+                f"no feature method can pair them either: the student's strides {s_stride} are not all "
+                f"among the teacher's {t_stride}; choose a teacher with the student's levels")
+        what = f"--d_output {rec.output}: output" if explicit else f"the default output (--d_output {rec.output})"
+        raise ValueError(f"{what} distillation needs identical heads but {reason}; {hint}")
+    if reason:
+        warnings.warn(f"output distillation disabled: {reason} (it compares head outputs cell by cell); "
+                      f"the feature terms ({','.join(features)}) go on", stacklevel=3)
+        rec.output, rec.output_reason = "none", reason
+        rec.notes.append(f"output KD disabled: {reason}")
+
+
+def _pair_feature_levels(rec: Compatibility, features: list[str], t_stride: list[float]) -> None:
+    """Set ``rec.t_levels`` / ``rec.t_channels`` for the feature terms, or raise when they cannot pair."""
+    s_stride = rec.strides
+    levels = paired_levels(s_stride, t_stride)
+    if levels is None:
+        raise ValueError(f"--d_feature {','.join(features)}: the student's strides {s_stride} are not all "
+                         f"among the teacher's {t_stride}; feature distillation pairs levels of equal stride")
+    rec.t_levels, rec.t_channels = levels, [rec.t_channels[k] for k in levels]
+    if len(s_stride) != len(t_stride):
+        rec.notes.append(f"teacher levels {levels} (strides {[t_stride[k] for k in levels]}) teach the "
+                         f"student's {len(s_stride)} levels")
+    if not rec.same_channels:
+        rec.notes.append(f"feature widths differ (student {rec.s_channels}, teacher {rec.t_channels}): "
+                         f"1×1 connectors adapt them")
+    if s_stride != [t_stride[k] for k in levels]:
+        rec.notes.append(f"strides differ (student {s_stride}, teacher {t_stride}): student maps are resized")
 
 
 def teacher_input(imgs: torch.Tensor, teacher: nn.Module) -> torch.Tensor:

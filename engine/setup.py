@@ -6,7 +6,8 @@ device, ckpt) -> Run` does all the one-off work so that the loop in
 
 Size: about 400 lines because it is one build sequence (folders → data → models → teacher → optimizer
 → resume) read top to bottom; every step is a function under 60 lines, and each concern with its own
-rules lives elsewhere (engine.runfolder, engine.checkpointing, engine.optim, utils.precision).
+rules lives elsewhere (engine.runfolder, engine.checkpointing, engine.optim, utils.precision,
+engine.distill_setup for the teacher's side).
 """
 
 from __future__ import annotations
@@ -25,12 +26,10 @@ import torch.nn as nn
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from distill.cli import config_from_args
-from distill.distiller import Distiller
-from distill.methods import BN_STATS, FEATURE_TABLE
-from distill.teacher import load_teacher
+from distill.taps import detect_layer
 from engine.checkpointing import find_last_checkpoint, namespace_to_dict
 from engine.criterion import TrainingCriterion
+from engine.distill_setup import adopt_teacher_anchors, build_distiller, load_run_teacher
 from engine.evaluate import evaluate
 from engine.logger import save_yaml, write_results
 from engine.optim import YOLOV5_GROUP_ORDER, LrCurve, WarmupSchedule, load_optimizer_state
@@ -187,14 +186,14 @@ def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device, c
     seed_everything(opt.seed + max(info.rank, 0))
     hyp = _load_hyp(opt)
     data = load_data_config(opt.data)
-    if not data["names"]:
-        raise ValueError(f"--data {opt.data}: 'names' is empty; list the class names (e.g. names: [person, car])")
-    names = ["item"] if opt.single_cls else list(data["names"])
+    names = _class_names(opt, data)
 
     model = _build_student(opt, len(names), device, info, ckpt)
     model.names = names
-    gs = max(int(model.stride.max()), 32)
-    imgsz = _check_imgsz(opt.imgsz, gs)
+    precision = _choose_precision(opt, device, model, info)
+    teacher = load_run_teacher(opt, hyp, device, precision)
+    gs = max(int(model.stride.max()), int(detect_layer(teacher).stride.max()) if teacher is not None else 0, 32)
+    imgsz = _check_imgsz(opt.imgsz, gs)  # a multiple of every stride either model has
     loss_hyp = scale_hyp(hyp, model.detect.nl, len(names), imgsz)
     if opt.workers == "auto":  # resolved once and recorded in opt.yaml, as the precision is
         opt.workers = default_workers(device, info.world_size)
@@ -215,9 +214,8 @@ def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device, c
             single_cls=opt.single_cls, pad=0.5, nc=data["nc"], pin_memory=pin_memory)
 
     if ckpt is None:  # a resumed run keeps the anchors it was trained with
-        _fit_anchors(opt, model, train_set, hyp, imgsz, info)
-    precision = _choose_precision(opt, device, model, info)
-    teacher, distiller = _build_distiller(opt, model, loss_hyp, device, precision, info.is_main)
+        _fit_anchors(opt, model, train_set, hyp, imgsz, info, teacher)
+    distiller = build_distiller(opt, model, teacher, loss_hyp, device, info.is_main)
     if distiller is not None and info.distributed:
         broadcast_state(distiller)  # DDP broadcasts only the student it wraps
     nbs = opt.nominal_batch
@@ -240,6 +238,13 @@ def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device, c
     if info.distributed:
         run.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return run
+
+
+def _class_names(opt: argparse.Namespace, data: dict) -> list[str]:
+    """The run's class names: the dataset's, or one class 'item' with --single-cls."""
+    if not data["names"]:
+        raise ValueError(f"--data {opt.data}: 'names' is empty; list the class names (e.g. names: [person, car])")
+    return ["item"] if opt.single_cls else list(data["names"])
 
 
 def _locate_inputs(opt: argparse.Namespace) -> None:
@@ -346,12 +351,15 @@ def _freeze(model: DetectionModel, freeze: list[int]) -> None:
 
 
 def _fit_anchors(opt: argparse.Namespace, model: DetectionModel, train_set, hyp: dict, imgsz: int,
-                 info: DistInfo) -> None:
+                 info: DistInfo, teacher: DetectionModel | None = None) -> None:
     """AutoAnchor (utils.autoanchor.check_anchors) on rank 0; every rank then holds rank 0's anchors.
 
-    `--noautoanchor` keeps the model's anchors, except placeholders from a yaml's `anchors: N`.
+    `--noautoanchor` keeps the model's anchors, except placeholders from a yaml's `anchors: N`. With
+    output distillation, a teacher whose head has the student's levels, strides and anchors per cell
+    gives the student its anchors instead: output KD compares the heads anchor by anchor, and anchors
+    evolved apart (another seed or image size) would switch it off.
     """
-    if info.is_main:
+    if info.is_main and (teacher is None or not adopt_teacher_anchors(opt, model, teacher)):
         check_anchors(model, train_set.labels, train_set.shapes, imgsz, threshold=float(hyp.get("anchor_t", 4.0)),
                       enabled=not getattr(opt, "noautoanchor", False), seed=opt.seed)
     if info.distributed:
@@ -367,20 +375,6 @@ def _choose_precision(opt: argparse.Namespace, device: torch.device, model: nn.M
     if info.is_main:
         print(precision.describe())
     return precision
-
-
-def _build_distiller(opt: argparse.Namespace, student: DetectionModel, loss_hyp: dict, device: torch.device,
-                     precision: Precision, is_main: bool = True) -> tuple[DetectionModel | None, nn.Module | None]:
-    if not opt.t_weights:
-        config_from_args(opt, loss_hyp)  # rejects KD flags given without a teacher
-        return None, None
-    cfg = config_from_args(opt, loss_hyp)
-    teacher = load_teacher(opt.t_weights, device, cfg=opt.t_cfg or None, precision=precision,
-                           fold_bn=not any(BN_STATS in FEATURE_TABLE[m].needs for m in cfg.features))
-    distiller = Distiller(student, teacher, cfg).to(device)
-    for line in distiller.summary() if is_main else ():  # once per run, not once per DDP rank
-        LOGGER.info(line)
-    return teacher, distiller
 
 
 def _validate_teacher(run: Run, teacher: DetectionModel) -> dict:

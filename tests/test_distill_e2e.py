@@ -125,3 +125,67 @@ def test_mgd_resume_draws_the_masks_of_the_uninterrupted_run(tiny_data: Path, wi
     for key in ("model", "adapters"):
         for name, value in a[key].items():
             torch.testing.assert_close(b[key][name], value, rtol=0, atol=1e-6, msg=f"{key}.{name}")
+
+
+@pytest.fixture(scope="module")
+def p6_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An (untrained) P6 teacher (4 levels, strides 8-64) for the demo classes."""
+    from engine.checkpointing import model_checkpoint
+    from models.checkpoint import save_checkpoint
+    from models.yolo import DetectionModel
+    from tests.conftest import NAMES
+    from tests.test_models import p6_cfg
+
+    torch.manual_seed(0)
+    model = DetectionModel(p6_cfg(), nc=len(NAMES))
+    model.names = list(NAMES)
+    return save_checkpoint(model_checkpoint(model), tmp_path_factory.mktemp("p6") / "p6_teacher.pt")
+
+
+def test_p6_teacher_teaches_a_p5_student_through_equal_strides(tiny_data: Path, p6_teacher: Path, tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Images sized for both models (96 px → 128, a multiple of the teacher's stride 64), the
+    teacher validated, the feature term paired on P3-P5; the default output KD alone is refused
+    before a run folder exists, since the two heads cannot be compared."""
+    args = train_args(tiny_data, tmp_path, "p6", 1, "--t_weights", str(p6_teacher), "--d_feature", "pkd")
+    with pytest.warns(UserWarning, match="output distillation disabled: teacher head has 4 levels"):
+        summary = fit(parse_options(args))
+    assert any("--imgsz 96 is not a multiple of the max stride 64; using 128" in r.getMessage() for r in caplog.records)
+    with open(Path(summary["save_dir"]) / "results.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["train/kd/feat_pkd"]) > 0 and "train/kd/out_obj" not in row
+    assert summary["teacher"]["map50"] >= 0
+
+    args = train_args(tiny_data, tmp_path, "p6_out", 1, "--t_weights", str(p6_teacher))
+    with pytest.raises(ValueError, match="teacher head has 4 levels.*--d_feature pkd"):
+        fit(parse_options(args))
+    assert not (tmp_path / "p6_out").exists()
+
+
+def test_student_takes_the_teachers_anchors_for_output_kd(tiny_data: Path, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Output KD compares heads anchor by anchor: a teacher trained with other (e.g. evolved) anchors
+    gives them to the student instead of switching output KD off; AutoAnchor is not run then."""
+    import logging
+
+    import yaml
+
+    from engine.checkpointing import model_checkpoint
+    from models.checkpoint import save_checkpoint
+    from models.yolo import DetectionModel
+    from tests.conftest import NAMES
+
+    cfg = yaml.safe_load(Path("models/yolov5p.yaml").read_text())
+    cfg["anchors"] = [[12, 14, 18, 31, 35, 25], [31, 60, 64, 47, 60, 118], [118, 92, 158, 200, 370, 330]]
+    torch.manual_seed(0)
+    teacher = DetectionModel(cfg, nc=len(NAMES))
+    teacher.names = list(NAMES)
+    path = save_checkpoint(model_checkpoint(teacher), tmp_path / "t.pt")
+    with caplog.at_level(logging.INFO):
+        summary = fit(parse_options(train_args(tiny_data, tmp_path, "anch", 1, "--t_weights", str(path),
+                                               "--no-t_val", "--noval")))
+    assert any(r.getMessage().startswith("Anchors from the teacher ([12, 14, 18") for r in caplog.records)
+    student = load_model(Path(summary["save_dir"]) / "weights" / "last.pt")
+    assert torch.allclose(student.detect.anchors, teacher.detect.anchors)
+    with open(Path(summary["save_dir"]) / "results.csv", newline="") as f:
+        assert float(next(csv.DictReader(f))["train/kd/out_obj"]) > 0  # output KD ran

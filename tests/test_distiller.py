@@ -25,7 +25,7 @@ from distill import (
     load_teacher,
 )
 from distill.adapters import Connector
-from distill.taps import detect_input_channels
+from distill.taps import detect_input_channels, detect_inputs
 from models import DetectionModel
 from models.checkpoint import FORMAT, save_checkpoint
 
@@ -195,10 +195,15 @@ def test_compatibility_anchor_mismatch_default_vs_explicit():
     other = [[11, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]]
     t = freeze_teacher(_model(1, anchors=other))
     with pytest.warns(UserWarning, match="output distillation disabled: anchors differ"):
-        rec = check_compatibility(s, t, "objmse", explicit=False)
+        rec = check_compatibility(s, t, "objmse", explicit=False, features=["pkd"])
     assert rec.output == "none" and "anchors" in rec.output_reason
     with pytest.raises(ValueError, match="--d_output objmse.*anchors differ"):
-        check_compatibility(s, t, "objmse", explicit=True)
+        check_compatibility(s, t, "objmse", explicit=True, features=["pkd"])
+    # the default output KD off and no feature method: nothing would be distilled, so refuse at once
+    with pytest.raises(ValueError, match=r"default output \(--d_output objmse\).*anchors differ.*--d_feature pkd"):
+        check_compatibility(s, t, "objmse", explicit=False)
+    with pytest.raises(ValueError, match="--d_output none without --d_feature leaves nothing to distil"):
+        check_compatibility(s, _model(1), "none")
     with pytest.warns(UserWarning):
         d = Distiller(s, t, DistillConfig(output="objmse", features=("pkd",), hyp=HYP))
     assert set(d.weights) == {"kd/feat_pkd"}
@@ -339,3 +344,37 @@ def test_cli_errors():
         config_from_args(args, HYP)
     with pytest.raises(SystemExit):
         _parse("--d_output", "kl")
+
+
+def _p6_model(seed: int, nc: int = 3) -> DetectionModel:
+    from tests.test_models import p6_cfg
+
+    torch.manual_seed(seed)
+    d = p6_cfg()
+    d["nc"] = nc
+    m = DetectionModel(d)
+    m.names = ["a", "b", "c"]
+    return m
+
+
+def test_feature_kd_pairs_levels_of_equal_stride():
+    """A P6 teacher (strides 8-64) teaches a P5 student (8-32) through its P3-P5 levels; a P5 teacher
+    cannot teach a P6 student's stride-64 level, and output KD cannot compare the two heads."""
+    s, t = _model(0), freeze_teacher(_p6_model(1))
+    with pytest.warns(UserWarning, match="output distillation disabled: teacher head has 4 levels"):
+        rec = check_compatibility(s, t, "objmse", features=["pkd"])
+    assert rec.t_levels == [0, 1, 2] and rec.t_channels == detect_input_channels(t)[:3]
+    with pytest.raises(ValueError, match="not all among the teacher's"):
+        check_compatibility(_p6_model(0), freeze_teacher(_model(1)), "none", features=["pkd"])
+    with pytest.raises(ValueError, match="no feature method can pair them either"):
+        check_compatibility(_p6_model(0), freeze_teacher(_model(1)), "objmse")
+
+    d = Distiller(s, t, DistillConfig(output="none", features=("pkd", "mimic", "overhaul"), hyp=HYP, mimic_conf=0.1))
+    imgs, targets = _batch()
+    imgs = F.interpolate(imgs, size=(128, 128))  # a multiple of the teacher's 64
+    terms = d(imgs, s(imgs), targets)
+    assert set(terms) == {"kd/feat_pkd", "kd/feat_mimic", "kd/feat_overhaul"}
+    assert all(torch.isfinite(v) and v > 0 for v in terms.values())
+    sum(terms.values()).backward()
+    assert all(p.grad is not None for p in s.model[-2].parameters())  # the student's P5 layer learns
+    assert d._t_taps.modules == detect_inputs(t)[:3]  # the teacher's P3-P5 layers are tapped, not P6
