@@ -442,7 +442,12 @@ def _restore(run: Run, ckpt: dict) -> None:
     run.start_epoch = ckpt["epoch"] + 1
     run.best_fitness = ckpt["best_fitness"]
     run.scheduler.last_epoch = ckpt["epoch"] + 1  # the optimizer state already holds that epoch's LR
-    run.last_step = run.start_epoch * len(run.train_loader) - 1
+    # where the last optimizer step was, and the gradients accumulated since (older checkpoints: none,
+    # as if the previous epoch had ended with a step)
+    run.last_step = int(ckpt.get("last_step", run.start_epoch * len(run.train_loader) - 1))
+    for p, g in zip(run.trainable_parameters, ckpt.get("pending_grads") or ()):
+        if g is not None:
+            p.grad = g.to(device=p.device, dtype=p.dtype)
     run.resume_rng = ckpt.get("rng")
     maps = ckpt.get("class_maps")  # absent from checkpoints older than --image-weights
     run.class_maps = [float(m) for m in maps] if isinstance(maps, list) and len(maps) == len(run.names) else None

@@ -174,8 +174,10 @@ def _train_loop(run: Run, on_epoch_end: EpochHook | None, latch: InterruptLatch 
 def _save(run: Run, epoch: int, improved: bool, final: bool) -> None:
     if run.opt.nosave and not final:
         return
+    pending = [p.grad for p in run.trainable_parameters]  # accumulated since the last optimizer step
     ckpt = training_checkpoint(run.model, run.ema, run.optimizer, run.scaler, run.distiller, run.opt, run.hyp,
-                               epoch, run.best_fitness, run.history, run.class_maps)
+                               epoch, run.best_fitness, run.history, run.class_maps, run.last_step,
+                               pending if any(g is not None for g in pending) else None)
     save_checkpoint(ckpt, run.weights_dir / "last.pt")
     if improved or not (run.weights_dir / "best.pt").exists():
         save_checkpoint(deployable(ckpt), run.weights_dir / "best.pt")

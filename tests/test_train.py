@@ -60,7 +60,9 @@ class _Interrupt(Exception):  # noqa: N818 - a control-flow signal in this test,
     pass
 
 
-@pytest.mark.parametrize("flags", [(), ("--image-weights", "--multi-scale")])  # per-epoch sampling, per-batch sizes
+# per-epoch sampling and per-batch sizes; gradients accumulated across the cut (with a nominal batch of
+# 256 the warm-up's accumulation leaves a step pending at the end of the second epoch)
+@pytest.mark.parametrize("flags", [(), ("--image-weights", "--multi-scale"), ("--nominal-batch", "256")])
 def test_resume_continues_exactly(tiny_data: Path, tmp_path: Path, flags: tuple[str, ...],
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import engine.setup as setup
@@ -89,7 +91,7 @@ def test_resume_continues_exactly(tiny_data: Path, tmp_path: Path, flags: tuple[
             torch.testing.assert_close(b[key][name], value, rtol=0, atol=1e-6, msg=f"{key}.{name}")
     rows = list(csv_rows(tmp_path / "cut" / "results.csv"))
     assert [r["epoch"] for r in rows] == ["0", "1", "2"]  # YOLOv5 counts epochs from 0
-    if flags:  # full run's 3 epochs, the cut run's 2, the resumed epoch: weighted by what the full run had
+    if "--image-weights" in flags:  # full run's 3 epochs, the cut run's 2, the resumed epoch: weighted by what the full run had
         assert len(maps_used) == 6 and maps_used[0] is None and maps_used[5] == maps_used[2] is not None
 
 
