@@ -87,8 +87,9 @@ TRAIN_FLAGS: dict[str, list[tuple[str | tuple[str, ...], str, dict]]] = {
                        "moved into prev-<time>/)", _SWITCH),
         ("--resume", "resume from a run's weights/last.pt (in its own run folder), or the most recent run when "
                      "given without a path", {"nargs": "?", "const": True, "default": False}),
-        ("--nosave", "only save the final checkpoint", _SWITCH),
-        ("--save-period", "also save epochN.pt every N epochs (-1 = off)", {**_INT, "default": -1}),
+        ("--nosave", "only save the final last.pt (no best.pt, as in YOLOv5)", _SWITCH),
+        ("--save-period", "also save epochN.pt after epochs 0, N, 2N... (0-based, YOLOv5's names; -1 = off)",
+         {**_INT, "default": -1}),
         ("--noplots", "skip plots", _SWITCH),
         ("--demo", "distil the demo student from the shipped demo teacher on the generated demo data "
                    "(what running the script without arguments does)", _SWITCH),

@@ -153,7 +153,8 @@ class Run:
             json.dump(summary, f, indent=2)
         student, teacher = summary.get("student"), summary.get("teacher")
         if student:
-            print(f"Student (best.pt): mAP50 {student['map50']:.4f}  mAP50-95 {student['map']:.4f}")
+            source = summary.get("student_weights", "best.pt")
+            print(f"Student ({source}): mAP50 {student['map50']:.4f}  mAP50-95 {student['map']:.4f}")
         if teacher:
             print(f"Teacher          : mAP50 {teacher['map50']:.4f}  mAP50-95 {teacher['map']:.4f}")
         files = ("weights/best.pt", "weights/last.pt", "results.csv", "summary.json")

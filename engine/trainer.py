@@ -179,10 +179,12 @@ def _save(run: Run, epoch: int, improved: bool, final: bool) -> None:
                                epoch, run.best_fitness, run.history, run.class_maps, run.last_step,
                                pending if any(g is not None for g in pending) else None)
     save_checkpoint(ckpt, run.weights_dir / "last.pt")
-    if improved or not (run.weights_dir / "best.pt").exists():
+    # --nosave keeps only the final last.pt, as in YOLOv5: a best.pt written at the end would hold the
+    # final epoch under an earlier epoch's best fitness
+    if not run.opt.nosave and (improved or not (run.weights_dir / "best.pt").exists()):
         save_checkpoint(deployable(ckpt), run.weights_dir / "best.pt")
-    if run.opt.save_period > 0 and (epoch + 1) % run.opt.save_period == 0:
-        save_checkpoint(deployable(ckpt), run.weights_dir / f"epoch{epoch + 1}.pt")
+    if run.opt.save_period > 0 and epoch % run.opt.save_period == 0:  # YOLOv5's names: epoch0.pt, epoch2.pt...
+        save_checkpoint(deployable(ckpt), run.weights_dir / f"epoch{epoch}.pt")
 
 
 def _interrupted(run: Run) -> TrainingInterrupted:
@@ -191,6 +193,10 @@ def _interrupted(run: Run) -> TrainingInterrupted:
     if run.info.is_main:
         run.plot_results()
     return TrainingInterrupted(run.epoch, run.opt.epochs, last if last.is_file() else None)
+
+
+FINAL_EPOCH_COLUMNS = {"map50": "metrics/mAP_0.5", "map": "metrics/mAP_0.5:0.95", "precision": "metrics/precision",
+                       "recall": "metrics/recall", "fitness": "metrics/fitness"}
 
 
 def _finish(run: Run, last_epoch: int) -> dict:
@@ -211,6 +217,10 @@ def _finish(run: Run, last_epoch: int) -> dict:
         final.prepare(student)
         metrics = validate(run, student, plots=not run.opt.noplots, precision=final)
         summary["student"] = {k: metrics[k] for k in ("map50", "map", "precision", "recall", "fitness")}
+    elif run.history:  # --nosave: the final epoch's validation of what last.pt holds
+        row = run.history[-1]
+        summary["student"] = {k: float(row[c]) for k, c in FINAL_EPOCH_COLUMNS.items()}
+        summary["student_weights"] = "last.pt"
     if run.teacher_metrics is not None:
         summary["teacher"] = {k: run.teacher_metrics[k] for k in ("map50", "map", "precision", "recall", "fitness")}
     run.write_summary(summary)

@@ -91,7 +91,7 @@ def test_resume_continues_exactly(tiny_data: Path, tmp_path: Path, flags: tuple[
             torch.testing.assert_close(b[key][name], value, rtol=0, atol=1e-6, msg=f"{key}.{name}")
     rows = list(csv_rows(tmp_path / "cut" / "results.csv"))
     assert [r["epoch"] for r in rows] == ["0", "1", "2"]  # YOLOv5 counts epochs from 0
-    if "--image-weights" in flags:  # full run's 3 epochs, the cut run's 2, the resumed epoch: weighted by what the full run had
+    if "--image-weights" in flags:  # full run's 3 epochs, the cut run's 2, the resumed epoch: weighted as there
         assert len(maps_used) == 6 and maps_used[0] is None and maps_used[5] == maps_used[2] is not None
 
 
@@ -336,3 +336,20 @@ def test_plots_come_once_at_the_end_and_results_png_covers_every_epoch(tiny_data
     assert seen_png_during_training == [False, False]  # results.csv every epoch, the figure once
     for name in ("results.png", "labels.jpg", "PR_curve.png", "confusion_matrix.png"):
         assert (save_dir / name).stat().st_size > 1000, name
+
+
+def test_save_period_and_nosave_as_yolov5(tiny_data: Path, tmp_path: Path) -> None:
+    """--save-period N writes epoch{e}.pt after the 0-based epochs e = 0, N, 2N... (YOLOv5's names and
+    epochs); --nosave writes the final last.pt only (no best.pt that would hold the final epoch under an
+    earlier epoch's fitness), and the summary reports that file's final validation."""
+    summary = fit(parse_options(train_args(tiny_data, tmp_path, "period", 3, "--save-period", "2", "--noval")))
+    weights = Path(summary["save_dir"]) / "weights"
+    assert sorted(p.name for p in weights.glob("epoch*.pt")) == ["epoch0.pt", "epoch2.pt"]
+    assert load_checkpoint(weights / "epoch0.pt")["raw"]["epoch"] == 0
+
+    summary = fit(parse_options(train_args(tiny_data, tmp_path, "nosave", 2, "--nosave")))
+    weights = Path(summary["save_dir"]) / "weights"
+    assert sorted(p.name for p in weights.iterdir()) == ["last.pt"]
+    row = list(csv_rows(Path(summary["save_dir"]) / "results.csv"))[-1]
+    assert summary["student_weights"] == "last.pt"
+    assert summary["student"]["map"] == pytest.approx(float(row["metrics/mAP_0.5:0.95"]))
