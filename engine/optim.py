@@ -130,6 +130,24 @@ class LrCurve:
         return self.lrf + (1.0 - self.lrf) * remaining
 
 
+@dataclass(frozen=True)
+class EpochLr:
+    """The epoch scheduler's multiplier as YOLOv5 7.0's train.py applies it (measured on it, used as a
+    black box: the optimizer's LR per step and results.csv's x/lr columns, fixture
+    ``tests/fixtures/oracle_lr``): the LR set at the end of epoch e is lr0·lf(e), so after warm-up
+    epoch e + 1 trains at lf(e), one epoch behind the curve; the epoch in which warm-up ends keeps
+    warm-up's last value, lr0·lf(that epoch).
+
+    ``EpochLr(lf)(k)`` = lf(max(k − 1, 0)): `torch.optim.lr_scheduler.LambdaLR` calls it with k = 0
+    at construction and k = e + 1 after epoch e's ``step()``.
+    """
+
+    lf: Callable[[float], float]
+
+    def __call__(self, step: int) -> float:
+        return self.lf(max(step - 1, 0))
+
+
 def accumulation_steps(batch_size: int, nominal_batch: int = NOMINAL_BATCH) -> int:
     """Batches per optimizer step so that each step sees about `nominal_batch` images."""
     return max(round(nominal_batch / batch_size), 1)

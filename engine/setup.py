@@ -32,7 +32,7 @@ from engine.criterion import TrainingCriterion
 from engine.distill_setup import adopt_teacher_anchors, build_distiller, load_run_teacher
 from engine.evaluate import evaluate
 from engine.logger import save_yaml, write_results
-from engine.optim import YOLOV5_GROUP_ORDER, LrCurve, WarmupSchedule, load_optimizer_state
+from engine.optim import YOLOV5_GROUP_ORDER, EpochLr, LrCurve, WarmupSchedule, load_optimizer_state
 from engine.runfolder import archive_previous_run, new_run_id, owning_run_folder, remove_stale_temps
 from engine.step import build_step_state
 from models.checkpoint import CheckpointError, load_checkpoint, transfer_weights
@@ -222,7 +222,7 @@ def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device, c
     nbs = opt.nominal_batch
     parts = build_step_state(model, distiller, hyp, loss_hyp, precision, opt.batch_size, nbs, opt.optimizer)
     lf = LrCurve(opt.epochs, hyp["lrf"], opt.cos_lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(parts.optimizer, lr_lambda=lf)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(parts.optimizer, lr_lambda=EpochLr(lf))
     save_dir = _save_dir(opt, info, resumed=ckpt is not None)  # only now: bad data has been refused
 
     run = Run(opt=opt, info=info, device=device, save_dir=save_dir, hyp=hyp, names=names, model=model,

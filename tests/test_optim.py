@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -12,6 +15,8 @@ from engine.optim import (
     BIAS,
     SCALE,
     WEIGHT,
+    YOLOV5_GROUP_ORDER,
+    EpochLr,
     LrCurve,
     WarmupSchedule,
     accumulation_steps,
@@ -179,3 +184,30 @@ def test_resumed_optimizer_keeps_its_kernels_and_lays_buffers_like_its_parameter
     fused_again = build_optimizer([copy.deepcopy(resumed_model)], name, lr=0.01, momentum=0.9, weight_decay=5e-4)
     fused_again.load_state_dict(copy.deepcopy(saved.state_dict()))
     assert any(b.stride() != p.stride() for p, s in fused_again.state.items() for b in s.values() if b.shape == p.shape)
+
+
+ORACLE_LR = Path(__file__).parent / "fixtures" / "oracle_lr" / "oracle_lr.json"
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no optimizer here
+@pytest.mark.parametrize("run", sorted(json.loads(ORACLE_LR.read_text())["runs"]))
+def test_epoch_learning_rates_equal_yolov5s(run: str) -> None:
+    """x/lr0..2 of every epoch, through warm-up (longer or shorter than 100 iterations, ending inside
+    an epoch or at its end) and the epochs after it (linear and cosine, lrf 0.01 and 0.2), equal the
+    real YOLOv5's results.csv (5 significant digits there); the loop drives the optimizer exactly as
+    `engine.trainer` does: warm-up per iteration, the epoch scheduler after each epoch."""
+    spec = json.loads(ORACLE_LR.read_text())["runs"][run]
+    hyp, epochs, bs = spec["hyp"], spec["epochs"], spec["batch_size"]
+    n_batches = math.ceil(spec["train_images"] / bs)
+    opt = build_optimizer([nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))], spec["optimizer"], hyp["lr0"],
+                          hyp["momentum"], hyp["weight_decay"])
+    lf = LrCurve(epochs, hyp["lrf"], spec["cos_lr"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=EpochLr(lf))
+    warmup = WarmupSchedule.from_hyp(hyp, n_batches, bs, lf)
+    rows = []
+    for epoch in range(epochs):
+        for i in range(n_batches):
+            warmup.step(opt, i + n_batches * epoch, epoch)
+        rows.append([opt.param_groups[g]["lr"] for g in YOLOV5_GROUP_ORDER])
+        scheduler.step()
+    np.testing.assert_allclose(rows, spec["x_lr"], rtol=6e-5, atol=0)  # 5 digits there
