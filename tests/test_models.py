@@ -108,6 +108,22 @@ def test_published_param_counts(name: str) -> None:
     assert model.info()["params"] == PARAMS[name]
 
 
+@pytest.mark.parametrize("size", "nsmlx")
+def test_p6_yamls_are_the_release_models(size: str) -> None:
+    """models/yolov5{n,s,m,l,x}6.yaml, found by name as YOLOv5 finds its hub yamls: the layout of
+    ``p6_cfg`` at the size's multiples, with the release model's parameter count (counted on the real
+    YOLOv5 7.0's models; published rounded to 0.1 M)."""
+    from models.hub import PARAMS as RELEASE_PARAMS
+
+    text = (Path(models.__file__).parent / f"yolov5{size}6.yaml").read_text()
+    cfg = yaml.safe_load(text.replace("[None, 2,", "[null, 2,"))  # the yaml spells None as YOLOv5's do
+    ref = p6_cfg()
+    assert {k: cfg[k] for k in ("anchors", "backbone", "head")} == {k: ref[k] for k in ("anchors", "backbone", "head")}
+    model = DetectionModel(f"yolov5{size}6.yaml")
+    assert model.stride.tolist() == [8.0, 16.0, 32.0, 64.0]
+    assert sum(p.numel() for p in model.parameters()) == RELEASE_PARAMS[f"yolov5{size}6"]
+
+
 def test_yolov5s_gflops() -> None:
     info = DetectionModel("yolov5s.yaml").info(640)
     assert info["params"] == 7_235_389
