@@ -530,6 +530,8 @@ class DetectionModel(nn.Module):
         pixels = det.anchors.clone()
         if not pixels.any():
             pixels = placeholder_anchors(det.na, det.stride)
+        if pixels.is_meta:  # a shapes-only build (models.meta_shapes) made them: no values to check or report
+            return
         if anchor_levels_reversed(pixels, det.stride):
             LOGGER.info("%s: anchor sets listed from coarse to fine level; reversing them", where)
             pixels = pixels.flip(0)

@@ -336,3 +336,20 @@ def test_plain_state_dict_is_not_a_checkpoint(tmp_path: Path) -> None:
     torch.save(DetectionModel(tiny_cfg()).state_dict(), path)
     with pytest.raises(CheckpointError, match="not a YOLOv5"):
         load_checkpoint(path)
+
+
+def test_count_only_anchors_load_without_a_false_reversal_note(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """A yaml with `anchors: 3` keeps that count in its checkpoints; the shapes-only check of the yaml at
+    load (built on the meta device, where values read as 1) must not report a reversed anchor order."""
+    import logging
+
+    from engine.checkpointing import model_checkpoint
+
+    model = DetectionModel(tiny_cfg(anchors=3))
+    with torch.no_grad():
+        model.detect.anchors.copy_(torch.arange(1, 19, dtype=torch.float32).view(3, 3, 2) / 4)  # as AutoAnchor
+    path = save_checkpoint(model_checkpoint(model), tmp_path / "a.pt")
+    with caplog.at_level(logging.INFO, logger="models"):
+        loaded = load_model(path)
+    assert not any("reversing" in r.getMessage() for r in caplog.records)
+    assert torch.equal(loaded.detect.anchors, model.detect.anchors)
