@@ -165,7 +165,8 @@ def _train_loop(run: Run, on_epoch_end: EpochHook | None, latch: InterruptLatch 
                 on_epoch_end(epoch, row)
             stop = metrics is not None and 0 < opt.patience <= epoch - run.best_epoch  # 0: never stop early
             if stop:
-                print(f"Early stop: no improvement in {opt.patience} epochs (best at epoch {run.best_epoch + 1})")
+                print(f"Early stop: no improvement in {opt.patience} epochs; best results observed at epoch "
+                      f"{run.best_epoch} (results.csv's numbering, from 0, as YOLOv5 prints it)")
         if broadcast_flag(stop, run.info, run.device):
             break
     return _finish(run, epoch)

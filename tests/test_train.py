@@ -234,7 +234,8 @@ def test_deterministic_runs_with_deterministic_kernels_resumed_too_and_puts_them
 
 @pytest.mark.parametrize(("patience", "epochs_run"), [(1, 2), (2, 3), (0, 4)])
 def test_patience_stops_after_that_many_epochs_without_improvement_and_0_never(
-        tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, patience: int, epochs_run: int) -> None:
+        tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, patience: int, epochs_run: int,
+        capsys: pytest.CaptureFixture) -> None:
     import engine.trainer
 
     real_validate = engine.trainer.validate
@@ -245,6 +246,8 @@ def test_patience_stops_after_that_many_epochs_without_improvement_and_0_never(
     monkeypatch.setattr(engine.trainer, "validate", worsening)
     args = train_args(tiny_data, tmp_path, f"p{patience}", 4, "--patience", str(patience))
     assert fit(parse_options(args))["epochs_run"] == epochs_run
+    if patience:  # the best epoch named as results.csv (and YOLOv5) number it
+        assert "best results observed at epoch 0 " in capsys.readouterr().out
 
 
 def test_process_group_waits_for_rank_zero_longer_than_nccls_default(monkeypatch: pytest.MonkeyPatch) -> None:
