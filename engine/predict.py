@@ -18,7 +18,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -44,15 +44,17 @@ VID_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".wmv", ".mpg", ".mpeg"}
 
 def list_sources(source: str | Path) -> list[Path]:
     """Image/video files named by ``source``: one file, a folder (sorted, not recursive), a glob, or a
-    ``.txt`` list of such sources, one per line (relative lines from the list's folder), as YOLOv5's
-    detect.py takes them. A path that exists is taken literally (``img[1].jpg`` is a file, not a glob)."""
+    ``.txt`` list of such sources, one per line, as YOLOv5's detect.py takes them (a relative line from
+    the current directory when it names something there, as in YOLOv5, else from the list's folder). A
+    path that exists is taken literally (``img[1].jpg`` is a file, not a glob)."""
     s = str(source)
     p = Path(s)
     if p.is_file() and p.suffix.lower() == ".txt":
         lines = sorted(ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip())  # as YOLOv5
         if not lines:
             raise FileNotFoundError(f"--source {s}: the list is empty (one image, video, folder or glob per line)")
-        return [f for ln in lines for f in list_sources(ln if Path(ln).is_absolute() else p.parent / ln)]
+        here = [ln if Path(ln).is_absolute() or Path(ln).exists() or glob.glob(ln) else p.parent / ln for ln in lines]
+        return [f for src in here for f in list_sources(src)]
     if p.is_dir():
         files = sorted(p.iterdir())
     elif p.is_file():
@@ -72,7 +74,9 @@ def list_sources(source: str | Path) -> list[Path]:
 
 @dataclass
 class Frame:
-    """One picture to process: ``image`` BGR uint8 (h, w, 3); ``frame`` index for videos, else None."""
+    """One picture to process: ``image`` BGR uint8 (h, w, 3); for a video, ``frame`` is the number of this
+    processed frame, from 1 (YOLOv5's label-file numbering), and ``n_frames`` how many there are; None
+    for an image."""
 
     path: Path
     image: np.ndarray
@@ -87,8 +91,13 @@ def _skip(path: Path, why: str) -> None:
 
 
 def iter_frames(files: list[Path], vid_stride: int = 1) -> Iterator[Frame]:
-    """Yield every image, and every ``vid_stride``-th frame of every video (from the first), in order;
-    unreadable files are skipped with one warning each."""
+    """Yield every image, and every ``vid_stride``-th frame of every video, in order; unreadable files are
+    skipped with one warning each.
+
+    A video's frames are taken as YOLOv5's detect.py takes them (measured on it): the last of each group
+    of ``vid_stride`` (0-based frames stride−1, 2·stride−1, ...; a final incomplete group is dropped),
+    numbered 1, 2, ... in the order processed, of ``frame count // vid_stride``.
+    """
     if vid_stride < 1:
         raise ValueError(f"--vid-stride {vid_stride}: must be at least 1")
     for f in files:
@@ -104,16 +113,17 @@ def iter_frames(files: list[Path], vid_stride: int = 1) -> Iterator[Frame]:
             cap.release()
             _skip(f, "cannot open the video")
             continue
-        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) // vid_stride
         fps = cap.get(cv2.CAP_PROP_FPS) or 30.0
         try:
             i = 0
             while True:
-                ok, im = cap.read() if i % vid_stride == 0 else (cap.grab(), None)  # grab: skip, no decode
+                last_of_group = (i + 1) % vid_stride == 0
+                ok, im = cap.read() if last_of_group else (cap.grab(), None)  # grab: skip, no decode
                 if not ok:
                     break
                 if im is not None:
-                    yield Frame(f, im, i, n, fps)
+                    yield Frame(f, im, (i + 1) // vid_stride, n, fps)
                 i += 1
         finally:
             cap.release()
@@ -245,7 +255,7 @@ def _frame_report(fr: Frame, letterboxed: tuple[int, int], det: np.ndarray, name
     """``path [frame i/n] HxW: 2 car, 1 person, 3.1ms`` for the console."""
     classes, counts = np.unique(det[:, 5].astype(int), return_counts=True)
     found = ", ".join(f"{n} {names[c]}" for c, n in zip(classes, counts)) or "no detections"
-    where = "" if fr.frame is None else f" frame {fr.frame + 1}/{fr.n_frames}"
+    where = "" if fr.frame is None else f" frame {fr.frame}/{fr.n_frames}"
     return f"{fr.path}{where} {letterboxed[0]}x{letterboxed[1]}: {found}, {seconds * 1e3:.1f}ms"
 
 
@@ -260,7 +270,7 @@ class _Outputs:
             (save_dir / "labels").mkdir(exist_ok=True)
 
     def labels(self, fr: Frame, det: np.ndarray) -> None:
-        """``labels/<stem>.txt`` (``<stem>_<frame>.txt`` for a video frame); none without detections."""
+        """``labels/<stem>.txt`` (``<stem>_<frame>.txt`` for a video frame, from 1); none without detections."""
         if len(det):
             stem = fr.path.stem if fr.frame is None else f"{fr.path.stem}_{fr.frame}"
             rows = label_lines(det, fr.image.shape[:2], self.save_conf)
@@ -346,6 +356,8 @@ def predict(
     shape = backend.fixed_shape or round_to_stride(imgsz, backend.stride)
     auto = backend.fixed_shape is None
     files = list_sources(source)
+    if str(source).endswith(".txt") and not s.nosave:  # YOLOv5 saves no pictures for a list source
+        s = replace(s, nosave=True)
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
     sink = _Outputs(save_dir, s.save_txt, s.save_conf)
     out = Detections(save_dir)

@@ -119,7 +119,7 @@ def validate(
         _warm_up(model, imgsz, dev)
     s = replace(s, half=half, precision=precision, save_dir=save_dir, anno_json=anno_json,
                 json_name=f"{weights.stem}_predictions.json")
-    names = cfg["names"] if not s.single_cls else list(getattr(model, "names", None) or ["item"])[:1]
+    names = _class_names(model, cfg, s.single_cls)
     results = evaluate(model, loader, names, dev, s)
     arithmetic = "fp16" if half else (precision.name if precision is not None else "fp32")
     results.update(save_dir=save_dir, imgsz=imgsz, batch_size=batch_size, device=dev, half=half, notes=notes,
@@ -127,6 +127,17 @@ def validate(
                    backend="onnxruntime" if is_onnx else "pytorch", weights=weights, data=data, task=task)
     (save_dir / "metrics.json").write_text(json.dumps(metrics_record(results, s), indent=2))
     return results
+
+
+def _class_names(model: torch.nn.Module, cfg: dict, single_cls: bool) -> list[str]:
+    """The names the tables and plots show: the model's own, as YOLOv5's val.py shows them (measured),
+    when it carries one per dataset class; else the dataset's. ``--single-cls``: the model's first."""
+    own = getattr(model, "names", None)
+    own = [own[k] for k in sorted(own)] if isinstance(own, dict) else list(own or [])
+    if single_cls:
+        return [str(n) for n in own[:1]] or ["item"]
+    generic = [f"class{i}" for i in range(len(own))]  # what a file without names metadata gets
+    return [str(n) for n in own] if len(own) == cfg["nc"] and own != generic else list(cfg["names"])
 
 
 def _cpu_precision(model: torch.nn.Module, s: EvalSettings, notes: list[str]) -> Precision | None:

@@ -126,7 +126,7 @@ def test_video_source(tiny_pt: Path, tmp_path: Path) -> None:
     writer.release()
     res = detect.run(tiny_pt, video, imgsz=128, conf_thres=CONF, device="cpu", save_txt=True,
                      project=tmp_path / "runs", verbose=False)
-    assert [f for _, f, _ in res.results] == [0, 1, 2, 3]
+    assert [f for _, f, _ in res.results] == [1, 2, 3, 4]  # YOLOv5 numbers a video's frames from 1
     cap = cv2.VideoCapture(str(res.save_dir / "clip.mp4"))
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 4
     cap.release()
@@ -142,9 +142,16 @@ def test_video_source(tiny_pt: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--vid-stride 0"):
         detect.run(tiny_pt, video, imgsz=128, device="cpu", vid_stride=0, nosave=True, project=tmp_path / "runs",
                    verbose=False)
-    assert [f for _, f, _ in strided.results] == [0, 3]  # --vid-stride 3: frames 0 and 3 of 4
-    for (_, _, every), (_, _, third) in zip((res.results[0], res.results[3]), strided.results):
-        np.testing.assert_array_equal(every, third)  # the frames read are the same frames
+    # --vid-stride 3, as YOLOv5 (measured): the last frame of each full group of 3 (0-based frame 2 of 4),
+    # numbered 1; the incomplete last group is dropped
+    assert [f for _, f, _ in strided.results] == [1]
+    np.testing.assert_array_equal(res.results[2][2], strided.results[0][2])  # the same picture was read
+    two = detect.run(tiny_pt, video, imgsz=128, conf_thres=0.0, device="cpu", vid_stride=2, nosave=True,
+                     save_txt=True, project=tmp_path / "runs", verbose=False)
+    assert [f for _, f, _ in two.results] == [1, 2]  # frames 1 and 3 (0-based), files clip_1, clip_2
+    assert sorted(p.name for p in (two.save_dir / "labels").glob("*.txt")) == ["clip_1.txt", "clip_2.txt"]
+    for (_, _, every), (_, _, second) in zip((res.results[1], res.results[3]), two.results):
+        np.testing.assert_array_equal(every[every[:, 4] >= CONF], second[second[:, 4] >= CONF])
 
 
 def test_crops_and_tag_options(tiny_pt: Path, images: Path, tmp_path: Path) -> None:
@@ -202,6 +209,18 @@ def test_sources_from_a_txt_list_and_literal_bracket_names(tmp_path: Path) -> No
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(FileNotFoundError, match="list is empty"):
         predict.list_sources(tmp_path / "empty.txt")
+
+
+def test_a_txt_list_source_writes_labels_but_no_pictures(tiny_pt: Path, images: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """As YOLOv5's detect.py (measured): a .txt source gives label files only; a relative line naming a
+    file under the current directory is taken from there."""
+    monkeypatch.chdir(images)
+    (tmp_path / "list.txt").write_text("wide.png\ntall.png\n")  # not beside the list: under the current folder
+    res = detect.run(tiny_pt, tmp_path / "list.txt", imgsz=IMGSZ, conf_thres=0.0, device="cpu", save_txt=True,
+                     project=tmp_path / "runs", verbose=False)
+    assert sorted(p.name for p in res.save_dir.iterdir()) == ["labels"]
+    assert sorted(p.name for p in (res.save_dir / "labels").iterdir()) == ["tall.txt", "wide.txt"]
 
 
 def test_bad_sources_and_weights(tiny_pt: Path, tmp_path: Path, capsys) -> None:

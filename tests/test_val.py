@@ -289,3 +289,23 @@ def test_cpu_validation_is_fp32_in_channels_last_with_the_contiguous_figures(dem
     assert nhwc["map"] > 0.1  # a real score, not two empty runs agreeing
     for k in ("map50", "map", "precision", "recall"):
         assert nhwc[k] == pytest.approx(plain[k], abs=1e-6), k
+
+
+def test_per_class_rows_show_the_models_names(checkpoint, demo, tmp_path):
+    """As YOLOv5's val.py (measured): the table names the classes as the weights do, whatever the
+    dataset yaml calls them (same count); the dataset's names when the weights carry none of their own."""
+    from engine.validate import _class_names
+
+    other = tmp_path / "renamed.yaml"
+    other.write_text(yaml.safe_dump({**yaml.safe_load(demo["without_json"].read_text()),
+                                     "names": [f"c{i}" for i in range(len(NAMES))]}))
+    res = val.run(checkpoint, other, imgsz=IMGSZ, batch_size=4, device="cpu", workers=0, conf_thres=1e-4,
+                  plots=False, project=tmp_path / "runs")
+    assert res["per_class"] and {row["name"] for row in res["per_class"]} <= set(NAMES)
+    cfg = {"nc": 2, "names": ["a", "b"]}
+    assert _class_names(nn.Module(), cfg, False) == ["a", "b"]
+    generic = nn.Module()
+    generic.names = {0: "class0", 1: "class1"}  # an ONNX file without names metadata
+    assert _class_names(generic, cfg, False) == ["a", "b"]
+    generic.names = ["x", "y"]
+    assert _class_names(generic, cfg, False) == ["x", "y"] and _class_names(generic, cfg, True) == ["x"]
