@@ -29,6 +29,9 @@ none       —                                                          —
 ``*_cls`` terms exist only when nc > 1. For chen the detection loss's det/obj and det/cls are
 weighted μ (:meth:`Distiller.det_weights`). Feature methods (``--d_feature``) add ``kd/feat_<method>``
 with weight ``f_weights[method]`` (defaults :data:`distill.methods.DEFAULT_F_WEIGHTS`).
+
+Size: a little over 400 lines: the Distiller and its config, one documented field per flag; the losses
+live in their own files and the method table in :mod:`distill.methods`.
 """
 
 from __future__ import annotations
@@ -102,6 +105,9 @@ class DistillConfig:
         q_bits, q_step, q_per_channel, q_symmetric: the qmimic quantiser (see
             :mod:`distill.feature_qmimic`); q_step > 0 overrides q_bits.
         t_val: validate the teacher once before training (read by the engine).
+        resumed: the run was started before: a default output KD that cannot compare the heads is
+            switched off with a warning even when no other term remains, as runs of earlier versions
+            were, so that such a run trains on as it began instead of failing to resume.
     """
 
     output: str = "objmse"
@@ -129,6 +135,7 @@ class DistillConfig:
     q_per_channel: bool = False
     q_symmetric: bool = False
     t_val: bool = True
+    resumed: bool = False
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUT_TABLE:
@@ -220,7 +227,8 @@ class Distiller(nn.Module):
         # Plain attributes, bypassing nn.Module registration (see the module docstring).
         object.__setattr__(self, "student", unwrap(student))
         object.__setattr__(self, "teacher", teacher)
-        self.compat = check_compatibility(student, teacher, cfg.output, cfg.output_explicit, cfg.features)
+        self.compat = check_compatibility(student, teacher, cfg.output, cfg.output_explicit, cfg.features,
+                                          resumed=cfg.resumed)
         self.output = self.compat.output
         self.nc = int(detect_layer(student).nc)
         self.weights: dict[str, float] = output_weights(cfg, self.output, self.nc)

@@ -241,6 +241,7 @@ def check_compatibility(
     output_kd: str = "objmse",
     explicit: bool = False,
     features: Iterable[str] = (),
+    resumed: bool = False,
 ) -> Compatibility:
     """Decide whether ``teacher`` can distil into ``student``; raise a clear error when it cannot.
 
@@ -255,29 +256,32 @@ def check_compatibility(
       from the strides and are resized if they differ), else by equal stride; ValueError when a
       student stride has no teacher level.
     * something must be left to distil: ValueError when output KD is off (disabled, or 'none') and
-      no feature method is given — the teacher would run for nothing.
+      no feature method is given — the teacher would run for nothing; except in a ``resumed`` run,
+      which goes on as it began (see ``DistillConfig.resumed``).
     """
     s_det, t_det = detect_layer(student), detect_layer(teacher)
     _check_same_classes(student, teacher)
     features = list(features)
     rec = Compatibility(output=output_kd, s_channels=detect_input_channels(student),
                         t_channels=detect_input_channels(teacher), strides=[float(x) for x in s_det.stride])
-    _decide_output(rec, s_det, t_det, explicit, features)
+    _decide_output(rec, s_det, t_det, explicit, features, resumed)
     if features:
         _pair_feature_levels(rec, features, [float(x) for x in t_det.stride])
     return rec
 
 
-def _decide_output(rec: Compatibility, s_det: nn.Module, t_det: nn.Module, explicit: bool, features: list[str]) -> None:
+def _decide_output(rec: Compatibility, s_det: nn.Module, t_det: nn.Module, explicit: bool, features: list[str],
+                   resumed: bool = False) -> None:
     """Keep ``rec.output``, drop it with a warning, or raise (see :func:`check_compatibility`)."""
     s_stride, t_stride = rec.strides, [float(x) for x in t_det.stride]
+    other_terms = bool(features) or resumed  # a resumed run trains on as it began
     if rec.output == "none":
-        if not features:
+        if not other_terms:
             raise ValueError("--d_output none without --d_feature leaves nothing to distil; give a feature method "
                              "(e.g. --d_feature pkd) or train without --t_weights")
         return
     reason = _head_mismatch(s_det, t_det)
-    if reason and (explicit or not features):
+    if reason and (explicit or not other_terms):
         hint = ("add feature distillation, e.g. --d_feature pkd (it pairs levels of equal stride)"
                 if paired_levels(s_stride, t_stride) is not None else
                 f"no feature method can pair them either: the student's strides {s_stride} are not all "
@@ -285,8 +289,10 @@ def _decide_output(rec: Compatibility, s_det: nn.Module, t_det: nn.Module, expli
         what = f"--d_output {rec.output}: output" if explicit else f"the default output (--d_output {rec.output})"
         raise ValueError(f"{what} distillation needs identical heads but {reason}; {hint}")
     if reason:
-        warnings.warn(f"output distillation disabled: {reason} (it compares head outputs cell by cell); "
-                      f"the feature terms ({','.join(features)}) go on", stacklevel=3)
+        goes_on = (f"the feature terms ({','.join(features)}) go on" if features
+                   else "the resumed run goes on as it began")
+        warnings.warn(f"output distillation disabled: {reason} (it compares head outputs cell by cell); {goes_on}",
+                      stacklevel=3)
         rec.output, rec.output_reason = "none", reason
         rec.notes.append(f"output KD disabled: {reason}")
 

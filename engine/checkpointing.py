@@ -40,15 +40,14 @@ def training_checkpoint(
     best_fitness: float,
     history: list[dict] | None = None,
     class_maps: list[float] | None = None,
-    last_step: int = -1,
-    pending_grads: list[torch.Tensor | None] | None = None,
+    pending: dict | None = None,
 ) -> dict:
     """The full state after `epoch` (0-based) finished. ``history``: the results.csv rows of epochs
     0..epoch (dicts of str -> int/float), so results.csv can be rebuilt exactly on --resume;
     ``class_maps``: the last validation's per-class mAP50-95, which --image-weights samples by;
-    ``last_step``: the global batch index of the last optimizer step, and ``pending_grads``: the
-    gradients accumulated since (per trainable parameter, None where none), so that a resumed run
-    steps where and with what the uninterrupted one would."""
+    ``pending``: the gradient accumulation left open at the epoch's end (`engine.trainer.pending_state`),
+    so that a resumed run steps where and with what the uninterrupted one would; None when the epoch
+    ended on an optimizer step."""
     student = unwrap_model(model)
     return {
         "format": FORMAT,
@@ -68,9 +67,7 @@ def training_checkpoint(
         "rng": rng_state(),
         "history": [dict(row) for row in (history or [])],
         "class_maps": None if class_maps is None else [float(m) for m in class_maps],
-        "last_step": int(last_step),
-        "pending_grads": None if pending_grads is None else [None if g is None else g.detach().cpu()
-                                                             for g in pending_grads],
+        "pending": pending,
         "date": datetime.now(timezone.utc).isoformat(),
     }
 

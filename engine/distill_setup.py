@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -27,19 +28,21 @@ def load_run_teacher(opt: argparse.Namespace, hyp: dict, device: torch.device,
                      precision: Precision) -> DetectionModel | None:
     """The frozen teacher of --t_weights (None without one), loaded before the data so that its
     strides take part in the image-size rounding; BN folded unless a feature tap reads BN outputs."""
+    features = config_from_args(opt, hyp).features  # refuses bad KD flags (also without a teacher) before any data
     if not opt.t_weights:
         return None
-    features = config_from_args(opt, hyp).features  # also refuses bad KD flags before any data is read
     return load_teacher(opt.t_weights, device, cfg=opt.t_cfg or None, precision=precision,
                         fold_bn=not any(BN_STATS in FEATURE_TABLE[m].needs for m in features))
 
 
 def build_distiller(opt: argparse.Namespace, student: DetectionModel, teacher: DetectionModel | None,
-                    loss_hyp: dict, device: torch.device, is_main: bool = True) -> nn.Module | None:
-    """The Distiller of the run (None without a teacher); its summary lines are logged once."""
-    cfg = config_from_args(opt, loss_hyp)  # without a teacher: rejects KD flags given alone
+                    loss_hyp: dict, device: torch.device, is_main: bool = True,
+                    resumed: bool = False) -> nn.Module | None:
+    """The Distiller of the run (None without a teacher); its summary lines are logged once.
+    ``resumed``: see ``DistillConfig.resumed``."""
     if teacher is None:
         return None
+    cfg = replace(config_from_args(opt, loss_hyp), resumed=resumed)
     distiller = Distiller(student, teacher, cfg).to(device)
     for line in distiller.summary() if is_main else ():  # once per run, not once per DDP rank
         LOGGER.info(line)

@@ -76,7 +76,8 @@ TRAIN_FLAGS: dict[str, list[tuple[str | tuple[str, ...], str, dict]]] = {
                     "autocast on CPUs with native bf16; see README 'Mixed precision')", _SWITCH),
         ("--noval", "validate only after the final epoch", _SWITCH),
         ("--noautoanchor", "keep the model's anchors (no AutoAnchor check/search; placeholder 'anchors: N' are "
-                           "still fitted)", _SWITCH),
+                           "still fitted; with output distillation the student takes the teacher's anchors anyway)",
+         _SWITCH),
         ("--max-nonfinite", "stop the run after this many consecutive steps with a non-finite loss",
          {**_INT, "default": 20}),
     ],

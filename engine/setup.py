@@ -216,7 +216,7 @@ def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device, c
 
     if ckpt is None:  # a resumed run keeps the anchors it was trained with
         _fit_anchors(opt, model, train_set, hyp, imgsz, info, teacher)
-    distiller = build_distiller(opt, model, teacher, loss_hyp, device, info.is_main)
+    distiller = build_distiller(opt, model, teacher, loss_hyp, device, info.is_main, resumed=ckpt is not None)
     if distiller is not None and info.distributed:
         broadcast_state(distiller)  # DDP broadcasts only the student it wraps
     nbs = opt.nominal_batch
@@ -443,18 +443,35 @@ def _restore(run: Run, ckpt: dict) -> None:
     run.start_epoch = ckpt["epoch"] + 1
     run.best_fitness = ckpt["best_fitness"]
     run.scheduler.last_epoch = ckpt["epoch"] + 1  # the optimizer state already holds that epoch's LR
-    # where the last optimizer step was, and the gradients accumulated since (older checkpoints: none,
-    # as if the previous epoch had ended with a step)
-    run.last_step = int(ckpt.get("last_step", run.start_epoch * len(run.train_loader) - 1))
-    for p, g in zip(run.trainable_parameters, ckpt.get("pending_grads") or ()):
-        if g is not None:
-            p.grad = g.to(device=p.device, dtype=p.dtype)
+    _restore_pending(run, ckpt.get("pending"))
     run.resume_rng = ckpt.get("rng")
     maps = ckpt.get("class_maps")  # absent from checkpoints older than --image-weights
     run.class_maps = [float(m) for m in maps] if isinstance(maps, list) and len(maps) == len(run.names) else None
     _restore_history(run, ckpt.get("history"))
     if run.info.is_main:
         LOGGER.info(f"Resuming {run.save_dir} from epoch {run.start_epoch + 1}/{run.opt.epochs}")
+
+
+def _restore_pending(run: Run, pending: dict | None) -> None:
+    """Reopen the gradient accumulation the saved epoch left open (`engine.trainer.pending_state`), so
+    the next optimizer step comes where and with what it would have; without one (the epoch ended on a
+    step, or an older checkpoint) the resumed run starts a fresh accumulation. Another loader length or
+    world size counts batches differently: the open part is then dropped, with a warning."""
+    run.last_step = run.start_epoch * len(run.train_loader) - 1
+    if not pending:
+        return
+    same = (pending["batches_per_epoch"], pending["world_size"], len(pending["grads"])) == (
+        len(run.train_loader), run.info.world_size, len(run.trainable_parameters))
+    if not same:
+        if run.info.is_main:
+            LOGGER.warning(f"--resume: the gradients of the saved epoch's last {pending['batches']} batches (not yet "
+                           "stepped) are dropped: this run has another batch count per epoch or number of processes")
+        return
+    run.last_step -= int(pending["batches"])
+    scale = run.scaler.get_scale() if run.scaler.is_enabled() else 1.0  # this run's loss scale
+    for p, g in zip(run.trainable_parameters, pending["grads"]):
+        if g is not None:
+            p.grad = (g * scale).to(device=p.device, dtype=p.dtype)
 
 
 def _restore_history(run: Run, history: list[dict] | None) -> None:

@@ -147,6 +147,7 @@ def _train_loop(run: Run, on_epoch_end: EpochHook | None, latch: InterruptLatch 
         losses = train_one_epoch(run, epoch, latch)
         lrs = run.learning_rates()  # those of the epoch's last step, as YOLOv5 records them
         run.scheduler.step()
+        pending = pending_state(run, epoch)  # every rank: it averages the connectors' gradients
         stop = False
         if run.info.is_main:
             final = epoch + 1 == opt.epochs
@@ -158,12 +159,14 @@ def _train_loop(run: Run, on_epoch_end: EpochHook | None, latch: InterruptLatch 
             if metrics is not None:
                 run.class_maps = list(metrics["maps"])
             run.history.append(row)
-            _save(run, epoch, improved, final)  # the checkpoint carries the history, row included ...
-            run.write_results()  # ... so a kill between these two lines loses nothing on --resume
+            stop = metrics is not None and 0 < opt.patience <= epoch - run.best_epoch  # 0: never stop early
+            # the checkpoint carries the history, row included, so a kill before results.csv is written
+            # loses nothing on --resume; an early stop's epoch is a final one (--nosave saves it)
+            _save(run, epoch, improved, final or stop, None if final or stop else pending)
+            run.write_results()
             run.print_epoch(epoch, row)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, row)
-            stop = metrics is not None and 0 < opt.patience <= epoch - run.best_epoch  # 0: never stop early
             if stop:
                 print(f"Early stop: no improvement in {opt.patience} epochs; best results observed at epoch "
                       f"{run.best_epoch} (results.csv's numbering, from 0, as YOLOv5 prints it)")
@@ -172,13 +175,33 @@ def _train_loop(run: Run, on_epoch_end: EpochHook | None, latch: InterruptLatch 
     return _finish(run, epoch)
 
 
-def _save(run: Run, epoch: int, improved: bool, final: bool) -> None:
+def pending_state(run: Run, epoch: int) -> dict | None:
+    """The gradient accumulation left open at the end of ``epoch`` (None when it ended on an optimizer
+    step): ``batches`` accumulated since the last step, the ``batches_per_epoch`` and ``world_size``
+    they count in, and the ``grads`` so far per trainable parameter (None where none), with the loss
+    scale taken out (a resumed run may scale otherwise) and, under DDP, the connectors' gradients
+    averaged over ranks as the next step would (DDP already averaged the student's). Call on every rank."""
+    nb = len(run.train_loader)
+    batches = (epoch + 1) * nb - 1 - run.last_step
+    if batches <= 0:
+        return None
+    scale = run.scaler.get_scale() if run.scaler.is_enabled() else 1.0
+    own = {id(p) for p in run.distiller.parameters()} if run.distiller is not None else set()
+    grads = []
+    for p in run.trainable_parameters:
+        g = None if p.grad is None else p.grad.detach().float() / scale
+        if g is not None and run.info.distributed and id(p) in own:
+            dist.all_reduce(g)
+            g /= run.info.world_size
+        grads.append(None if g is None else g.cpu())
+    return {"batches": batches, "batches_per_epoch": nb, "world_size": run.info.world_size, "grads": grads}
+
+
+def _save(run: Run, epoch: int, improved: bool, final: bool, pending: dict | None = None) -> None:
     if run.opt.nosave and not final:
         return
-    pending = [p.grad for p in run.trainable_parameters]  # accumulated since the last optimizer step
     ckpt = training_checkpoint(run.model, run.ema, run.optimizer, run.scaler, run.distiller, run.opt, run.hyp,
-                               epoch, run.best_fitness, run.history, run.class_maps, run.last_step,
-                               pending if any(g is not None for g in pending) else None)
+                               epoch, run.best_fitness, run.history, run.class_maps, pending)
     save_checkpoint(ckpt, run.weights_dir / "last.pt")
     # --nosave keeps only the final last.pt, as in YOLOv5: a best.pt written at the end would hold the
     # final epoch under an earlier epoch's best fitness

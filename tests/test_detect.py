@@ -11,7 +11,7 @@ import torch
 
 import detect
 import export
-from engine import predict
+from engine import predict, sources
 from models import load_model
 from models.backends import TorchBackend, load_backend
 from tests.test_export import NAMES, make_tiny_checkpoint
@@ -202,13 +202,13 @@ def test_sources_from_a_txt_list_and_literal_bracket_names(tmp_path: Path) -> No
     pics.mkdir()
     for name in ("a.png", "img[1].png", "b.png"):
         cv2.imwrite(str(pics / name), np.zeros((20, 20, 3), np.uint8))
-    assert predict.list_sources(pics / "img[1].png") == [pics / "img[1].png"]
+    assert sources.list_sources(pics / "img[1].png") == [pics / "img[1].png"]
     (tmp_path / "list.txt").write_text(f"pics/b.png\n{pics / 'img[1].png'}\n\npics/a.png\n")
     # its lines in sorted order, as YOLOv5 reads them: the absolute path first, then pics/a, pics/b
-    assert predict.list_sources(tmp_path / "list.txt") == [pics / "img[1].png", pics / "a.png", pics / "b.png"]
+    assert sources.list_sources(tmp_path / "list.txt") == [pics / "img[1].png", pics / "a.png", pics / "b.png"]
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(FileNotFoundError, match="list is empty"):
-        predict.list_sources(tmp_path / "empty.txt")
+        sources.list_sources(tmp_path / "empty.txt")
 
 
 def test_a_txt_list_source_writes_labels_but_no_pictures(tiny_pt: Path, images: Path, tmp_path: Path,
@@ -225,11 +225,11 @@ def test_a_txt_list_source_writes_labels_but_no_pictures(tiny_pt: Path, images: 
 
 def test_bad_sources_and_weights(tiny_pt: Path, tmp_path: Path, capsys) -> None:
     with pytest.raises(FileNotFoundError, match="no such file"):
-        predict.list_sources(tmp_path / "nothing_here")
+        sources.list_sources(tmp_path / "nothing_here")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
     with pytest.raises(FileNotFoundError, match="no images"):
-        predict.list_sources(tmp_path / "empty")
+        sources.list_sources(tmp_path / "empty")
     bad = tmp_path / "model.tflite"
     bad.write_bytes(b"")
     with pytest.raises(ValueError, match="unsupported format"):

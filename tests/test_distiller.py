@@ -378,3 +378,15 @@ def test_feature_kd_pairs_levels_of_equal_stride():
     sum(terms.values()).backward()
     assert all(p.grad is not None for p in s.model[-2].parameters())  # the student's P5 layer learns
     assert d._t_taps.modules == detect_inputs(t)[:3]  # the teacher's P3-P5 layers are tapped, not P6
+
+
+def test_a_resumed_run_goes_on_as_it_began():
+    """A run of an earlier version whose default output KD was switched off (anchors evolved apart) and
+    that has no feature term resumes with a warning instead of failing (nothing trained is lost)."""
+    other = [[11, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]]
+    s, t = _model(0), freeze_teacher(_model(1, anchors=other))
+    with pytest.warns(UserWarning, match="the resumed run goes on as it began"):
+        rec = check_compatibility(s, t, "objmse", resumed=True)
+    assert rec.output == "none"
+    with pytest.raises(ValueError, match="anchors differ"):
+        check_compatibility(s, t, "objmse", explicit=True, resumed=True)  # asked for: still an error

@@ -356,3 +356,60 @@ def test_save_period_and_nosave_as_yolov5(tiny_data: Path, tmp_path: Path) -> No
     row = list(csv_rows(Path(summary["save_dir"]) / "results.csv"))[-1]
     assert summary["student_weights"] == "last.pt"
     assert summary["student"]["map"] == pytest.approx(float(row["metrics/mAP_0.5:0.95"]))
+
+
+def test_resumed_accumulation_counts_in_batches_and_unscaled_gradients(caplog: pytest.LogCaptureFixture) -> None:
+    """last.pt's open accumulation is kept as batches since the last step plus unscaled gradients: the
+    resumed run reopens it in its own batch numbering and loss scale, and drops it (with a warning)
+    when it counts batches differently (another loader length or number of processes)."""
+    import logging
+    from types import SimpleNamespace
+
+    from engine.setup import _restore_pending
+
+    p = torch.nn.Parameter(torch.zeros(3))
+
+    class Scaler:  # a loss scale of 8 in the resumed run (fp16 on CUDA)
+        def is_enabled(self) -> bool:
+            return True
+
+        def get_scale(self) -> float:
+            return 8.0
+
+    run = SimpleNamespace(train_loader=[0] * 5, info=SimpleNamespace(world_size=1, is_main=True), start_epoch=2,
+                          trainable_parameters=[p], scaler=Scaler(), last_step=None)
+    pending = {"batches": 3, "batches_per_epoch": 5, "world_size": 1, "grads": [torch.tensor([1.0, 2.0, 3.0])]}
+    _restore_pending(run, pending)
+    assert run.last_step == 2 * 5 - 1 - 3  # the last step was 3 batches before the end of epoch 1
+    assert torch.equal(p.grad, torch.tensor([8.0, 16.0, 24.0]))  # scaled as this run's backward would
+    p.grad = None
+    with caplog.at_level(logging.WARNING):
+        _restore_pending(run, {**pending, "batches_per_epoch": 10})
+    assert run.last_step == 9 and p.grad is None and "dropped" in caplog.text
+    _restore_pending(run, None)  # an epoch that ended on a step, or an older checkpoint
+    assert run.last_step == 9 and p.grad is None
+
+
+def test_nosave_keeps_the_epoch_an_early_stop_ends_on(tiny_data: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.trainer
+
+    real_validate = engine.trainer.validate
+    monkeypatch.setattr(engine.trainer, "validate",
+                        lambda run, model, **kw: {**real_validate(run, model, **kw), "fitness": 1.0 - 0.1 * run.epoch})
+    summary = fit(parse_options(train_args(tiny_data, tmp_path, "ns", 4, "--nosave", "--patience", "1")))
+    assert summary["epochs_run"] == 2
+    weights = Path(summary["save_dir"]) / "weights"
+    assert [p.name for p in weights.iterdir()] == ["last.pt"]
+    assert load_checkpoint(weights / "last.pt")["raw"]["epoch"] == 1
+
+
+def test_kd_flags_without_a_teacher_are_refused_before_the_data_is_read(tmp_path: Path) -> None:
+    from tests.conftest import write_data_yaml
+    from utils.demo_data import generate_demo
+
+    generate_demo(tmp_path / "d", seed=5, n_train=4, n_val=2, imgsz=TINY_IMGSZ)
+    data = write_data_yaml(tmp_path / "d")
+    with pytest.raises(ValueError, match="needs a teacher"):
+        fit(parse_options(train_args(data, tmp_path, "kd", 1, "--d_feature", "pkd")))
+    assert not list((tmp_path / "d").rglob("*.yolokd.npz"))  # no scan cache written
