@@ -198,9 +198,16 @@ def test_official_weights_with_another_nc_transfer_matching_tensors(tiny_data: P
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_hold_identical_weights(tiny_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kd", [False, True], ids=["plain", "distilled"])
+def test_ddp_two_cpu_processes_hold_identical_weights(tiny_data: Path, wide_teacher: Path, tmp_path: Path,
+                                                      kd: bool) -> None:
+    """Two gloo processes end with the same student (and connectors). Distilled: a feature method with
+    connectors DDP does not wrap, and a nominal batch of 256 that leaves gradients accumulated at the end
+    of epoch 1, whose connector part last.pt averages over the ranks (a collective every rank joins)."""
+    extra = ["--t_weights", str(wide_teacher), "--d_feature", "pkd", "--nominal-batch", "256"] if kd else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29500 + os.getpid() % 1000), "train_distill.py", *train_args(tiny_data, tmp_path, "ddp", 2)]
+           str(29500 + os.getpid() % 1000 + int(kd)), "train_distill.py",
+           *train_args(tiny_data, tmp_path, "ddp", 3 if kd else 2, *extra)]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
