@@ -36,6 +36,9 @@ YOLOV5_COLUMNS = (
     "x/lr0", "x/lr1", "x/lr2",
 )  # fmt: skip
 TRAILING_COLUMNS = ("metrics/fitness", "time/epoch_s")
+# evaluation-result key -> its results.csv column (the run summary reports the same keys)
+METRIC_COLUMNS = {"precision": "metrics/precision", "recall": "metrics/recall", "map50": "metrics/mAP_0.5",
+                  "map": "metrics/mAP_0.5:0.95", "fitness": "metrics/fitness"}
 
 
 def results_columns(rows: Iterable[dict]) -> list[str]:

@@ -31,7 +31,7 @@ from engine.checkpointing import find_last_checkpoint, namespace_to_dict
 from engine.criterion import TrainingCriterion
 from engine.distill_setup import adopt_teacher_anchors, build_distiller, load_run_teacher
 from engine.evaluate import evaluate
-from engine.logger import save_yaml, write_results
+from engine.logger import METRIC_COLUMNS, save_yaml, write_results
 from engine.optim import YOLOV5_GROUP_ORDER, EpochLr, LrCurve, WarmupSchedule, load_optimizer_state
 from engine.runfolder import archive_previous_run, new_run_id, owning_run_folder, remove_stale_temps
 from engine.step import build_step_state
@@ -120,9 +120,7 @@ class Run:
         det = {"det/box": "train/box_loss", "det/obj": "train/obj_loss", "det/cls": "train/cls_loss"}
         row: dict = {"epoch": int(epoch)}
         row.update({det.get(k, f"train/{k}"): float(v) for k, v in losses.items()})
-        for column, key in (("precision", "precision"), ("recall", "recall"), ("mAP_0.5", "map50"),
-                            ("mAP_0.5:0.95", "map"), ("fitness", "fitness")):
-            row[f"metrics/{column}"] = float(metrics.get(key, nan))
+        row.update({column: float(metrics.get(key, nan)) for key, column in METRIC_COLUMNS.items()})
         val_loss = metrics.get("loss")
         for j, name in enumerate(("box", "obj", "cls")):
             row[f"val/{name}_loss"] = float(val_loss[j]) if val_loss is not None else nan

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from engine.checkpointing import deployable, training_checkpoint
 from engine.cli import InterruptLatch, TrainingInterrupted
 from engine.evaluate import evaluate
-from engine.logger import progress_line
+from engine.logger import METRIC_COLUMNS, progress_line
 from engine.options import check_options
 from engine.setup import Run, prepare_run, resume_options, setup_distributed
 from engine.step import train_step
@@ -219,10 +219,6 @@ def _interrupted(run: Run) -> TrainingInterrupted:
     return TrainingInterrupted(run.epoch, run.opt.epochs, last if last.is_file() else None)
 
 
-FINAL_EPOCH_COLUMNS = {"map50": "metrics/mAP_0.5", "map": "metrics/mAP_0.5:0.95", "precision": "metrics/precision",
-                       "recall": "metrics/recall", "fitness": "metrics/fitness"}
-
-
 def _finish(run: Run, last_epoch: int) -> dict:
     """Check DDP ranks agree, validate best.pt with plots, print and return the summary."""
     digest = state_digest(run.model, *([run.distiller] if run.distiller is not None else []))
@@ -240,12 +236,12 @@ def _finish(run: Run, last_epoch: int) -> dict:
         final = run.precision if run.device.type == "cuda" else FP32_CPU_INFERENCE  # CPU: fp32, as val.py
         final.prepare(student)
         metrics = validate(run, student, plots=not run.opt.noplots, precision=final)
-        summary["student"] = {k: metrics[k] for k in ("map50", "map", "precision", "recall", "fitness")}
+        summary["student"] = {k: metrics[k] for k in METRIC_COLUMNS}
     elif run.history:  # --nosave: the final epoch's validation of what last.pt holds
         row = run.history[-1]
-        summary["student"] = {k: float(row[c]) for k, c in FINAL_EPOCH_COLUMNS.items()}
+        summary["student"] = {k: float(row[c]) for k, c in METRIC_COLUMNS.items()}
         summary["student_weights"] = "last.pt"
     if run.teacher_metrics is not None:
-        summary["teacher"] = {k: run.teacher_metrics[k] for k in ("map50", "map", "precision", "recall", "fitness")}
+        summary["teacher"] = {k: run.teacher_metrics[k] for k in METRIC_COLUMNS}
     run.write_summary(summary)
     return summary
