@@ -147,10 +147,11 @@ def _train_loop(run: Run, on_epoch_end: EpochHook | None, latch: InterruptLatch 
         losses = train_one_epoch(run, epoch, latch)
         lrs = run.learning_rates()  # those of the epoch's last step, as YOLOv5 records them
         run.scheduler.step()
-        pending = pending_state(run, epoch)  # every rank: it averages the connectors' gradients
+        final = epoch + 1 == opt.epochs
+        # every rank (it averages the connectors' gradients); not for a last.pt that will not be resumed
+        pending = pending_state(run, epoch) if not (final or opt.nosave) else None
         stop = False
         if run.info.is_main:
-            final = epoch + 1 == opt.epochs
             metrics = validate(run, run.ema.module) if (not opt.noval or final) else None
             row = run.epoch_row(epoch, losses, metrics, lrs, time.time() - t0)
             improved = metrics is not None and metrics["fitness"] > run.best_fitness
@@ -162,7 +163,7 @@ def _train_loop(run: Run, on_epoch_end: EpochHook | None, latch: InterruptLatch 
             stop = metrics is not None and 0 < opt.patience <= epoch - run.best_epoch  # 0: never stop early
             # the checkpoint carries the history, row included, so a kill before results.csv is written
             # loses nothing on --resume; an early stop's epoch is a final one (--nosave saves it)
-            _save(run, epoch, improved, final or stop, None if final or stop else pending)
+            _save(run, epoch, improved, final or stop, None if stop else pending)
             run.write_results()
             run.print_epoch(epoch, row)
             if on_epoch_end is not None:
