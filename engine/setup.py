@@ -190,7 +190,7 @@ def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device, c
     model = _build_student(opt, len(names), device, info, ckpt)
     model.names = names
     precision = _choose_precision(opt, device, model, info)
-    teacher = load_run_teacher(opt, hyp, device, precision)
+    teacher, kd_cfg = load_run_teacher(opt, hyp, device, precision)
     gs = max(int(model.stride.max()), int(detect_layer(teacher).stride.max()) if teacher is not None else 0, 32)
     imgsz = _check_imgsz(opt.imgsz, gs)  # a multiple of every stride either model has
     loss_hyp = scale_hyp(hyp, model.detect.nl, len(names), imgsz)
@@ -213,8 +213,8 @@ def prepare_run(opt: argparse.Namespace, info: DistInfo, device: torch.device, c
             single_cls=opt.single_cls, pad=0.5, nc=data["nc"], pin_memory=pin_memory)
 
     if ckpt is None:  # a resumed run keeps the anchors it was trained with
-        _fit_anchors(opt, model, train_set, hyp, imgsz, info, teacher)
-    distiller = build_distiller(opt, model, teacher, loss_hyp, device, info.is_main, resumed=ckpt is not None)
+        _fit_anchors(opt, model, train_set, hyp, imgsz, info, teacher if kd_cfg.output != "none" else None)
+    distiller = build_distiller(kd_cfg, model, teacher, loss_hyp, device, info.is_main, resumed=ckpt is not None)
     if distiller is not None and info.distributed:
         broadcast_state(distiller)  # DDP broadcasts only the student it wraps
     nbs = opt.nominal_batch
@@ -350,15 +350,15 @@ def _freeze(model: DetectionModel, freeze: list[int]) -> None:
 
 
 def _fit_anchors(opt: argparse.Namespace, model: DetectionModel, train_set, hyp: dict, imgsz: int,
-                 info: DistInfo, teacher: DetectionModel | None = None) -> None:
+                 info: DistInfo, output_teacher: DetectionModel | None = None) -> None:
     """AutoAnchor (utils.autoanchor.check_anchors) on rank 0; every rank then holds rank 0's anchors.
 
-    `--noautoanchor` keeps the model's anchors, except placeholders from a yaml's `anchors: N`. With
-    output distillation, a teacher whose head has the student's levels, strides and anchors per cell
-    gives the student its anchors instead: output KD compares the heads anchor by anchor, and anchors
-    evolved apart (another seed or image size) would switch it off.
+    `--noautoanchor` keeps the model's anchors, except placeholders from a yaml's `anchors: N`. The
+    teacher of output distillation (``output_teacher``), when its head has the student's levels,
+    strides and anchors per cell, gives the student its anchors instead: output KD compares the heads
+    anchor by anchor, and anchors evolved apart (another seed or image size) would switch it off.
     """
-    if info.is_main and (teacher is None or not adopt_teacher_anchors(opt, model, teacher)):
+    if info.is_main and (output_teacher is None or not adopt_teacher_anchors(model, output_teacher)):
         check_anchors(model, train_set.labels, train_set.shapes, imgsz, threshold=float(hyp.get("anchor_t", 4.0)),
                       enabled=not getattr(opt, "noautoanchor", False), seed=opt.seed)
     if info.distributed:
