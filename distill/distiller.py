@@ -234,7 +234,7 @@ class Distiller(nn.Module):
         self.weights: dict[str, float] = output_weights(cfg, self.output, self.nc)
         self.unscaled_terms = set() if OUTPUT_TABLE[self.output].batch_scaled else set(self.weights)
         needs = set().union(*(FEATURE_TABLE[m].needs for m in cfg.features))
-        t_levels = self.compat.t_levels or None  # the teacher levels paired with the student's
+        t_levels = self.compat.t_levels  # the teacher levels paired with the student's
         self._s_taps = FeatureTaps(self.student) if FEATURES in needs else None
         self._t_taps = FeatureTaps(teacher, levels=t_levels) if FEATURES in needs else None
         self._s_pre = FeatureTaps(self.student, pre_activation=True) if PRE_FEATURES in needs else None
@@ -254,7 +254,7 @@ class Distiller(nn.Module):
         pre = self._t_pre
         floors = None
         if pre is not None:
-            layers = detect_inputs(self.teacher, self.compat.t_levels or None)
+            layers = detect_inputs(self.teacher, self.compat.t_levels)
             floors = [activation_floor(getattr(final_conv(layer), "act", None)) for layer in layers]
         return BuildContext(self.compat.s_channels, self.compat.t_channels, self.cfg,
                             s_pre_channels=self._s_pre.channels if pre is not None else None,
@@ -361,8 +361,7 @@ class Distiller(nn.Module):
         thr = self.cfg.mimic_conf
         if thr <= 0:
             return None
-        paired = [t_out[k] for k in self.compat.t_levels] if self.compat.t_levels else t_out
-        return [t[..., 4].float().sigmoid().amax(1) > thr for t in paired]
+        return [t_out[k][..., 4].float().sigmoid().amax(1) > thr for k in self.compat.t_levels]
 
     # ------------------------------------------------------------------------------------ weighting
     def scale(self, epoch: float, epochs: int) -> float:

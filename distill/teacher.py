@@ -168,8 +168,9 @@ class Compatibility:
     ``output``: the output-distillation mode to use ('none' when it had to be disabled);
     ``output_reason``: why it was disabled ('' otherwise); ``s_channels`` / ``t_channels``: channels
     of the tensors entering Detect (features may differ in width: connectors handle it);
-    ``strides`` (student's, pixels); ``t_levels``: the teacher's Detect level paired with each student
-    level (``t_channels`` are those levels' channels); ``notes``: human-readable lines for the log.
+    ``strides`` (student's, pixels); ``t_levels``: the teacher's Detect levels the feature terms read,
+    one per student level (all of them, in order, unless a deeper teacher is paired by stride;
+    ``t_channels`` are those levels' channels); ``notes``: human-readable lines for the log.
     """
 
     output: str
@@ -262,18 +263,20 @@ def check_compatibility(
     s_det, t_det = detect_layer(student), detect_layer(teacher)
     _check_same_classes(student, teacher)
     features = list(features)
+    t_stride = [float(x) for x in t_det.stride]
     rec = Compatibility(output=output_kd, s_channels=detect_input_channels(student),
-                        t_channels=detect_input_channels(teacher), strides=[float(x) for x in s_det.stride])
-    _decide_output(rec, s_det, t_det, explicit, features, resumed)
+                        t_channels=detect_input_channels(teacher), strides=[float(x) for x in s_det.stride],
+                        t_levels=list(range(len(t_stride))))
+    _decide_output(rec, s_det, t_det, t_stride, explicit, features, resumed)
     if features:
-        _pair_feature_levels(rec, features, [float(x) for x in t_det.stride])
+        _pair_feature_levels(rec, features, t_stride)
     return rec
 
 
-def _decide_output(rec: Compatibility, s_det: nn.Module, t_det: nn.Module, explicit: bool, features: list[str],
-                   resumed: bool = False) -> None:
+def _decide_output(rec: Compatibility, s_det: nn.Module, t_det: nn.Module, t_stride: list[float], explicit: bool,
+                   features: list[str], resumed: bool = False) -> None:
     """Keep ``rec.output``, drop it with a warning, or raise (see :func:`check_compatibility`)."""
-    s_stride, t_stride = rec.strides, [float(x) for x in t_det.stride]
+    s_stride = rec.strides
     other_terms = bool(features) or resumed  # a resumed run trains on as it began
     if rec.output == "none":
         if not other_terms:
