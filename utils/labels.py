@@ -12,8 +12,7 @@ image. Label rows in YOLOv5's segment format (``cls x1 y1 ... xn yn``) are read 
 boxes.
 
 The scan drops corrupt images and malformed label files (wrong column count, non-numeric values,
-negative or > 1 coordinates); exact duplicate rows are removed; coordinates a hair outside [0, 1]
-(float round-off) are clipped.
+negative or > 1 coordinates, even by round-off, as YOLOv5 does); exact duplicate rows are removed.
 
 Scan results are cached beside the labels (``<labels dir>.yolokd.npz``, e.g.
 ``labels/train.yolokd.npz``; YOLOv5's own ``labels/train.cache`` is left alone) as a plain ``.npz``
@@ -137,19 +136,13 @@ def warn_each_unreadable(problems: Sequence[tuple[str, str]]) -> None:
         LOGGER.warning("skipped image %s: %s", path, why)
 
 
-def _polygon_box(values: np.ndarray) -> np.ndarray:
-    """One polygon row ``[cls, x1, y1, ..., xn, yn]`` (float32) -> ``[cls, xc, yc, w, h]`` float32.
-
-    The box is the axis-aligned hull of the points, [min x, max x] × [min y, max y], computed in
-    float32 as YOLOv5 computes it (so that range checks and duplicates see its numbers). Raises
-    ValueError when the coordinates do not pair up into at least one point.
-    """
-    coords = values[1:]
-    if len(coords) == 0 or len(coords) % 2:
-        raise ValueError(f"{len(values)} columns do not make (x, y) points after the class")
-    pts = coords.reshape(-1, 2)  # (points, xy)
-    lo, hi = pts.min(0), pts.max(0)
-    return np.concatenate((values[:1], (lo + hi) / np.float32(2), hi - lo)).astype(np.float32)
+def _polygon_boxes(rows: np.ndarray) -> np.ndarray:
+    """Polygon rows ``[cls, x1, y1, ..., xn, yn]`` of one length, (m, 1 + 2n) float32 -> (m, 5) float32
+    ``[cls, xc, yc, w, h]``: the axis-aligned hull of each row's points, [min x, max x] × [min y, max y],
+    computed in float32 as YOLOv5 computes it (so that range checks and duplicates see its numbers)."""
+    pts = rows[:, 1:].reshape(len(rows), -1, 2)  # (m, points, xy)
+    lo, hi = pts.min(1), pts.max(1)
+    return np.concatenate((rows[:, :1], (lo + hi) / np.float32(2), hi - lo), 1)
 
 
 def _rows_to_boxes(rows: list[list[str]]) -> tuple[np.ndarray, str, str]:
@@ -158,29 +151,32 @@ def _rows_to_boxes(rows: list[list[str]]) -> tuple[np.ndarray, str, str]:
     YOLOv5's reading (its 7.0 loader, measured): when no row has more than 6 columns, every row must
     be a box ``cls xc yc w h``; once any row has more, EVERY row is a polygon ``cls x1 y1 ... xn yn``
     reduced to its box — a 5-column row in such a file becomes the two points (xc, yc), (w, h), which
-    the note reports. Values are float32 from the start, as there.
+    the note reports. Values are float32 from the start, as there. Rows of one length are parsed
+    together (a label file has few lengths, a dataset many rows).
     """
     empty = np.zeros((0, 5), dtype=np.float32)
+    widths = [len(r) for r in rows]
+    polygons = max(widths) > 6
+    for i, w in enumerate(widths):
+        if polygons and (w < 3 or w % 2 == 0):
+            return empty, (f"line {i + 1}: {w} columns do not make (x, y) points after the class (a file with "
+                           "polygon rows is read as polygons only)"), ""
+        if not polygons and w != 5:
+            return empty, (f"line {i + 1} has {w} columns, expected 5 (cls xc yc w h) or an odd number >= 7 "
+                           "(cls x1 y1 x2 y2 x3 y3 ... polygon)"), ""
     try:
-        values = [np.array(r, dtype=np.float32) for r in rows]
+        if not polygons:
+            return np.array(rows, dtype=np.float32), "", ""
+        out = np.empty((len(rows), 5), dtype=np.float32)
+        for width in set(widths):
+            idx = [i for i, w in enumerate(widths) if w == width]
+            out[idx] = _polygon_boxes(np.array([rows[i] for i in idx], dtype=np.float32))
     except ValueError:
         return empty, "non-numeric value", ""
-    if all(len(v) <= 6 for v in values):
-        for i, v in enumerate(values):
-            if len(v) != 5:
-                return empty, (f"line {i + 1} has {len(v)} columns, expected 5 (cls xc yc w h) "
-                               "or an odd number >= 7 (cls x1 y1 x2 y2 x3 y3 ... polygon)"), ""
-        return np.stack(values), "", ""
-    boxes = []
-    for i, v in enumerate(values):
-        try:
-            boxes.append(_polygon_box(v))
-        except ValueError as e:
-            return empty, f"line {i + 1}: {e} (a file with polygon rows is read as polygons only)", ""
-    narrow = sum(len(v) < 7 for v in values)
+    narrow = sum(w < 7 for w in widths)
     note = (f"{narrow} row(s) of under 7 columns read as polygons (the file mixes boxes and polygons; "
             "YOLOv5 reads it so)") if narrow else ""
-    return np.stack(boxes), "", note
+    return out, "", note
 
 
 def parse_label_file(path: str) -> tuple[np.ndarray, str, str, bool]:
