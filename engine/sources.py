@@ -12,9 +12,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from utils.image_files import IMG_FORMATS
+from utils.image_files import IMG_FORMATS  # the datasets' suffixes: YOLOv5 shares one list too
 
-IMG_SUFFIXES = IMG_FORMATS  # the suffixes datasets list: YOLOv5 shares one list between them too
 VID_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".wmv", ".mpg", ".mpeg"}
 
 
@@ -39,10 +38,10 @@ def list_sources(source: str | Path) -> list[Path]:
         files = sorted(Path(f) for f in glob.glob(s, recursive=True))
     else:
         raise FileNotFoundError(f"--source {s}: no such file, folder or glob match")
-    media = [f for f in files if f.is_file() and f.suffix.lower() in IMG_SUFFIXES | VID_SUFFIXES]
+    media = [f for f in files if f.is_file() and f.suffix.lower() in IMG_FORMATS | VID_SUFFIXES]
     if not media:
         raise FileNotFoundError(
-            f"--source {s}: no images ({', '.join(sorted(IMG_SUFFIXES))}) or videos "
+            f"--source {s}: no images ({', '.join(sorted(IMG_FORMATS))}) or videos "
             f"({', '.join(sorted(VID_SUFFIXES))}) found"
         )
     return media
@@ -77,7 +76,7 @@ def iter_frames(files: list[Path], vid_stride: int = 1) -> Iterator[Frame]:
     if vid_stride < 1:
         raise ValueError(f"--vid-stride {vid_stride}: must be at least 1")
     for f in files:
-        if f.suffix.lower() in IMG_SUFFIXES:
+        if f.suffix.lower() in IMG_FORMATS:
             im = cv2.imread(str(f))
             if im is None:
                 _skip(f, "cannot decode the image (corrupt, truncated or unsupported)")

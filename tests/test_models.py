@@ -110,13 +110,12 @@ def test_published_param_counts(name: str) -> None:
 
 @pytest.mark.parametrize("size", "nsmlx")
 def test_p6_yamls_are_the_release_models(size: str) -> None:
-    """models/yolov5{n,s,m,l,x}6.yaml, found by name as YOLOv5 finds its hub yamls: the layout of
-    ``p6_cfg`` at the size's multiples, with the release model's parameter count (counted on the real
-    YOLOv5 7.0's models; published rounded to 0.1 M)."""
+    """models/yolov5{n,s,m,l,x}6.yaml, found by name as YOLOv5 finds its hub yamls: one layout at the
+    sizes' multiples, each with the release model's parameter count (counted on the real YOLOv5 7.0's
+    models; published rounded to 0.1 M)."""
     from models.hub import PARAMS as RELEASE_PARAMS
 
-    text = (Path(models.__file__).parent / f"yolov5{size}6.yaml").read_text()
-    cfg = yaml.safe_load(text.replace("[None, 2,", "[null, 2,"))  # the yaml spells None as YOLOv5's do
+    cfg = yaml.safe_load((Path(models.__file__).parent / f"yolov5{size}6.yaml").read_text())
     ref = p6_cfg()
     assert {k: cfg[k] for k in ("anchors", "backbone", "head")} == {k: ref[k] for k in ("anchors", "backbone", "head")}
     model = DetectionModel(f"yolov5{size}6.yaml")
@@ -301,24 +300,9 @@ def test_anchor_count_gives_placeholders() -> None:
 
 
 def p6_cfg() -> dict:
-    """A YOLOv5 P6 layout (P3-P6 outputs, strides 8-64), width 0.125."""
-    up = [None, 2, "nearest"]
-    backbone = [[-1, 1, "Conv", [64, 6, 2, 2]], [-1, 1, "Conv", [128, 3, 2]], [-1, 3, "C3", [128]],
-                [-1, 1, "Conv", [256, 3, 2]], [-1, 6, "C3", [256]], [-1, 1, "Conv", [512, 3, 2]],
-                [-1, 9, "C3", [512]], [-1, 1, "Conv", [768, 3, 2]], [-1, 3, "C3", [768]],
-                [-1, 1, "Conv", [1024, 3, 2]], [-1, 3, "C3", [1024]], [-1, 1, "SPPF", [1024, 5]]]
-    head = [[-1, 1, "Conv", [768, 1, 1]], [-1, 1, "nn.Upsample", up], [[-1, 8], 1, "Concat", [1]],
-            [-1, 3, "C3", [768, False]], [-1, 1, "Conv", [512, 1, 1]], [-1, 1, "nn.Upsample", up],
-            [[-1, 6], 1, "Concat", [1]], [-1, 3, "C3", [512, False]], [-1, 1, "Conv", [256, 1, 1]],
-            [-1, 1, "nn.Upsample", up], [[-1, 4], 1, "Concat", [1]], [-1, 3, "C3", [256, False]],
-            [-1, 1, "Conv", [256, 3, 2]], [[-1, 20], 1, "Concat", [1]], [-1, 3, "C3", [512, False]],
-            [-1, 1, "Conv", [512, 3, 2]], [[-1, 16], 1, "Concat", [1]], [-1, 3, "C3", [768, False]],
-            [-1, 1, "Conv", [768, 3, 2]], [[-1, 12], 1, "Concat", [1]], [-1, 3, "C3", [1024, False]],
-            [[23, 26, 29, 32], 1, "Detect", ["nc", "anchors"]]]
-    anchors = [[19, 27, 44, 40, 38, 94], [96, 68, 86, 152, 180, 137], [140, 301, 303, 264, 238, 542],
-               [436, 615, 739, 380, 925, 792]]
-    return {"nc": 80, "depth_multiple": 0.33, "width_multiple": 0.125, "anchors": anchors,
-            "backbone": backbone, "head": head}
+    """The shipped YOLOv5 P6 layout (P3-P6 outputs, strides 8-64, models/yolov5n6.yaml) at width 0.125."""
+    cfg = yaml.safe_load((Path(models.__file__).parent / "yolov5n6.yaml").read_text())
+    return {**cfg, "width_multiple": 0.125}
 
 
 def test_p6_layout() -> None:
